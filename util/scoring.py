@@ -1,0 +1,117 @@
+"""Teacher-forced scoring of target completions, shared by metrics, retention and known-subset filtering.
+
+"Greedy decoding after the prompt reproduces every token of the target" is decided without
+generating: with prompt+target fed at once, greedy decoding reproduces the target exactly when
+the argmax at every target position equals the next target token. One batched forward pass
+therefore gives both the NLL and the greedy verdict, and the vocabulary projection is applied
+only at the target positions (it dominates the forward cost of small models with large vocabularies).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+
+def target_ids(tok: PreTrainedTokenizerBase, target: str) -> list[int]:
+    """Token ids of a target string, which always carries one leading space (as in ROME)."""
+    text = target if target.startswith(" ") else " " + target
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError(f"target {target!r} tokenizes to nothing")
+    return list(ids)
+
+
+def prompt_ids(tok: PreTrainedTokenizerBase, prompt: str) -> list[int]:
+    """Prompt ids with the tokenizer's own special tokens (BOS for Gemma, none for SmolLM2/GPT-2)."""
+    return list(tok(prompt)["input_ids"])
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def lm_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Final-norm hidden states to logits, with the final soft-capping some families use."""
+    logits = model.get_output_embeddings()(hidden)
+    cap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def final_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Hidden states after the final norm, before the vocabulary projection."""
+    out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return out[0] if isinstance(out, tuple) else out.last_hidden_state
+
+
+def pad_right(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def pad_token_id(tok: PreTrainedTokenizerBase) -> int:
+    for candidate in (tok.pad_token_id, tok.eos_token_id, 0):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetScore:
+    nll: float  # mean negative log-likelihood per target token
+    correct: bool  # greedy decoding reproduces every target token
+
+
+@torch.no_grad()
+def score_targets(
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    targets: Sequence[str],
+    batch_size: int = 32,
+) -> list[TargetScore]:
+    """Score each (prompt, target) pair; targets get a leading space."""
+    if len(prompts) != len(targets):
+        raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
+    device = model_device(model)
+    pad = pad_token_id(tok)
+    results: list[TargetScore] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk_p = prompts[start : start + batch_size]
+        chunk_t = targets[start : start + batch_size]
+        p_ids = [prompt_ids(tok, p) for p in chunk_p]
+        t_ids = [target_ids(tok, t) for t in chunk_t]
+        ids, mask = pad_right([p + t for p, t in zip(p_ids, t_ids)], pad, device)
+        hidden = final_hidden(model, ids, mask)
+        rows, cols, gold = [], [], []
+        for i, (p, t) in enumerate(zip(p_ids, t_ids)):
+            for j, token in enumerate(t):
+                rows.append(i)
+                cols.append(len(p) - 1 + j)
+                gold.append(token)
+        logits = lm_logits(model, hidden[torch.tensor(rows, device=device), torch.tensor(cols, device=device)])
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        gold_t = torch.tensor(gold, device=device)
+        token_nll = -logp.gather(1, gold_t[:, None]).squeeze(1)
+        token_ok = logits.argmax(-1) == gold_t
+        offset = 0
+        for t in t_ids:
+            n = len(t)
+            results.append(
+                TargetScore(
+                    nll=float(token_nll[offset : offset + n].mean()),
+                    correct=bool(token_ok[offset : offset + n].all()),
+                )
+            )
+            offset += n
+    return results
