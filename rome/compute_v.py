@@ -1,0 +1,164 @@
+"""The value side of a rank-one edit: optimise v* and turn it into ROME's right vector.
+
+``optimise_value`` is the one v*-optimisation of the project: ROME injects the delta at the
+output of W_l, MEMIT at a block's output (its z), and WilKE calls ROME's. The loss follows ROME's
+code: mean target NLL over the rewriting prompts, ``kl_factor`` times the KL divergence at the
+subject token of "{} is a" (as ROME's code computes it, KL(current || initial)), and
+``v_weight_decay * ||delta|| / ||v0||^2``; Adam; early stop below ``v_early_stop_loss``; after each
+step ||delta|| is clamped to ``clamp_norm_factor * ||v0||``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from util import nethook
+from util.architectures import text_config, weight_out_in
+from rome.forward import FullForward, PromptBatch, SuffixForward
+from rome.repr_tools import fact_token_index
+from util.scoring import model_device, pad_right, pad_token_id, prompt_ids, target_ids
+
+LOG = logging.getLogger(__name__)
+KL_PROMPT = "{} is a"
+
+
+@dataclasses.dataclass
+class ValueProblem:
+    """The prompts of one request's optimisation, tokenized once and shared by every candidate layer."""
+
+    batch: PromptBatch  # rows/cols: every target position of the rewriting prompts, then the KL position
+    fact_rows: torch.Tensor  # one entry per prompt: where the delta is injected
+    fact_cols: torch.Tensor
+    n_rewrite: int
+    target: list[int]
+    n_read_rewrite: int  # how many of batch.rows belong to rewriting prompts
+
+
+def build_value_problem(
+    tok: PreTrainedTokenizerBase,
+    request: dict,
+    context_templates: Sequence[str],
+    fact_token: str,
+    device: torch.device,
+) -> ValueProblem:
+    tgt = target_ids(tok, request["target_new"]["str"])
+    stem = tok.decode(tgt[:-1]) if len(tgt) > 1 else ""
+    rewriting = [ctx.format(request["prompt"]) + stem for ctx in context_templates]
+    templates = rewriting + [KL_PROMPT]
+    subject = request["subject"]
+    seqs, fact_cols, rows, cols = [], [], [], []
+    for i, template in enumerate(templates):
+        ids = prompt_ids(tok, template.format(subject))
+        seqs.append(ids)
+        fact_cols.append(fact_token_index(tok, template, subject, fact_token))
+        if i < len(rewriting):
+            # the target tokens occupy the last len(tgt)-1 positions plus the next one
+            end = len(ids)
+            for j in range(len(tgt)):
+                rows.append(i)
+                cols.append(end - len(tgt) + j)
+        else:
+            rows.append(i)
+            cols.append(fact_cols[-1])
+    ids, mask = pad_right(seqs, pad_token_id(tok), device)
+    as_t = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
+    return ValueProblem(
+        batch=PromptBatch(ids, mask, as_t(rows), as_t(cols)),
+        fact_rows=torch.arange(len(templates), device=device),
+        fact_cols=as_t(fact_cols),
+        n_rewrite=len(rewriting),
+        target=tgt,
+        n_read_rewrite=len(rewriting) * len(tgt),
+    )
+
+
+@dataclasses.dataclass
+class ValueResult:
+    v_star: torch.Tensor  # v0 + delta, in the output space of the injected module
+    v0: torch.Tensor  # the module's output at the first prompt's fact token, before editing
+    delta: torch.Tensor
+    steps: int  # forward passes run
+    losses: list[float]  # total loss per forward pass
+
+
+def _main_tensor(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def optimise_value(
+    model: nn.Module,
+    problem: ValueProblem,
+    forward: FullForward | SuffixForward,
+    inject_module: str,
+    start_block: int,
+    hparams: Any,
+    clamp_norm_factor: Optional[float] = None,
+) -> ValueResult:
+    """Find the delta at ``inject_module``'s output (fact token of every prompt) that makes the target likely."""
+    device = model_device(model)
+    width = _output_width(model, inject_module)
+    delta = torch.zeros(width, device=device, dtype=next(model.parameters()).dtype, requires_grad=True)
+    state: dict[str, Any] = {"v0": None}
+    rows, cols = problem.fact_rows, problem.fact_cols
+
+    def edit(out: Any, _name: str) -> Any:
+        hidden = _main_tensor(out)
+        if state["v0"] is None:
+            state["v0"] = hidden[0, cols[0]].detach().clone()
+        hidden = hidden.clone()
+        hidden[rows, cols] = hidden[rows, cols] + delta
+        if isinstance(out, tuple):
+            return (hidden,) + tuple(out[1:])
+        return hidden
+
+    optimiser = torch.optim.Adam([delta], lr=hparams.v_lr)
+    tgt = torch.tensor(problem.target, device=device)
+    n_t = len(problem.target)
+    clamp = hparams.clamp_norm_factor if clamp_norm_factor is None else clamp_norm_factor
+    kl_init: Optional[torch.Tensor] = None
+    losses: list[float] = []
+    steps = 0
+    for it in range(hparams.v_num_grad_steps):
+        optimiser.zero_grad()
+        logits = forward.logits(start_block, inject_module, edit)
+        steps += 1
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        rew = logp[: problem.n_read_rewrite].view(problem.n_rewrite, n_t, -1)
+        nll = -rew.gather(2, tgt.expand(problem.n_rewrite, n_t)[..., None]).squeeze(2).sum(1) / n_t
+        kl_logp = logp[problem.n_read_rewrite :]
+        if kl_init is None:
+            kl_init = kl_logp.detach().clone()
+        kl = hparams.kl_factor * torch.nn.functional.kl_div(kl_init, kl_logp, log_target=True, reduction="batchmean")
+        decay = hparams.v_weight_decay * (delta.norm() / state["v0"].norm() ** 2)
+        loss = nll.mean() + kl + decay
+        losses.append(float(loss))
+        if float(loss) < hparams.v_early_stop_loss or it == hparams.v_num_grad_steps - 1:
+            break
+        loss.backward()
+        optimiser.step()
+        max_norm = clamp * state["v0"].norm()
+        with torch.no_grad():
+            if delta.norm() > max_norm:
+                delta.mul_(max_norm / delta.norm())
+    LOG.debug("value optimisation at %s: %d passes, loss %.4f -> %.4f", inject_module, steps, losses[0], losses[-1])
+    delta = delta.detach()
+    return ValueResult(v_star=state["v0"] + delta, v0=state["v0"], delta=delta, steps=steps, losses=losses)
+
+
+def _output_width(model: nn.Module, inject_module: str) -> int:
+    """Width of the injected module's output, read from its weight when it has one."""
+    module = nethook.get_module(model, inject_module)
+    if hasattr(module, "weight") and module.weight is not None and module.weight.dim() == 2:
+        return int(weight_out_in(module).shape[0])
+    cfg = text_config(model)
+    return int(getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd"))
+
+
+def right_vector(v_star: torch.Tensor, cur_key: torch.Tensor, cur_value: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """ROME step 4: r = (v* - v) / (k . u), so that (W + r u^T) k = v*."""
+    return (v_star - cur_value) / torch.dot(cur_key, u)

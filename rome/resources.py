@@ -1,0 +1,139 @@
+"""Per-run resources of the rank-one editors: context templates and factorised covariances.
+
+The reference keeps these in module-level caches keyed incompletely (its template cache ignores
+which model made the templates, its inverse-covariance cache ignores corpus and sample count).
+Here one ``EditResources`` object is created per run and passed down; every cache key is complete.
+Covariances are factorised once (Cholesky, float64) and u = C^{-1} k is a triangular solve.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from rome.context_templates import generate_context_templates
+from util.globals import Paths
+
+LOG = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class StatsKey:
+    model_slug: str
+    corpus: str
+    n_samples: int
+    dtype: str
+    max_length: Optional[int]
+    layer_name: str
+
+
+def _stats_key(model_slug: str, hparams: Any, layer_name: str) -> StatsKey:
+    return StatsKey(
+        model_slug=model_slug,
+        corpus=hparams.mom2_dataset,
+        n_samples=hparams.mom2_n_samples,
+        dtype=hparams.mom2_dtype,
+        max_length=getattr(hparams, "mom2_max_length", None),
+        layer_name=layer_name,
+    )
+
+
+class FactorisedCovariance:
+    """C = E[k k^T] of one layer's keys, held as its Cholesky factor (float64)."""
+
+    def __init__(self, mom2: torch.Tensor, keep_matrix: bool = False):
+        c = mom2.to(torch.float64)
+        try:
+            self.factor = torch.linalg.cholesky(c)
+        except RuntimeError:
+            jitter = 1e-8 * c.diagonal().mean()
+            LOG.warning("covariance is not positive definite; adding %.3g to its diagonal", float(jitter))
+            self.factor = torch.linalg.cholesky(c + jitter * torch.eye(c.shape[0], dtype=c.dtype, device=c.device))
+        self.matrix = c if keep_matrix else None
+
+    def solve(self, rhs: torch.Tensor) -> torch.Tensor:
+        """C^{-1} rhs for a vector or a matrix of column vectors, in rhs's dtype."""
+        b = rhs.to(torch.float64, copy=False)
+        col = b.dim() == 1
+        x = torch.cholesky_solve(b[:, None] if col else b, self.factor)
+        return (x[:, 0] if col else x).to(rhs.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        n = self.factor.numel() * self.factor.element_size()
+        return n + (self.matrix.numel() * self.matrix.element_size() if self.matrix is not None else 0)
+
+
+class EditResources:
+    """Everything a run's edits share: made once, keyed completely, never global."""
+
+    def __init__(self, paths: Paths, model_slug: str, one_pass_stats: bool = True, progress: bool = True):
+        self.paths = paths
+        self.model_slug = model_slug
+        self.one_pass_stats = one_pass_stats
+        self.progress = progress
+        self._templates: dict[tuple, list[str]] = {}
+        self._covariances: dict[StatsKey, FactorisedCovariance] = {}
+        self.suffix_checked: dict[int, bool] = {}
+        self.stats_seconds = 0.0
+
+    def context_templates(self, model: nn.Module, tok: PreTrainedTokenizerBase, hparams: Any) -> list[str]:
+        key = (
+            self.model_slug,
+            tuple(tuple(p) for p in hparams.context_template_length_params),
+            getattr(hparams, "context_template_seed", 0),
+        )
+        if key not in self._templates:
+            self._templates[key] = generate_context_templates(
+                model, tok, hparams.context_template_length_params, key[2]
+            )
+            LOG.info("context templates: %s", self._templates[key])
+        return self._templates[key]
+
+    def covariances(
+        self,
+        model: nn.Module,
+        tok: PreTrainedTokenizerBase,
+        hparams: Any,
+        layer_names: Sequence[str],
+        keep_matrix: bool = False,
+    ) -> dict[str, FactorisedCovariance]:
+        """Factorised covariances for these layers; missing statistics are collected in one pass."""
+        keys = {name: _stats_key(self.model_slug, hparams, name) for name in layer_names}
+        missing = [n for n, k in keys.items() if k not in self._covariances or (keep_matrix and self._covariances[k].matrix is None)]
+        if missing:
+            self._load(model, tok, hparams, missing, keys, keep_matrix)
+        return {n: self._covariances[keys[n]] for n in layer_names}
+
+    def _load(self, model, tok, hparams, names: list[str], keys: dict, keep_matrix: bool) -> None:
+        import time
+
+        from rome.layer_stats import layer_stats
+
+        start = time.perf_counter()
+        stats = layer_stats(
+            model,
+            tok,
+            names,
+            corpus=hparams.mom2_dataset,
+            n_samples=hparams.mom2_n_samples,
+            paths=self.paths,
+            model_slug=self.model_slug,
+            dtype=hparams.mom2_dtype,
+            max_length=getattr(hparams, "mom2_max_length", None),
+            one_pass=self.one_pass_stats,
+            progress=self.progress,
+        )
+        device = next(model.parameters()).device
+        for name in names:
+            mom2 = stats[name].mom2().to(device)
+            self._covariances[keys[name]] = FactorisedCovariance(mom2, keep_matrix=keep_matrix)
+        self.stats_seconds += time.perf_counter() - start
+
+    @property
+    def covariance_bytes(self) -> int:
+        return sum(c.nbytes for c in self._covariances.values())

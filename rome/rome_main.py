@@ -1,0 +1,235 @@
+"""ROME: one rank-one update of an MLP output projection per request.
+
+``prepare_request`` does the layer-independent work once (context templates, tokenized prompts,
+the forward strategy with block inputs captured from ``first_layer`` up); ``rome_update_at`` then
+computes the update at any layer. ROME uses one layer; WilKE calls ``rome_update_at`` for every
+candidate layer of the same prepared request. ``execute_rome`` leaves the model unchanged;
+``apply_rome_to_model`` adds the updates.
+"""
+from __future__ import annotations
+
+import copy as copy_module
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from rome.compute_u import keys_and_values, left_vector, template_keys, template_prompts
+from rome.compute_v import ValueProblem, build_value_problem, optimise_value, right_vector
+from rome.forward import FullForward, SuffixForward, verified_forward
+from rome.resources import EditResources
+from rome.rome_hparams import ROMEHyperParams
+from util import nethook
+from util.architectures import num_layers, update_to_weight_shape, weight_out_in
+from util.globals import load_paths
+from util.scoring import model_device
+
+LOG = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class RankOneUpdate:
+    """Delta W = r u^T at one layer, with what produced it."""
+
+    layer: int
+    module_name: str
+    u: torch.Tensor  # unit left vector (key space)
+    r: torch.Tensor  # right vector (value space)
+    key: torch.Tensor  # the key the solve used (bare prompt, or k* with consistent_keys)
+    v_star: torch.Tensor
+    steps: int
+    final_loss: float
+
+    @property
+    def weight_name(self) -> str:
+        return f"{self.module_name}.weight"
+
+    def delta_out_in(self) -> torch.Tensor:
+        return torch.outer(self.r, self.u)
+
+    @property
+    def norm(self) -> float:
+        """||Delta||_F = ||r|| ||u||."""
+        return float(self.r.norm() * self.u.norm())
+
+
+@dataclasses.dataclass
+class PreparedRequest:
+    request: dict
+    context_templates: list[str]
+    problem: ValueProblem
+    forward: FullForward | SuffixForward
+
+
+def normalise_request(request: dict) -> dict:
+    """A copy whose targets carry the leading space ROME expects."""
+    req = copy_module.deepcopy(request)
+    for side in ("target_new", "target_true"):
+        if side in req and not req[side]["str"].startswith(" "):
+            req[side]["str"] = " " + req[side]["str"]
+    return req
+
+
+def prepare_request(
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    request: dict,
+    hparams: ROMEHyperParams,
+    resources: EditResources,
+    first_layer: int,
+) -> PreparedRequest:
+    templates = resources.context_templates(model, tok, hparams)
+    problem = build_value_problem(tok, request, templates, hparams.fact_token, model_device(model))
+    forward = verified_forward(
+        hparams.implementation,
+        model,
+        problem.batch,
+        hparams.layer_module_tmp,
+        num_layers(model),
+        hparams.v_loss_layer,
+        hparams.ln_f_module,
+        first_block=first_layer,
+        probe_module=hparams.rewrite_module_tmp.format(first_layer),
+        checked=resources.suffix_checked,
+    )
+    return PreparedRequest(request, templates, problem, forward)
+
+
+def rome_update_at(
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    prepared: PreparedRequest,
+    hparams: ROMEHyperParams,
+    layer: int,
+    resources: EditResources,
+    k_star: Optional[torch.Tensor] = None,
+) -> RankOneUpdate:
+    """The ROME update at ``layer`` for the current model; the model is left unchanged."""
+    request = prepared.request
+    module_name = hparams.rewrite_module_tmp.format(layer)
+    if k_star is None:
+        k_star = template_keys(model, tok, request, prepared.context_templates, [module_name], hparams.fact_token)[module_name]
+    cov = None
+    if hparams.mom2_adjustment:
+        cov = resources.covariances(model, tok, hparams, [module_name])[module_name]
+    u = left_vector(k_star, cov)
+    value = optimise_value(model, prepared.problem, prepared.forward, module_name, layer, hparams)
+    if hparams.consistent_keys:
+        templates = template_prompts(request, prepared.context_templates)
+    else:
+        templates = [request["prompt"]]
+    keys, values = keys_and_values(model, tok, request, templates, [module_name], hparams.fact_token)
+    key, cur_value = keys[module_name], values[module_name]
+    r = right_vector(value.v_star, key, cur_value, u)
+    return RankOneUpdate(layer, module_name, u, r, key, value.v_star, value.steps, value.losses[-1])
+
+
+def execute_rome(
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    request: dict,
+    hparams: ROMEHyperParams,
+    resources: Optional[EditResources] = None,
+    layer: Optional[int] = None,
+) -> RankOneUpdate:
+    """The update ROME would make for one request (at ``layer``, default hparams.layers[0])."""
+    if len(hparams.layers) != 1 and layer is None:
+        raise ValueError(f"ROME edits one layer; hparams.layers is {list(hparams.layers)}")
+    layer = hparams.layers[0] if layer is None else layer
+    resources = resources or default_resources(model)
+    request = normalise_request(request)
+    prepared = prepare_request(model, tok, request, hparams, resources, first_layer=layer)
+    return rome_update_at(model, tok, prepared, hparams, layer, resources)
+
+
+def default_resources(model: nn.Module) -> EditResources:
+    slug = str(getattr(model.config, "_name_or_path", "") or model.config.model_type).replace("/", "_")
+    return EditResources(load_paths(), slug)
+
+
+@torch.no_grad()
+def apply_update(model: nn.Module, update: RankOneUpdate) -> None:
+    module = nethook.get_module(model, update.module_name)
+    delta = update.delta_out_in().to(module.weight.dtype)
+    module.weight.add_(update_to_weight_shape(delta, module))
+
+
+def snapshot_weights(model: nn.Module, weight_names: Sequence[str], into: dict[str, torch.Tensor]) -> None:
+    """Keep a copy of each named weight the first time it is about to change."""
+    for name in weight_names:
+        if name not in into:
+            into[name] = nethook.get_parameter(model, name).detach().clone()
+
+
+def _cached_update(cache_template: Optional[str], layer: int, case_id) -> Optional[Path]:
+    if cache_template is None or case_id is None:
+        return None
+    return Path(cache_template.format(layer=layer, case_id=case_id))
+
+
+def apply_rome_to_model(
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    requests: Sequence[dict],
+    hparams: ROMEHyperParams,
+    copy: bool = False,
+    return_orig_weights: bool = False,
+    cache_template: Optional[str] = None,
+    resources: Optional[EditResources] = None,
+) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """Edit ``model`` with each request in turn; returns (model, original weights if asked).
+
+    ``cache_template`` (e.g. "cache/rome_{layer}_{case_id}.npz") stores each computed update
+    and reuses it when the file exists. Only sound when edits are independent (one edit per
+    fresh model); a lifelong run must not use it, since each update depends on earlier edits.
+    """
+    if copy:
+        model = copy_module.deepcopy(model)
+    resources = resources or default_resources(model)
+    weights_copy: dict[str, torch.Tensor] = {}
+    for request in requests:
+        layer = hparams.layers[0]
+        path = _cached_update(cache_template, layer, request.get("case_id"))
+        if path is not None and path.exists():
+            update = load_update(path, model)
+        else:
+            update = execute_rome(model, tok, request, hparams, resources)
+            if path is not None:
+                save_update(path, update)
+        if return_orig_weights:
+            snapshot_weights(model, [update.weight_name], weights_copy)
+        apply_update(model, update)
+        LOG.info("ROME edit at layer %d, ||Delta||=%.4f", update.layer, update.norm)
+    return model, weights_copy
+
+
+def save_update(path: Path, update: RankOneUpdate) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(
+        tmp,
+        layer=update.layer,
+        module_name=update.module_name,
+        u=update.u.cpu().numpy(),
+        r=update.r.cpu().numpy(),
+        key=update.key.cpu().numpy(),
+        v_star=update.v_star.cpu().numpy(),
+        steps=update.steps,
+        final_loss=update.final_loss,
+    )
+    tmp.replace(path)
+
+
+def load_update(path: Path, model: nn.Module) -> RankOneUpdate:
+    device = model_device(model)
+    with np.load(path) as data:
+        t = lambda k: torch.from_numpy(data[k]).to(device)  # noqa: E731
+        return RankOneUpdate(
+            int(data["layer"]), str(data["module_name"]), t("u"), t("r"), t("key"), t("v_star"),
+            int(data["steps"]), float(data["final_loss"]),
+        )
