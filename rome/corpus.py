@@ -84,6 +84,12 @@ def iter_corpus_texts(name: str, paths: Optional[Paths] = None) -> Iterator[str]
 
 def open_corpus(name: str, paths: Optional[Paths] = None) -> Corpus:
     """Resolve ``name`` to a Corpus, raising CorpusNotFoundError when it is not reachable."""
+    corpus = _resolve(name, paths)
+    logger.debug("corpus %r (cache name %r) is read from %s", name, corpus.slug, corpus.source)
+    return corpus
+
+
+def _resolve(name: str, paths: Optional[Paths]) -> Corpus:
     if name == "wikipedia_summaries":
         return _summaries_corpus(paths)
     if name in ("wikitext", "wikitext2"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from typing import Any, Optional, Sequence
 
 import torch
@@ -16,6 +17,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from rome.context_templates import generate_context_templates
+from rome.layer_stats import layer_stats
 from util.globals import Paths
 
 LOG = logging.getLogger(__name__)
@@ -110,10 +112,6 @@ class EditResources:
         return {n: self._covariances[keys[n]] for n in layer_names}
 
     def _load(self, model, tok, hparams, names: list[str], keys: dict, keep_matrix: bool) -> None:
-        import time
-
-        from rome.layer_stats import layer_stats
-
         start = time.perf_counter()
         stats = layer_stats(
             model,

@@ -150,7 +150,8 @@ def check_hparams_against_model(hparams, model: nn.Module, source: str = "hparam
         if value is None:
             continue
         expected = getattr(spec, field)
-        if value != expected:
+        tied_head = field == "lm_head_module" and value == spec.embed_module  # ROME's GPT-2 files
+        if value != expected and not tied_head:
             raise HParamsError(
                 f"{source}: field {field!r} is {value!r} but this {model.config.model_type} model "
                 f"uses {expected!r}; the hparams file is for another architecture"
@@ -164,9 +165,10 @@ def check_hparams_against_model(hparams, model: nn.Module, source: str = "hparam
                 raise HParamsError(
                     f"{source}: field {field!r} has layer {layer}, but the model has layers 0..{n_layers - 1}"
                 )
-    for field in ("v_loss_layer",):
+    for field in ("v_loss_layer", "scanning_ceiling"):
         value = getattr(hparams, field, None)
-        if value is not None and not 0 <= value < n_layers:
+        limit = n_layers + 1 if field == "scanning_ceiling" else n_layers
+        if value is not None and not 0 <= value < limit:
             raise HParamsError(
                 f"{source}: field {field!r} is {value}, but the model has layers 0..{n_layers - 1}"
             )

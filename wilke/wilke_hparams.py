@@ -1,0 +1,32 @@
+"""WilKE hyperparameters: ROME's, plus the scan."""
+from __future__ import annotations
+
+import dataclasses
+
+from rome.rome_hparams import ROMEHyperParams
+from util.hparams import HParamsError
+
+SCANS = ("exact", "approximate")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class WilKEHyperParams(ROMEHyperParams):
+    scanning_ceiling: int  # candidate layers are 0 .. scanning_ceiling-1
+    # Approximate scan (off by default): rank every candidate with approx_grad_steps optimisation
+    # steps, then run the full optimisation only for the approx_top_k best and choose among them.
+    scan: str = "exact"
+    approx_grad_steps: int = 5
+    approx_top_k: int = 2
+
+    def validate(self) -> None:
+        super().validate()
+        if self.scanning_ceiling < 1:
+            raise HParamsError("field 'scanning_ceiling' must be at least 1")
+        if self.scan not in SCANS:
+            raise HParamsError(f"field 'scan' is {self.scan!r}; expected one of {SCANS}")
+        if self.approx_grad_steps < 1 or self.approx_top_k < 1:
+            raise HParamsError("fields 'approx_grad_steps' and 'approx_top_k' must be at least 1")
+
+    @property
+    def candidate_layers(self) -> list[int]:
+        return list(range(self.scanning_ceiling))

@@ -1,0 +1,168 @@
+"""WilKE (Hu et al. 2024): for each edit, the layer whose ROME update is relatively smallest.
+
+For every candidate layer l < scanning_ceiling the ROME update Delta_l is computed on the current
+model, scored by LA_l = ||Delta_l||_F / ||W_l||_F, and the argmin's update is applied. Updates are
+computed without touching the weights, so "restore after each candidate" holds by construction,
+and the chosen update is the one the scan computed (the reference recomputes it).
+
+Fast mode shares the layer-independent work across candidates: templates and prompts are built
+once, keys for every candidate come from one partial forward pass, block inputs are captured once
+and each optimisation step runs only the blocks above the candidate. Reference mode recomputes
+everything per candidate and recomputes the chosen update after the scan, as the paper's code does.
+"""
+from __future__ import annotations
+
+import copy as copy_module
+import dataclasses
+import logging
+import time
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from rome.compute_u import template_keys
+from rome.resources import EditResources
+from rome.rome_main import (
+    RankOneUpdate,
+    apply_update,
+    default_resources,
+    execute_rome,
+    normalise_request,
+    prepare_request,
+    rome_update_at,
+    snapshot_weights,
+)
+from util import nethook
+from util.architectures import num_layers, weight_out_in
+from wilke.wilke_hparams import WilKEHyperParams
+
+LOG = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class WilKEEdit:
+    """What one WilKE edit did: the layer, every scanned layer's LA, the applied update's norm."""
+
+    case_id: object
+    layer: int
+    layer_adaptability: dict[int, float]  # LA_l for every scanned layer (empty when the layer was given)
+    update_norm: float
+    weight_norm: float
+    seconds: float
+    scan: str  # "exact", "approximate" or "pinned"
+
+
+@dataclasses.dataclass
+class WilKEResult:
+    edits: list[WilKEEdit] = dataclasses.field(default_factory=list)
+
+    @property
+    def chosen_layers(self) -> list[int]:
+        return [e.layer for e in self.edits]
+
+
+def weight_norm(model: nn.Module, module_name: str) -> float:
+    return float(weight_out_in(nethook.get_module(model, module_name)).norm())
+
+
+def layer_adaptability(model: nn.Module, update: RankOneUpdate) -> float:
+    """LA = ||Delta||_F / ||W||_F for the weight the update would change."""
+    return update.norm / weight_norm(model, update.module_name)
+
+
+def scan_layers(
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    request: dict,
+    hparams: WilKEHyperParams,
+    layers: Sequence[int],
+    resources: EditResources,
+) -> dict[int, RankOneUpdate]:
+    """The ROME update at each candidate layer on the current model (the model is not changed)."""
+    if hparams.implementation == "reference":
+        return {
+            l: execute_rome(model, tok, request, hparams.replace(layers=[l]), resources, layer=l) for l in layers
+        }
+    prepared = prepare_request(model, tok, request, hparams, resources, first_layer=min(layers))
+    names = [hparams.rewrite_module_tmp.format(l) for l in sorted(layers)]
+    keys = template_keys(model, tok, request, prepared.context_templates, names, hparams.fact_token)
+    if hparams.mom2_adjustment:
+        resources.covariances(model, tok, hparams, names)
+    return {
+        l: rome_update_at(model, tok, prepared, hparams, l, resources, k_star=keys[hparams.rewrite_module_tmp.format(l)])
+        for l in layers
+    }
+
+
+def choose_layer(
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    request: dict,
+    hparams: WilKEHyperParams,
+    resources: EditResources,
+) -> tuple[RankOneUpdate, dict[int, float]]:
+    """The argmin-LA update among the candidates, and every scored layer's LA."""
+    candidates = hparams.candidate_layers
+    if hparams.scan == "approximate":
+        rough = scan_layers(model, tok, request, hparams.replace(v_num_grad_steps=hparams.approx_grad_steps), candidates, resources)
+        rough_la = {l: layer_adaptability(model, u) for l, u in rough.items()}
+        candidates = sorted(rough_la, key=rough_la.get)[: hparams.approx_top_k]
+    updates = scan_layers(model, tok, request, hparams, candidates, resources)
+    la = {l: layer_adaptability(model, u) for l, u in updates.items()}
+    best = min(la, key=la.get)
+    if hparams.scan == "approximate":
+        la = {**rough_la, **la}
+    chosen = updates[best]
+    if hparams.implementation == "reference":
+        # The paper's code edits the chosen layer again from scratch after the scan.
+        chosen = execute_rome(model, tok, request, hparams.replace(layers=[best]), resources, layer=best)
+    return chosen, la
+
+
+def apply_wilke_to_model(
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    requests: Sequence[dict],
+    hparams: WilKEHyperParams,
+    edited_layer: Optional[int] = None,
+    copy: bool = False,
+    return_orig_weights: bool = False,
+    cache_template: Optional[str] = None,
+    resources: Optional[EditResources] = None,
+) -> tuple[nn.Module, dict[str, torch.Tensor], WilKEResult]:
+    """Edit ``model`` with each request in turn at its wise layer (or at ``edited_layer``).
+
+    Returns (model, original weights of the changed modules if asked, WilKEResult).
+    ``cache_template`` is accepted for signature compatibility with ROME/MEMIT and must be None:
+    a lifelong scan depends on every earlier edit, so cached updates would be wrong.
+    """
+    if cache_template is not None:
+        raise ValueError("WilKE does not cache updates: each scan depends on the current model")
+    n_layers = num_layers(model)
+    if hparams.scanning_ceiling > n_layers:
+        raise ValueError(f"scanning_ceiling {hparams.scanning_ceiling} exceeds the model's {n_layers} layers")
+    if edited_layer is not None and not 0 <= edited_layer < n_layers:
+        raise ValueError(f"edited_layer {edited_layer} is outside the model's layers 0..{n_layers - 1}")
+    if copy:
+        model = copy_module.deepcopy(model)
+    resources = resources or default_resources(model)
+    weights_copy: dict[str, torch.Tensor] = {}
+    result = WilKEResult()
+    for request in requests:
+        start = time.perf_counter()
+        req = normalise_request(request)
+        if edited_layer is None:
+            update, la = choose_layer(model, tok, req, hparams, resources)
+            scan = hparams.scan
+        else:
+            update, la, scan = execute_rome(model, tok, req, hparams, resources, layer=edited_layer), {}, "pinned"
+        w_norm = weight_norm(model, update.module_name)
+        if return_orig_weights:
+            snapshot_weights(model, [update.weight_name], weights_copy)
+        apply_update(model, update)
+        edit = WilKEEdit(request.get("case_id"), update.layer, la, update.norm, w_norm, time.perf_counter() - start, scan)
+        result.edits.append(edit)
+        LOG.info("WilKE edit of case %s at layer %d (LA %.4f)", edit.case_id, edit.layer, update.norm / w_norm)
+    return model, weights_copy, result
