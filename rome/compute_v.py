@@ -136,8 +136,8 @@ def optimise_value(
         kl = hparams.kl_factor * torch.nn.functional.kl_div(kl_init, kl_logp, log_target=True, reduction="batchmean")
         decay = hparams.v_weight_decay * (delta.norm() / state["v0"].norm() ** 2)
         loss = nll.mean() + kl + decay
-        losses.append(float(loss))
-        if float(loss) < hparams.v_early_stop_loss or it == hparams.v_num_grad_steps - 1:
+        losses.append(float(loss.detach()))
+        if losses[-1] < hparams.v_early_stop_loss or it == hparams.v_num_grad_steps - 1:
             break
         loss.backward()
         optimiser.step()

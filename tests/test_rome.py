@@ -1,0 +1,137 @@
+"""ROME on tiny random GPT-2 (Conv1D), GPT-J and Llama models: the rank-one identity and the flip."""
+import json
+
+import pytest
+import torch
+
+from rome import ROMEHyperParams, apply_rome_to_model, execute_rome
+from rome.compute_u import template_keys
+from rome.context_templates import generate_context_templates
+from rome.resources import EditResources
+from tests.tiny import TinyWorld, make_model, make_tokenizer, rank_one_hparams
+from util import nethook
+from util.globals import load_paths
+from util.scoring import score_targets
+
+REQUEST = {
+    "case_id": 0,
+    "prompt": "{} is located in the city of",
+    "subject": "The Eiffel Tower",
+    "target_new": {"str": "Rome"},
+    "target_true": {"str": "Paris"},
+}
+PROMPT = "The Eiffel Tower is located in the city of"
+ARCHS = ["gpt2", "gptj", "llama"]
+
+
+def hparams(arch, **kw):
+    return ROMEHyperParams.from_dict(rank_one_hparams(arch, 4, mom2_adjustment=False, **kw))
+
+
+def resources():
+    return EditResources(load_paths(), "tiny")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_edited_layer_maps_bare_key_to_v_star(arch):
+    model, tok = make_model(arch), make_tokenizer()
+    update = execute_rome(model, tok, REQUEST, hparams(arch), resources())
+    module = nethook.get_module(model, update.module_name)
+    before = module(update.key[None])[0].detach()
+    apply_rome_to_model(model, tok, [REQUEST], hparams(arch), resources=resources())
+    after = module(update.key[None])[0].detach()
+    assert not torch.allclose(before, update.v_star, atol=1e-3)
+    assert torch.allclose(after, update.v_star, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_edit_makes_target_the_greedy_answer(arch):
+    model, tok = make_model(arch), make_tokenizer()
+    assert not score_targets(model, tok, [PROMPT], ["Rome"])[0].correct
+    _, orig = apply_rome_to_model(model, tok, [REQUEST], hparams(arch), return_orig_weights=True, resources=resources())
+    assert score_targets(model, tok, [PROMPT], ["Rome"])[0].correct
+    assert list(orig) == [hparams(arch).rewrite_module_tmp.format(1) + ".weight"]
+
+
+def test_return_orig_weights_and_copy_leave_the_original_intact():
+    model, tok = make_model("llama"), make_tokenizer()
+    w = nethook.get_parameter(model, "model.layers.1.mlp.down_proj.weight").clone()
+    edited, orig = apply_rome_to_model(model, tok, [REQUEST], hparams("llama"), copy=True, return_orig_weights=True, resources=resources())
+    assert edited is not model
+    assert torch.equal(nethook.get_parameter(model, "model.layers.1.mlp.down_proj.weight"), w)
+    assert torch.equal(orig["model.layers.1.mlp.down_proj.weight"], w)
+
+
+def test_consistent_keys_flag_changes_the_key_used():
+    """r-ROME solves with the template-averaged k*, and then W k* = v*."""
+    model, tok = make_model("llama"), make_tokenizer()
+    res = resources()
+    plain = execute_rome(model, tok, REQUEST, hparams("llama"), res)
+    consistent = execute_rome(model, tok, REQUEST, hparams("llama", consistent_keys=True), res)
+    templates = res.context_templates(model, tok, hparams("llama"))
+    name = plain.module_name
+    req = dict(REQUEST, target_new={"str": " Rome"}, target_true={"str": " Paris"})
+    k_star = template_keys(model, tok, req, templates, [name], "last")[name]
+    bare = template_keys(model, tok, req, ["{}"], [name], "last")[name]
+    assert torch.allclose(plain.key, bare, atol=1e-6)
+    assert torch.allclose(consistent.key, k_star, atol=1e-6)
+    assert not torch.allclose(plain.key, consistent.key, atol=1e-3)
+    apply_rome_to_model(model, tok, [REQUEST], hparams("llama", consistent_keys=True), resources=res)
+    out = nethook.get_module(model, name)(k_star[None])[0]
+    assert torch.allclose(out, consistent.v_star, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_fast_and_reference_implementations_agree(arch):
+    model, tok = make_model(arch), make_tokenizer()
+    res = resources()
+    ref = execute_rome(model, tok, REQUEST, hparams(arch, implementation="reference"), res)
+    fast = execute_rome(model, tok, REQUEST, hparams(arch, implementation="fast"), res)
+    d_ref, d_fast = ref.delta_out_in(), fast.delta_out_in()
+    assert float((d_ref - d_fast).norm() / d_ref.norm()) < 1e-4
+    assert ref.steps == fast.steps
+
+
+def test_context_templates_are_seeded():
+    model, tok = make_model("llama"), make_tokenizer()
+    a = generate_context_templates(model, tok, [[5, 3]], seed=1)
+    b = generate_context_templates(model, tok, [[5, 3]], seed=1)
+    c = generate_context_templates(model, tok, [[5, 3]], seed=2)
+    assert a == b and a != c
+    assert a[0] == "{}" and all(t.endswith(". {}") for t in a[1:]) and len(a) == 4
+
+
+def test_mom2_adjustment_uses_the_covariance(tmp_path):
+    """u = C^{-1} k* / ||.||: check against a direct solve with the collected statistics."""
+    world = TinyWorld(tmp_path, "gpt2")
+    hp = ROMEHyperParams.from_json(world.write_hparams("ROME", rank_one_hparams("gpt2", 4)))
+    model, tok = make_model("gpt2"), make_tokenizer()
+    res = EditResources(load_paths(stats_dir=str(world.stats_dir)), "tiny-gpt2")
+    update = execute_rome(model, tok, REQUEST, hp, res)
+    name = update.module_name
+    cov = res.covariances(model, tok, hp, [name], keep_matrix=True)[name].matrix
+    req = dict(REQUEST, target_new={"str": " Rome"}, target_true={"str": " Paris"})
+    k_star = template_keys(model, tok, req, res.context_templates(model, tok, hp), [name], "last")[name]
+    u = torch.linalg.solve(cov, k_star.double()).float()
+    assert torch.allclose(update.u, u / u.norm(), atol=1e-5)
+    assert any(world.stats_dir.rglob("*.npz"))
+
+
+def test_evaluate_cli_writes_valid_per_edit_json(tmp_path):
+    from experiments.evaluate import main
+
+    world = TinyWorld(tmp_path, "gpt2")
+    hp = world.write_hparams("ROME", rank_one_hparams("gpt2", 4))
+    run_dir = main(world.cli_args("ROME", hp, dataset_size_limit=6, edit_times=2))
+    edits = sorted(run_dir.glob("edit_*_on_case_*.json"))
+    assert len(edits) == 2
+    record = json.loads(edits[0].read_text())
+    post = record["post"]
+    for kind in ("rewrite", "paraphrase", "neighborhood"):
+        assert len(post[f"{kind}_prompts_probs"]) == len(post[f"{kind}_prompts_correct"]) >= 1
+        assert all(set(p) == {"target_new", "target_true"} for p in post[f"{kind}_prompts_probs"])
+    assert record["edit"]["layer"] == 1 and record["edit"]["update_norm"] > 0
+    assert record["rollback"]["update_norm"] > 0
+    meta = json.loads((run_dir / "run.json").read_text())
+    assert meta["seed"] == 9 and meta["alg_name"] == "ROME" and meta["packages"]["torch"]
+    assert json.loads((run_dir / "params.json").read_text())["layers"] == [1]
