@@ -31,3 +31,18 @@ def gemma3():
     from util.models import load_model
 
     return load_model("gemma-3-270m", paths=load_paths(), device="cpu")
+
+
+@pytest.fixture(autouse=True)
+def _threads_for_test(request):
+    """Tiny-model tests run single-threaded: on a busy 2-core machine two OpenMP threads per
+    process make tiny matrix products up to 30x slower. Slow real-model tests keep the default."""
+    import torch
+
+    before = torch.get_num_threads()
+    if request.node.get_closest_marker("slow") is None:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -1,0 +1,254 @@
+"""Speed benchmark: figures and fast/reference ratios, as a table and as JSON.
+
+    python -m experiments.bench --models tiny,smollm2-135m --edits 4 --json bench.json
+
+Measured in one process per model, on copies of the same starting weights:
+- statistics collection for the candidate layers: one corpus pass vs one pass per layer (reference);
+- seconds per WilKE edit (scan + apply + roll-back) in fast and reference mode, and whether both
+  choose the same layer and produce the same update on every edit;
+- seconds per ROME edit at the fixed layer;
+- the approximate scan: seconds per edit and agreement of its chosen layer with the exact scan;
+- peak resident memory and the bytes of factorised covariances held.
+Edits run sequentially with roll-back, as in the lifelong protocol.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import logging
+import resource
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+from experiments.protocol import edit_request, swapped_request
+from rome.layer_stats import layer_stats
+from rome.resources import EditResources
+from rome.rome_hparams import ROMEHyperParams
+from rome.rome_main import apply_rome_to_model
+from util.globals import load_paths
+from wilke.wilke_hparams import WilKEHyperParams
+from wilke.wilke_main import apply_wilke_to_model
+
+LOG = logging.getLogger("experiments.bench")
+
+
+@dataclasses.dataclass
+class WilKETrace:
+    seconds: list[float]
+    layers: list[int]
+    deltas: list[torch.Tensor]
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def load_bench_model(name: str, tmp: Path):
+    """(model, tok, hparams_dir, slug, corpus): the tiny model is built here, real ones are loaded."""
+    if name == "tiny":
+        from tests.tiny import TinyWorld, rank_one_hparams
+
+        world = TinyWorld(tmp / "tiny", "llama", n_layer=6)
+        base = rank_one_hparams("llama", 6, mom2_n_samples=200)
+        world.write_hparams("ROME", base)
+        world.write_hparams("WilKE", {**base, "scanning_ceiling": 5})
+        from util.models import load_model
+
+        model, tok = load_model(str(world.model_dir), device="cpu")
+        return model, tok, world.hparams_dir, "tiny-llama"
+    from util.models import load_model, model_slug
+
+    model, tok = load_model(name)
+    return model, tok, load_paths().hparams_dir, model_slug(name)
+
+
+def bench_records(n: int) -> list[dict]:
+    """The first n valid CounterFact records (edits need not be known facts to be timed)."""
+    from dsets.counterfact import CounterFactDataset
+    from tests.tiny import tiny_records
+
+    try:
+        records = CounterFactDataset(load_paths(), allow_download=False).records
+    except FileNotFoundError:
+        records = tiny_records()
+    return [records[i % len(records)] for i in range(n)]
+
+
+def time_stats(model, tok, hp, slug: str, stats_dir: Path, one_pass: bool) -> dict:
+    names = [hp.rewrite_module_tmp.format(l) for l in range(hp.scanning_ceiling)]
+    paths = load_paths(stats_dir=str(stats_dir))
+    start = time.perf_counter()
+    stats = layer_stats(model, tok, names, hp.mom2_dataset, hp.mom2_n_samples, paths, slug,
+                        dtype=hp.mom2_dtype, max_length=hp.mom2_max_length, one_pass=one_pass, progress=False)
+    return {"seconds": time.perf_counter() - start, "forward_tokens": stats.run.forward_tokens,
+            "corpus_passes": stats.run.corpus_passes, "layers": len(names)}
+
+
+def run_wilke(model, tok, hp, records, resources, approximate: bool = False) -> WilKETrace:
+    trace = WilKETrace([], [], [])
+    for record in records:
+        request = edit_request(record)
+        start = time.perf_counter()
+        _, orig, result = apply_wilke_to_model(model, tok, [request], hp, return_orig_weights=True, resources=resources)
+        layer = result.edits[0].layer
+        name = next(iter(orig))
+        delta = dict(model.named_parameters())[name].detach() - orig[name]
+        apply_wilke_to_model(model, tok, [swapped_request(request)], hp, edited_layer=layer, resources=resources)
+        trace.seconds.append(time.perf_counter() - start)
+        trace.layers.append(layer)
+        trace.deltas.append(delta)
+    return trace
+
+
+def run_rome(model, tok, hp, records, resources) -> list[float]:
+    seconds = []
+    for record in records:
+        request = edit_request(record)
+        start = time.perf_counter()
+        apply_rome_to_model(model, tok, [request], hp, resources=resources)
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def mean(xs: Sequence[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def relative_difference(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
+    return max(float((x - y).norm() / x.norm()) if x.shape == y.shape else float("inf") for x, y in zip(a, b))
+
+
+def bench_model(name: str, n_edits: int, n_approx: int, skip_reference: bool, tmp: Path) -> dict:
+    model, tok, hp_dir, slug = load_bench_model(name, tmp)
+    fname = f"{'tiny-llama' if name == 'tiny' else slug}.json"
+    wh = WilKEHyperParams.from_json(hp_dir / "WilKE" / fname)
+    rh = ROMEHyperParams.from_json(hp_dir / "ROME" / fname)
+    stats_dir = tmp / f"stats-{slug}"
+    out: dict[str, Any] = {"model": name, "candidate_layers": wh.scanning_ceiling, "edits": n_edits}
+    if not skip_reference:
+        out["stats_reference"] = time_stats(model, tok, wh, slug, tmp / f"stats-ref-{slug}", one_pass=False)
+    out["stats_fast"] = time_stats(model, tok, wh, slug, stats_dir, one_pass=True)
+    paths = load_paths(stats_dir=str(stats_dir))
+    records = bench_records(max(n_edits, n_approx))
+    start_state = copy.deepcopy(model.state_dict())
+
+    def fresh_resources(one_pass: bool = True) -> EditResources:
+        model.load_state_dict(start_state)
+        return EditResources(paths, slug, one_pass_stats=one_pass, progress=False)
+
+    fast = run_wilke(model, tok, wh.replace(implementation="fast"), records[:n_edits], fresh_resources())
+    out["wilke_fast"] = {"seconds_per_edit": mean(fast.seconds), "layers": fast.layers}
+    out["covariance_bytes"] = fresh_resources().covariance_bytes or _covariance_bytes(model, tok, wh, paths, slug)
+    if not skip_reference:
+        ref = run_wilke(model, tok, wh.replace(implementation="reference"), records[:n_edits], fresh_resources())
+        out["wilke_reference"] = {"seconds_per_edit": mean(ref.seconds), "layers": ref.layers}
+        out["same_layers"] = ref.layers == fast.layers
+        out["max_relative_update_difference"] = relative_difference(ref.deltas, fast.deltas)
+    out["rome_fast"] = {"seconds_per_edit": mean(run_rome(model, tok, rh, records[:n_edits], fresh_resources()))}
+    if n_approx:
+        out["approximate"] = bench_approximate(model, tok, wh, records[:n_approx], fresh_resources)
+    out["peak_rss_mb"] = peak_rss_mb()
+    return out
+
+
+def _covariance_bytes(model, tok, wh, paths, slug) -> int:
+    res = EditResources(paths, slug, progress=False)
+    res.covariances(model, tok, wh, [wh.rewrite_module_tmp.format(l) for l in range(wh.scanning_ceiling)])
+    return res.covariance_bytes
+
+
+def bench_approximate(model, tok, wh, records, fresh_resources) -> dict:
+    """Each edit scanned exactly and approximately from the same (unedited) weights."""
+    from wilke.wilke_main import choose_layer
+    from rome.rome_main import normalise_request
+
+    res = fresh_resources()
+    exact_layers, approx_layers, exact_s, approx_s = [], [], [], []
+    approx_hp = wh.replace(scan="approximate")
+    for record in records:
+        request = normalise_request(edit_request(record))
+        t0 = time.perf_counter()
+        exact, _ = choose_layer(model, tok, request, wh, res)
+        t1 = time.perf_counter()
+        approx, _ = choose_layer(model, tok, request, approx_hp, res)
+        t2 = time.perf_counter()
+        exact_layers.append(exact.layer)
+        approx_layers.append(approx.layer)
+        exact_s.append(t1 - t0)
+        approx_s.append(t2 - t1)
+    agree = sum(a == b for a, b in zip(exact_layers, approx_layers)) / len(records)
+    return {"edits": len(records), "agreement": agree, "exact_scan_seconds": mean(exact_s),
+            "approx_scan_seconds": mean(approx_s), "approx_grad_steps": wh.approx_grad_steps,
+            "approx_top_k": wh.approx_top_k}
+
+
+def ratios(r: dict) -> dict:
+    out = {}
+    if "wilke_reference" in r:
+        out["wilke_reference_over_fast"] = r["wilke_reference"]["seconds_per_edit"] / r["wilke_fast"]["seconds_per_edit"]
+        if "approximate" in r:
+            approx_edit = r["approximate"]["approx_scan_seconds"]
+            out["wilke_reference_over_approximate_scan"] = r["wilke_reference"]["seconds_per_edit"] / approx_edit
+    if "stats_reference" in r:
+        out["stats_reference_over_one_pass"] = r["stats_reference"]["seconds"] / r["stats_fast"]["seconds"]
+        out["stats_forward_token_ratio"] = r["stats_reference"]["forward_tokens"] / r["stats_fast"]["forward_tokens"]
+    return out
+
+
+def table(results: list[dict]) -> str:
+    rows = [("model", "WilKE fast s/edit", "WilKE ref s/edit", "ratio", "same layers", "ROME s/edit",
+             "stats 1-pass s", "stats ref s", "approx agree", "cov MB", "peak MB")]
+    for r in results:
+        q = r.get("ratios", {})
+        rows.append((
+            r["model"],
+            f"{r['wilke_fast']['seconds_per_edit']:.2f}",
+            f"{r['wilke_reference']['seconds_per_edit']:.2f}" if "wilke_reference" in r else "-",
+            f"{q['wilke_reference_over_fast']:.2f}x" if "wilke_reference_over_fast" in q else "-",
+            str(r.get("same_layers", "-")),
+            f"{r['rome_fast']['seconds_per_edit']:.2f}",
+            f"{r['stats_fast']['seconds']:.1f}",
+            f"{r['stats_reference']['seconds']:.1f}" if "stats_reference" in r else "-",
+            f"{r['approximate']['agreement']:.0%}" if "approximate" in r else "-",
+            f"{r['covariance_bytes'] / 2**20:.0f}",
+            f"{r['peak_rss_mb']:.0f}",
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m experiments.bench", description=__doc__.split("\n")[0])
+    p.add_argument("--models", default="tiny,smollm2-135m,gemma-3-270m")
+    p.add_argument("--edits", type=int, default=16, help="sequential WilKE edits (with roll-back) per mode")
+    p.add_argument("--approx_edits", type=int, default=64, help="edits for the approximate-scan agreement (0: skip)")
+    p.add_argument("--skip_reference", action="store_true", help="time the fast mode only")
+    p.add_argument("--json", default=None, help="also write the results here")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="wilke-bench-") as tmp:
+        for name in [m for m in args.models.split(",") if m]:
+            r = bench_model(name, args.edits, args.approx_edits, args.skip_reference, Path(tmp))
+            r["ratios"] = ratios(r)
+            results.append(r)
+            print(json.dumps(r), flush=True)
+    print(table(results))
+    meta = {"torch_threads": torch.get_num_threads(), "results": results}
+    if args.json:
+        Path(args.json).write_text(json.dumps(meta, indent=1))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""Edits on the real embedded default model (SmolLM2-135M); marked slow.
+
+The statistics for the edited layer are collected on first use into the configured STATS_DIR
+(about a minute on 2 CPU cores) and reused afterwards. The shared session model is restored
+after every edit so other slow tests see the original weights.
+"""
+import contextlib
+
+import pytest
+import torch
+
+from rome import ROMEHyperParams, apply_rome_to_model
+from rome.resources import EditResources
+from util.globals import REPO_ROOT, load_paths
+from util.scoring import score_targets
+
+pytestmark = pytest.mark.slow
+
+EIFFEL = {
+    "case_id": -1,
+    "prompt": "{} is located in the city of",
+    "subject": "The Eiffel Tower",
+    "target_new": {"str": "Rome"},
+    "target_true": {"str": "Paris"},
+}
+EIFFEL_PROMPT = "The Eiffel Tower is located in the city of"
+
+
+@contextlib.contextmanager
+def restored(model, weights):
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            params = dict(model.named_parameters())
+            for name, w in weights.items():
+                params[name].copy_(w)
+
+
+def unrelated_known_facts(model, tok, n=10):
+    from dsets.counterfact import CounterFactDataset
+    from dsets.make_known import filter_known
+
+    try:
+        records = CounterFactDataset(load_paths(), allow_download=False).records[:300]
+    except FileNotFoundError as e:
+        pytest.skip(f"CounterFact data not available ({e}); ../shared/data/dsets provides it")
+    known = filter_known(model, tok, records)
+    unrelated = [
+        r for r in known
+        if r["requested_rewrite"]["target_true"]["str"].strip() not in ("Paris", "Rome", "France", "Italy")
+        and "Eiffel" not in r["requested_rewrite"]["subject"]
+    ]
+    assert len(unrelated) >= n, f"only {len(unrelated)} known unrelated facts among 300 records"
+    return unrelated[:n]
+
+
+def greedy_ok(model, tok, records):
+    prompts = [r["requested_rewrite"]["prompt"].format(r["requested_rewrite"]["subject"]) for r in records]
+    return [s.correct for s in score_targets(model, tok, prompts, [r["requested_rewrite"]["target_true"]["str"] for r in records])]
+
+
+def test_rome_edit_moves_the_eiffel_tower_and_keeps_unrelated_facts(smollm2):
+    model, tok = smollm2
+    hp = ROMEHyperParams.from_json(REPO_ROOT / "hparams" / "ROME" / "smollm2-135m.json")
+    facts = unrelated_known_facts(model, tok)
+    assert score_targets(model, tok, [EIFFEL_PROMPT], ["Paris"])[0].correct
+    resources = EditResources(load_paths(), "smollm2-135m")
+    _, orig = apply_rome_to_model(model, tok, [EIFFEL], hp, return_orig_weights=True, resources=resources)
+    with restored(model, orig):
+        new_answer = score_targets(model, tok, [EIFFEL_PROMPT], ["Rome"])[0]
+        kept = sum(greedy_ok(model, tok, facts))
+        print(f"SmolLM2 ROME edit: Rome greedy={new_answer.correct} nll={new_answer.nll:.3f}; unrelated kept {kept}/10")
+        assert new_answer.correct
+        assert kept >= 8
+    assert score_targets(model, tok, [EIFFEL_PROMPT], ["Paris"])[0].correct
