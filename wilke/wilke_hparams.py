@@ -15,7 +15,7 @@ class WilKEHyperParams(ROMEHyperParams):
     # Approximate scan (off by default): rank every candidate with approx_grad_steps optimisation
     # steps, then run the full optimisation only for the approx_top_k best and choose among them.
     scan: str = "exact"
-    approx_grad_steps: int = 5
+    approx_grad_steps: int = 2
     approx_top_k: int = 2
 
     def validate(self) -> None:
