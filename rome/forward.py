@@ -21,6 +21,7 @@ from torch import nn
 from util import nethook
 from util.scoring import lm_logits
 
+LOG = logging.getLogger(__name__)
 EditFn = Callable[[Any, str], Any]
 
 
@@ -130,23 +131,6 @@ class SuffixForward:
         return bool(((a - b).abs().max() / scale) < rtol)
 
 
-def make_forward(
-    implementation: str,
-    model: nn.Module,
-    batch: PromptBatch,
-    layer_module_tmp: str,
-    n_layers: int,
-    loss_layer: int,
-    ln_f_module: str,
-    first_block: int,
-) -> FullForward | SuffixForward:
-    loss_layer_module = layer_module_tmp.format(loss_layer)
-    if implementation == "reference":
-        return FullForward(model, batch, loss_layer_module, ln_f_module)
-    block_names = [layer_module_tmp.format(i) for i in range(n_layers)]
-    return SuffixForward(model, batch, block_names, loss_layer, ln_f_module, first_block)
-
-
 def verified_forward(
     implementation: str,
     model: nn.Module,
@@ -159,24 +143,22 @@ def verified_forward(
     probe_module: Optional[str] = None,
     checked: Optional[dict] = None,
 ) -> FullForward | SuffixForward:
-    """``make_forward``, falling back to the full pass if the suffix pass disagrees with it.
+    """The forward strategy for ``implementation``; the suffix pass only once it matches the full one.
 
-    The check runs once per model (``checked`` remembers the verdict by model identity).
+    The check runs once per model (``checked`` remembers the verdict by model identity); if the
+    suffix pass disagrees (an architecture whose blocks need more than their captured call), the
+    full pass is used and a warning says so.
     """
-    fwd = make_forward(implementation, model, batch, layer_module_tmp, n_layers, loss_layer, ln_f_module, first_block)
-    if isinstance(fwd, FullForward):
-        return fwd
-    key = id(model)
-    if checked is not None and key in checked:
-        ok = checked[key]
-    else:
-        full = FullForward(model, batch, layer_module_tmp.format(loss_layer), ln_f_module)
-        ok = fwd.matches_full(full, first_block, probe_module or layer_module_tmp.format(first_block))
+    full = FullForward(model, batch, layer_module_tmp.format(loss_layer), ln_f_module)
+    if implementation == "reference":
+        return full
+    block_names = [layer_module_tmp.format(i) for i in range(n_layers)]
+    suffix = SuffixForward(model, batch, block_names, loss_layer, ln_f_module, first_block)
+    ok = checked.get(id(model)) if checked is not None else None
+    if ok is None:
+        ok = suffix.matches_full(full, first_block, probe_module or layer_module_tmp.format(first_block))
         if checked is not None:
-            checked[key] = ok
+            checked[id(model)] = ok
         if not ok:
-            logging.getLogger(__name__).warning(
-                "suffix forward disagrees with the full forward on %s; using the full forward",
-                type(model).__name__,
-            )
-    return fwd if ok else FullForward(model, batch, layer_module_tmp.format(loss_layer), ln_f_module)
+            LOG.warning("suffix forward disagrees with the full forward on %s; using the full forward", type(model).__name__)
+    return suffix if ok else full
