@@ -20,6 +20,7 @@ import dataclasses
 import json
 import logging
 import resource
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -51,7 +52,7 @@ def peak_rss_mb() -> float:
 
 
 def load_bench_model(name: str, tmp: Path):
-    """(model, tok, hparams_dir, slug, corpus): the tiny model is built here, real ones are loaded."""
+    """(model, tok, hparams_dir, slug, stats_dir): the tiny model is built here, real ones are loaded."""
     if name == "tiny":
         from tests.tiny import TinyWorld, rank_one_hparams
 
@@ -62,11 +63,12 @@ def load_bench_model(name: str, tmp: Path):
         from util.models import load_model
 
         model, tok = load_model(str(world.model_dir), device="cpu")
-        return model, tok, world.hparams_dir, "tiny-llama"
+        return model, tok, world.hparams_dir, "tiny-llama", world.stats_dir
     from util.models import load_model, model_slug
 
     model, tok = load_model(name)
-    return model, tok, load_paths().hparams_dir, model_slug(name)
+    paths = load_paths()
+    return model, tok, paths.hparams_dir, model_slug(name), paths.stats_dir
 
 
 def bench_records(n: int) -> list[dict]:
@@ -81,14 +83,15 @@ def bench_records(n: int) -> list[dict]:
     return [records[i % len(records)] for i in range(n)]
 
 
-def time_stats(model, tok, hp, slug: str, stats_dir: Path, one_pass: bool) -> dict:
+def time_stats(model, tok, hp, slug: str, stats_dir: Path, one_pass: bool, n_samples: int) -> dict:
+    """Collect the candidate layers' statistics from scratch into ``stats_dir`` and time it."""
     names = [hp.rewrite_module_tmp.format(l) for l in range(hp.scanning_ceiling)]
     paths = load_paths(stats_dir=str(stats_dir))
     start = time.perf_counter()
-    stats = layer_stats(model, tok, names, hp.mom2_dataset, hp.mom2_n_samples, paths, slug,
+    stats = layer_stats(model, tok, names, hp.mom2_dataset, n_samples, paths, slug,
                         dtype=hp.mom2_dtype, max_length=hp.mom2_max_length, one_pass=one_pass, progress=False)
     return {"seconds": time.perf_counter() - start, "forward_tokens": stats.run.forward_tokens,
-            "corpus_passes": stats.run.corpus_passes, "layers": len(names)}
+            "corpus_passes": stats.run.corpus_passes, "layers": len(names), "samples": n_samples}
 
 
 def run_wilke(model, tok, hp, records, resources) -> WilKETrace:
@@ -125,16 +128,17 @@ def relative_difference(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) ->
     return max(float((x - y).norm() / x.norm()) if x.shape == y.shape else float("inf") for x, y in zip(a, b))
 
 
-def bench_model(name: str, n_edits: int, n_approx: int, skip_reference: bool, tmp: Path) -> dict:
-    model, tok, hp_dir, slug = load_bench_model(name, tmp)
+def bench_model(name: str, n_edits: int, n_approx: int, skip_reference: bool, stats_samples: int, tmp: Path) -> dict:
+    model, tok, hp_dir, slug, stats_dir = load_bench_model(name, tmp)
     fname = f"{'tiny-llama' if name == 'tiny' else slug}.json"
     wh = WilKEHyperParams.from_json(hp_dir / "WilKE" / fname)
     rh = ROMEHyperParams.from_json(hp_dir / "ROME" / fname)
-    stats_dir = tmp / f"stats-{slug}"
     out: dict[str, Any] = {"model": name, "candidate_layers": wh.scanning_ceiling, "edits": n_edits}
+    n_stats = min(stats_samples, wh.mom2_n_samples)
     if not skip_reference:
-        out["stats_reference"] = time_stats(model, tok, wh, slug, tmp / f"stats-ref-{slug}", one_pass=False)
-    out["stats_fast"] = time_stats(model, tok, wh, slug, stats_dir, one_pass=True)
+        out["stats_reference"] = time_stats(model, tok, wh, slug, tmp / f"stats-ref-{slug}", False, n_stats)
+    out["stats_fast"] = time_stats(model, tok, wh, slug, tmp / f"stats-one-{slug}", True, n_stats)
+    # edits use the statistics of the hparams (from the run cache when already collected)
     paths = load_paths(stats_dir=str(stats_dir))
     records = bench_records(max(n_edits, n_approx))
     start_state = copy.deepcopy(model.state_dict())
@@ -230,6 +234,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--edits", type=int, default=16, help="sequential WilKE edits (with roll-back) per mode")
     p.add_argument("--approx_edits", type=int, default=64, help="edits for the approximate-scan agreement (0: skip)")
     p.add_argument("--skip_reference", action="store_true", help="time the fast mode only")
+    p.add_argument("--stats_samples", type=int, default=200, help="corpus samples for the statistics timing")
     p.add_argument("--json", default=None, help="also write the results here")
     return p.parse_args(argv)
 
@@ -240,12 +245,12 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     results = []
     with tempfile.TemporaryDirectory(prefix="wilke-bench-") as tmp:
         for name in [m for m in args.models.split(",") if m]:
-            r = bench_model(name, args.edits, args.approx_edits, args.skip_reference, Path(tmp))
+            r = bench_model(name, args.edits, args.approx_edits, args.skip_reference, args.stats_samples, Path(tmp))
             r["ratios"] = ratios(r)
             results.append(r)
             print(json.dumps(r), flush=True)
     print(table(results))
-    meta = {"torch_threads": torch.get_num_threads(), "results": results}
+    meta = {"torch_threads": torch.get_num_threads(), "command": ["python", "-m", "experiments.bench", *(sys.argv[1:] if argv is None else argv)], "results": results}
     if args.json:
         Path(args.json).write_text(json.dumps(meta, indent=1))
     return results
