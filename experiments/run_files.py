@@ -1,21 +1,61 @@
-"""The run folder: numbered runs, atomic JSON files, and what makes a run reproducible."""
+"""The run folder: numbered runs, atomic JSON files, and what makes a run reproducible.
+
+File names of a run (read by the summaries): ``edit_{n}_on_case_{case_id}.json`` per edit,
+``retention_of_edit_{n}.json`` at retention checkpoints, ``run.json`` (what ran, where, with what;
+``status`` is running/finished/interrupted/failed), ``params.json`` (the hparams),
+``skipped_records.json`` (bad records left out, with why), ``failure.json`` (what stopped a failed
+run) and the weight checkpoint of experiments/checkpoints.py.
+
+Per-edit files are deterministic except for timing fields: every key ending in ``seconds`` or
+``time`` (``strip_timing`` removes them before comparing two runs).
+"""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
+import random
 import re
 import subprocess
 import sys
 import tempfile
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Sequence
 
 from util.globals import REPO_ROOT
 
 RUN_DIR_RE = re.compile(r"^run_(\d{3,})$")
-VERSIONED_PACKAGES = ("torch", "transformers", "numpy", "tokenizers", "safetensors", "gguf")
+VERSIONED_PACKAGES = ("torch", "transformers", "numpy", "tokenizers", "safetensors", "gguf", "scipy", "scikit-learn", "nltk")
+TIMING_SUFFIXES = ("seconds", "time")
+FILE_MODE = 0o644  # mkstemp creates 0600; results are meant to be read by others
+RUN_META_FILE = "run.json"
+PARAMS_FILE = "params.json"
+SKIPPED_FILE = "skipped_records.json"
+FAILURE_FILE = "failure.json"
+
+
+def edit_file_name(n: int, case_id: Any) -> str:
+    return f"edit_{n}_on_case_{case_id}.json"
+
+
+def retention_file_name(n: int) -> str:
+    return f"retention_of_edit_{n}.json"
+
+
+def strip_timing(obj: Any) -> Any:
+    """``obj`` without timing fields (keys ending in 'seconds' or 'time'), at any depth."""
+    if isinstance(obj, dict):
+        return {k: strip_timing(v) for k, v in obj.items() if not str(k).endswith(TIMING_SUFFIXES)}
+    if isinstance(obj, list):
+        return [strip_timing(v) for v in obj]
+    return obj
+
+
+def read_json(path: Path) -> Any:
+    with open(path) as f:
+        return json.load(f)
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -27,6 +67,7 @@ def write_json_atomic(path: Path, obj: Any) -> None:
             json.dump(obj, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -56,7 +97,20 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def environment_record() -> dict:
+def git_dirty() -> bool | None:
+    """Whether tracked files differ from the commit (then the commit alone does not pin the code)."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return bool(out.stdout.strip()) if out.returncode == 0 else None
+
+
+def environment_record(argv: Sequence[str] | None = None) -> dict:
+    """Versions, commit, command and the torch settings that decide bit-level results."""
+    import torch
+
     versions = {}
     for pkg in VERSIONED_PACKAGES:
         try:
@@ -68,6 +122,62 @@ def environment_record() -> dict:
         "platform": platform.platform(),
         "packages": versions,
         "git_commit": git_commit(),
+        "git_dirty": git_dirty(),
         "command": [sys.executable, *sys.argv],
+        "argv": list(sys.argv[1:] if argv is None else argv),
         "cwd": os.getcwd(),
+        "torch_num_threads": torch.get_num_threads(),
+        "torch_deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
     }
+
+
+class RunMeta:
+    """``run.json`` of one run, rewritten atomically whenever a field changes (status, checkpoint)."""
+
+    def __init__(self, run_dir: Path, data: dict):
+        self.run_dir, self.data = run_dir, data
+
+    @classmethod
+    def load(cls, run_dir: Path) -> "RunMeta":
+        return cls(run_dir, read_json(run_dir / RUN_META_FILE))
+
+    def update(self, **fields: Any) -> None:
+        self.data.update(fields)
+        write_json_atomic(self.run_dir / RUN_META_FILE, self.data)
+
+
+@contextlib.contextmanager
+def reproducible_torch(seed: int, num_threads: int | None = None) -> Iterator[None]:
+    """Seed every RNG, pin the thread count and prefer deterministic kernels; undo it all on exit.
+
+    ``use_deterministic_algorithms`` is warn-only: a few CUDA kernels have no deterministic
+    version, and a warning is better than a refusal. On CPU the settings that matter are the seed
+    and the thread count (reductions are split by thread), both recorded in run.json.
+    """
+    import numpy as np
+    import torch
+
+    saved = (random.getstate(), np.random.get_state(), torch.get_num_threads(),
+             torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    set_cublas = torch.cuda.is_available() and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    with torch.random.fork_rng():
+        try:
+            if set_cublas:
+                os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"  # what deterministic cuBLAS needs
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            torch.manual_seed(seed)
+            if num_threads:
+                torch.set_num_threads(num_threads)
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+            yield
+        finally:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
+            torch.set_num_threads(saved[2])
+            torch.use_deterministic_algorithms(saved[3], warn_only=saved[4])
+            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[5], saved[6]
+            if set_cublas:
+                os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)

@@ -4,6 +4,9 @@ For the rewrite, paraphrase and neighborhood prompts: the mean NLL of " target_n
 " target_true" (ROME calls these ``*_probs``), and ``*_correct``: whether greedy decoding
 reproduces every token of the expected target (target_new for rewrite and paraphrase,
 target_true for neighborhood). All prompts of a record are scored in one batched pass.
+With ``generation`` (experiments.py.generation_metrics.GenerationTests) the dict also holds
+``ngram_entropy`` (fluency), ``reference_score`` (consistency, when its data files exist) and
+``text`` (the generated texts). The lifelong loop checks every number here for NaN/inf.
 """
 from __future__ import annotations
 

@@ -1,0 +1,113 @@
+"""Resuming a killed run: which folder, whether it is the same run, and where it restarts.
+
+A run folder is resumed only when asked (``--continue_from_run run_NNN``) and only when its
+``run.json`` has the same configuration (everything that changes results: algorithm, model,
+hparams, dataset file, seed, number of edits, generation settings). When a new run starts and
+the newest run of the same ``dir_name`` is an unfinished run of the same configuration, the log
+says so and names the flag; it is never reused silently.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from experiments.run_files import RUN_META_FILE, edit_file_name, existing_runs, read_json
+
+LOG = logging.getLogger(__name__)
+
+FINISHED = "finished"
+
+
+class ResumeError(ValueError):
+    """The run named by --continue_from_run cannot be continued by this command."""
+
+
+def normalised(obj: Any) -> Any:
+    """What ``obj`` looks like after a JSON round trip (tuples become lists, keys strings)."""
+    return json.loads(json.dumps(obj))
+
+
+def config_differences(old: Any, new: Any, where: str = "") -> list[str]:
+    """Human-readable 'field: old -> new' lines for every leaf that differs."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new), key=str):
+            path = f"{where}.{key}" if where else str(key)
+            out += config_differences(old.get(key, "<absent>"), new.get(key, "<absent>"), path)
+        return out
+    return [] if old == new else [f"{where or '<config>'}: {old!r} -> {new!r}"]
+
+
+def resolve_run_ref(alg_dir: Path, ref: str) -> Path:
+    """``run_NNN`` inside ``alg_dir``, or a path to a run folder."""
+    for candidate in (alg_dir / ref, Path(ref).expanduser()):
+        if (candidate / RUN_META_FILE).is_file():
+            return candidate
+    names = [p.name for p in existing_runs(alg_dir)]
+    raise ResumeError(f"--continue_from_run {ref}: no run folder with a {RUN_META_FILE} at {alg_dir / ref}; "
+                      f"runs in {alg_dir}: {names or 'none'}")
+
+
+def read_meta(run_dir: Path) -> dict:
+    try:
+        meta = read_json(run_dir / RUN_META_FILE)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ResumeError(f"{run_dir / RUN_META_FILE}: unreadable ({e})") from None
+    if not isinstance(meta, dict) or "config" not in meta:
+        raise ResumeError(f"{run_dir / RUN_META_FILE}: has no 'config' (made by an older version); start a new run")
+    return meta
+
+
+def still_running(meta: dict) -> bool:
+    """Whether the process that wrote ``meta`` is alive on this host (then it must not be resumed)."""
+    pid = meta.get("pid")
+    if meta.get("status") != "running" or not pid or meta.get("host") != socket.gethostname() or pid == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def check_resumable(run_dir: Path, config: dict) -> dict:
+    """``run_dir``'s run.json when this command may continue it; else a ResumeError saying why."""
+    meta = read_meta(run_dir)
+    if meta.get("status") == FINISHED:
+        raise ResumeError(f"{run_dir} is already finished; nothing to continue")
+    if still_running(meta):
+        raise ResumeError(f"{run_dir} is still being written by process {meta['pid']}; stop it first")
+    diffs = config_differences(meta["config"], normalised(config))
+    if diffs:
+        raise ResumeError(f"{run_dir} was started with a different configuration ({'; '.join(diffs)}); "
+                          "rerun its original command (see 'argv' in its run.json) with --continue_from_run, "
+                          "or drop the flag to start a new run")
+    return meta
+
+
+def newest_unfinished_run(alg_dir: Path, config: dict) -> Optional[tuple[Path, dict]]:
+    """The newest run in ``alg_dir`` when it is unfinished and has this configuration."""
+    runs = existing_runs(alg_dir)
+    if not runs:
+        return None
+    try:
+        meta = read_meta(runs[-1])
+    except ResumeError:
+        return None
+    if meta.get("status") == FINISHED or config_differences(meta["config"], normalised(config)):
+        return None
+    return runs[-1], meta
+
+
+def first_unfinished_edit(run_dir: Path, case_ids: Sequence[Any]) -> int:
+    """1 + the number of leading edits whose per-edit file exists."""
+    for n, case_id in enumerate(case_ids, start=1):
+        if not (run_dir / edit_file_name(n, case_id)).is_file():
+            return n
+    return len(case_ids) + 1

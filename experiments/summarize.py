@@ -1,0 +1,178 @@
+"""Summarise lifelong-editing runs: ES, GS, LS, ERS, ORS and S per algorithm and checkpoint.
+
+    python -m experiments.summarize --dir_name WilKE,ROME [--runs run_000,run_001] \
+        [--checkpoints 1,2,4] [--results_dir R] [--plots DIR] [--out FILE]
+
+Reads the run folders of ``experiments.evaluate`` (see ``experiments.summary.runs``), prints mean
+and std over runs of every score (definitions in ``experiments.summary.metrics``), writes the table
+as CSV and JSON (``--out``; default ``<results_dir>/summary_<dir names>.csv`` and ``.json``) and,
+with ``--plots``, the figures of ``experiments.plots`` as PNG. Run folders that are incomplete or
+damaged are reported and left out; they never stop the summary.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import logging
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from experiments.run_files import write_json_atomic
+from experiments.summary.metrics import DEFAULT_FLASH_FACTOR, Summary, summarize
+from experiments.summary.runs import available_dir_names, load_runs
+from util.globals import load_paths
+
+LOG = logging.getLogger("experiments.summarize")
+EXIT_NO_RUNS, EXIT_PLOT_FAILED = 2, 1
+
+
+def _csv_list(text: Optional[str]) -> Optional[list[str]]:
+    return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+
+def _checkpoint_list(text: str) -> list[int]:
+    try:
+        points = sorted({int(t) for t in text.split(",") if t.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--checkpoints wants comma-separated integers, got {text!r}") from None
+    if not points or points[0] < 1:
+        raise argparse.ArgumentTypeError("--checkpoints must be positive edit counts")
+    return points
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m experiments.summarize", description=__doc__.split("\n")[0])
+    p.add_argument("--dir_name", default=None,
+                   help="results sub-folder(s), comma-separated (default: every folder with run_NNN inside)")
+    p.add_argument("--runs", default=None, help="run folders to use, comma-separated (default: all)")
+    p.add_argument("--checkpoints", type=_checkpoint_list, default=None,
+                   help="edit counts, comma-separated (default: every retention checkpoint of the runs)")
+    p.add_argument("--results_dir", default=None, help="default: RESULTS_DIR of globals.yml / $WILKE_RESULTS_DIR")
+    p.add_argument("--plots", default=None, help="folder for the PNG figures")
+    p.add_argument("--out", default=None, help="table file (.csv or .json; the other format is written beside it)")
+    p.add_argument("--flash_factor", type=float, default=DEFAULT_FLASH_FACTOR,
+                   help="a toxicity flash is an update norm above this many times the median of earlier edits")
+    p.add_argument("--include_partial", action="store_true", help="also summarise runs that stopped before edit_times")
+    p.add_argument("-v", "--verbose", action="store_true")
+    args = p.parse_args(argv)
+    if args.flash_factor <= 0:
+        p.error("--flash_factor must be positive")
+    return args
+
+
+def table_columns(summary: Summary) -> list[str]:
+    metrics = summary.present_metrics()
+    return ["algorithm", "checkpoint", "n_runs", "runs"] + [f"{m}_{s}" for m in metrics for s in ("mean", "std")]
+
+
+def _plain(value: Any) -> Any:
+    """NaN as None: JSON has no NaN, and an empty CSV cell reads as missing everywhere."""
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def table_csv(summary: Summary) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=table_columns(summary), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in summary.rows:
+        writer.writerow({k: "" if _plain(v) is None else v for k, v in row.items()})
+    return buf.getvalue()
+
+
+def summary_json(summary: Summary, results_dir: Path) -> dict[str, Any]:
+    columns = table_columns(summary)
+    return {
+        "results_dir": str(results_dir),
+        "algorithms": summary.algorithms,
+        "metrics": summary.present_metrics(),
+        "flash_factor": summary.flash_factor,
+        "std": "population standard deviation over runs (ddof=0)",
+        "rows": [{k: _plain(row[k]) for k in columns} for row in summary.rows],
+        "per_run": [{k: _plain(v) for k, v in row.items()} for row in summary.per_run],
+        "skipped": [{"path": str(s.path), "reason": s.reason} for s in summary.skipped],
+        "notes": summary.notes,
+    }
+
+
+def format_table(summary: Summary, digits: int = 3) -> str:
+    """The table as aligned text, each cell 'mean±std'."""
+    metrics = summary.present_metrics()
+    header = ["algorithm", "n", "runs", *metrics]
+    lines = [header]
+    for row in summary.rows:
+        cells = [row["algorithm"], str(row["checkpoint"]), str(row["n_runs"])]
+        for m in metrics:
+            mean, std = _plain(row[f"{m}_mean"]), _plain(row[f"{m}_std"])
+            cells.append("-" if mean is None else f"{mean:.{digits}f}±{std:.{digits}f}")
+        lines.append(cells)
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths))) for line in lines)
+
+
+def output_paths(out: Optional[str], results_dir: Path, dir_names: Sequence[str]) -> tuple[Path, Path]:
+    """(csv, json) paths: ``--out`` with either suffix, or a default under the results folder."""
+    base = Path(out) if out else results_dir / f"summary_{'+'.join(dir_names)}.csv"
+    stem = base.with_suffix("") if base.suffix.lower() in (".csv", ".json") else base
+    return stem.with_name(stem.name + ".csv"), stem.with_name(stem.name + ".json")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a table is meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _report(summary: Summary) -> None:
+    print(format_table(summary))
+    for note in summary.notes:
+        print(f"note: {note}")
+    if summary.skipped:
+        print(f"\nSkipped {len(summary.skipped)} run folder(s):")
+        for s in summary.skipped:
+            print(f"  {s.path}: {s.reason}")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    results_dir = load_paths(results_dir=args.results_dir).results_dir
+    dir_names = _csv_list(args.dir_name) or available_dir_names(results_dir)
+    if not dir_names:
+        print(f"no run folders under {results_dir}", file=sys.stderr)
+        return EXIT_NO_RUNS
+    loaded = load_runs(results_dir, dir_names, _csv_list(args.runs), args.include_partial)
+    summary = summarize(loaded, args.checkpoints, args.flash_factor)
+    _report(summary)
+    if not summary.runs:
+        print(f"no usable runs of {', '.join(dir_names)} under {results_dir}", file=sys.stderr)
+        return EXIT_NO_RUNS
+    csv_path, json_path = output_paths(args.out, results_dir, dir_names)
+    write_text_atomic(csv_path, table_csv(summary))
+    write_json_atomic(json_path, summary_json(summary, results_dir))
+    print(f"\nTable: {csv_path} and {json_path}")
+    if args.plots:
+        from experiments.plots import save_figures
+
+        saved = save_figures(summary, Path(args.plots))
+        print(f"Plots in {args.plots}: {', '.join(saved.paths) or 'none'}")
+        for name, error in saved.failures.items():
+            print(f"  could not draw {name}: {error}", file=sys.stderr)
+        if saved.failures:
+            return EXIT_PLOT_FAILED
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""The numbers of a lifelong-editing summary (ALGORITHMS.md, 'Summary (the WilKE notebooks)').
+
+At checkpoint n of a run:
+- ES, GS, LS: mean over edits 1..n of each edit's mean of rewrite / paraphrase / neighborhood
+  ``*_prompts_correct`` (greedy decoding reproduces the expected target);
+- ERS = edit_retention / n and ORS = orig_retention / orig_retention_len (``retention_of_edit_n``);
+- S: harmonic mean of ES, GS, LS, ERS, ORS, a zero counted as 1e-4 (so one collapsed component
+  pulls S towards zero instead of making it undefined);
+- ROME's probability scores over edits 1..n: efficacy_score = P[nll(new) < nll(true)] on the
+  rewrite prompts, paraphrase_score likewise, neighborhood_score = P[nll(true) < nll(new)];
+- fluency (``ngram_entropy``) and consistency (``reference_score``) averaged over the edits that
+  have them (generation tests may be skipped or run every k edits);
+- flashes: how many of edits 1..n are toxicity flashes (``toxicity_flashes``).
+An edit with no prompt of a kind (e.g. no paraphrases) is left out of that kind's mean. Across runs:
+mean and population standard deviation (ddof=0, numpy's default) over the runs that reach n.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Iterable, Optional, Sequence
+
+import numpy as np
+
+from experiments.summary.runs import EditResult, LoadedRuns, Run, SkippedRun
+
+COMPONENTS = ("ES", "GS", "LS", "ERS", "ORS")
+PROBABILITY_SCORES = ("efficacy_score", "paraphrase_score", "neighborhood_score")
+GENERATION_SCORES = {"fluency": "ngram_entropy", "consistency": "reference_score"}
+METRICS = (*COMPONENTS, "S", *PROBABILITY_SCORES, *GENERATION_SCORES, "flashes")
+ZERO_AS = 1e-4
+DEFAULT_FLASH_FACTOR = 5.0
+CORRECT_KEYS = {"ES": "rewrite", "GS": "paraphrase", "LS": "neighborhood"}
+# ROME's probability scores: the prompt kind and whether target_new must be the likelier one
+PROBABILITY_KEYS = {
+    "efficacy_score": ("rewrite", True),
+    "paraphrase_score": ("paraphrase", True),
+    "neighborhood_score": ("neighborhood", False),
+}
+
+
+def harmonic_score(components: Sequence[float], zero_as: float = ZERO_AS) -> float:
+    """Harmonic mean with zeros counted as ``zero_as``; NaN when a component is unknown."""
+    values = [zero_as if v == 0 else float(v) for v in components]
+    if not values or any(math.isnan(v) for v in values):
+        return math.nan
+    return len(values) / sum(1.0 / v for v in values)
+
+
+def _mean(values: Iterable[float]) -> float:
+    values = [float(v) for v in values]
+    return float(np.mean(values)) if values else math.nan
+
+
+def _nll_pair(entry: Any) -> tuple[float, float]:
+    return float(entry["target_new"]), float(entry["target_true"])
+
+
+def per_edit_scores(edit: EditResult) -> dict[str, float]:
+    """One edit's means over its prompts (NaN for a kind it has no prompts or values of)."""
+    post = edit.post
+    scores = {name: _mean(post[f"{kind}_prompts_correct"]) for name, kind in CORRECT_KEYS.items()}
+    for name, (kind, new_wins) in PROBABILITY_KEYS.items():
+        pairs = [_nll_pair(p) for p in post.get(f"{kind}_prompts_probs") or []]
+        scores[name] = _mean((new < true) if new_wins else (true < new) for new, true in pairs)
+    for name, key in GENERATION_SCORES.items():
+        value = post.get(key)
+        scores[name] = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+    return scores
+
+
+def toxicity_flashes(norms: Sequence[float], factor: float = DEFAULT_FLASH_FACTOR) -> list[bool]:
+    """Edit i is a toxicity flash when its update norm exceeds ``factor`` times the median norm of
+    edits 1..i-1 (the running median of earlier edits). The first edit has no history and is
+    never a flash; NaN norms are never flashes and are left out of later medians."""
+    flags: list[bool] = []
+    history: list[float] = []
+    for norm in norms:
+        norm = float(norm)
+        flags.append(bool(history) and not math.isnan(norm) and norm > factor * float(np.median(history)))
+        if not math.isnan(norm):
+            history.append(norm)
+    return flags
+
+
+def update_norms(run: Run, key: str = "update_norm") -> list[float]:
+    """``edit[key]`` of every edit in order (NaN where the edit file lacks it)."""
+    out = []
+    for e in run.edits:
+        value = e.edit.get(key)
+        out.append(float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan)
+    return out
+
+
+def checkpoint_scores(run: Run, n: int, per_edit: Optional[list[dict[str, float]]] = None,
+                      flash_factor: float = DEFAULT_FLASH_FACTOR) -> dict[str, float]:
+    """Every metric of ``run`` at checkpoint n (which must have a retention file)."""
+    if n not in run.retention or n > run.n_edits:
+        raise KeyError(f"{run.label} has no checkpoint {n}")
+    per_edit = per_edit if per_edit is not None else [per_edit_scores(e) for e in run.edits]
+    first_n = per_edit[:n]
+    scores: dict[str, float] = {}
+    for name in (*CORRECT_KEYS, *PROBABILITY_KEYS, *GENERATION_SCORES):
+        column = np.array([e[name] for e in first_n], dtype=float)
+        scores[name] = float(np.nanmean(column)) if not np.all(np.isnan(column)) else math.nan
+    ret = run.retention[n]
+    scores["ERS"] = ret.edit_retention / n
+    scores["ORS"] = ret.orig_retention / ret.orig_retention_len if ret.orig_retention_len else math.nan
+    scores["S"] = harmonic_score([scores[c] for c in COMPONENTS])
+    scores["flashes"] = float(sum(toxicity_flashes(update_norms(run)[:n], flash_factor)))
+    return scores
+
+
+@dataclasses.dataclass
+class Summary:
+    """Per-run scores, the table aggregated over runs, and what was left out and why."""
+
+    rows: list[dict[str, Any]]  # one per (algorithm, checkpoint): n_runs, <metric>_mean, <metric>_std
+    per_run: list[dict[str, Any]]  # one per (run, checkpoint)
+    runs: list[Run]
+    skipped: list[SkippedRun]
+    notes: list[str]
+    flash_factor: float
+
+    @property
+    def algorithms(self) -> list[str]:
+        return list(dict.fromkeys(r.algorithm for r in self.runs))
+
+    def runs_of(self, algorithm: str) -> list[Run]:
+        return [r for r in self.runs if r.algorithm == algorithm]
+
+    def present_metrics(self) -> list[str]:
+        """METRICS without the generation scores that no run has."""
+        return [m for m in METRICS if m not in GENERATION_SCORES
+                or any(not _isnan(r.get(f"{m}_mean")) for r in self.rows)]
+
+
+def _isnan(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _aggregate(algorithm: str, n: int, run_rows: list[dict[str, Any]]) -> dict[str, Any]:
+    row: dict[str, Any] = {"algorithm": algorithm, "checkpoint": n, "n_runs": len(run_rows),
+                           "runs": ",".join(r["run"] for r in run_rows)}
+    for m in METRICS:
+        values = np.array([r[m] for r in run_rows], dtype=float)
+        known = values[~np.isnan(values)]
+        # NaN when any run lacks the metric: a mean over a different set of runs would mislead
+        complete = known.size == values.size and known.size > 0
+        row[f"{m}_mean"] = float(known.mean()) if complete else math.nan
+        row[f"{m}_std"] = float(known.std()) if complete else math.nan
+    return row
+
+
+def summarize(loaded: LoadedRuns, checkpoints: Optional[Sequence[int]] = None,
+              flash_factor: float = DEFAULT_FLASH_FACTOR) -> Summary:
+    """Scores of every run at every checkpoint, and their mean/std per algorithm.
+
+    Default checkpoints: per algorithm, every checkpoint any of its runs has a retention file for.
+    A run without checkpoint n (fewer edits, or n not one of its retention checkpoints) is left out
+    of that row, and a note says so."""
+    notes: list[str] = []
+    rows, per_run = [], []
+    for algorithm, runs in loaded.by_algorithm().items():
+        per_edit = {r.label: [per_edit_scores(e) for e in r.edits] for r in runs}
+        points = sorted(checkpoints) if checkpoints else sorted({n for r in runs for n in r.checkpoints})
+        for n in points:
+            run_rows = []
+            for run in runs:
+                if n not in run.retention:
+                    notes.append(f"{run.label}: no retention_of_edit_{n}.json (it has {run.n_edits} edits, "
+                                 f"checkpoints {run.checkpoints}); left out of checkpoint {n}")
+                    continue
+                scores = checkpoint_scores(run, n, per_edit[run.label], flash_factor)
+                run_rows.append({"algorithm": algorithm, "run": run.name, "checkpoint": n, **scores})
+            per_run += run_rows
+            rows.append(_aggregate(algorithm, n, run_rows))
+    return Summary(rows, per_run, list(loaded.runs), list(loaded.skipped), notes, flash_factor)

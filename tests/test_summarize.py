@@ -1,0 +1,334 @@
+"""Summaries of lifelong runs: the CLI's table against a direct computation from the run files,
+bad run folders reported and skipped, the PNGs, and the notebook executed headless.
+
+The results folder is made once per module by real tiny-model runs (ROME and WilKE, two runs each
+with different shuffle seeds, 4 edits so the retention checkpoints are 1, 2 and 4).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.tiny import TinyWorld, rank_one_hparams
+
+REPO = Path(__file__).resolve().parent.parent
+NOTEBOOK = REPO / "notebooks" / "summarize.ipynb"
+ALGORITHMS = {"ROME": {"v_num_grad_steps": 15}, "WilKE": {"v_num_grad_steps": 15, "scanning_ceiling": 3}}
+SEEDS = (1, 2)
+EDITS = 4
+CHECKPOINTS = (1, 2, 4)
+COMPONENTS = ("ES", "GS", "LS", "ERS", "ORS")
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> Path:
+    """results/<alg>/run_00{0,1} from experiments.evaluate on a tiny GPT-2."""
+    import torch
+
+    from experiments.evaluate import main
+
+    world = TinyWorld(tmp_path_factory.mktemp("summary_world"), "gpt2")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: one thread is faster, and robust to a busy machine
+    try:
+        for alg, extra in ALGORITHMS.items():
+            hparams = world.write_hparams(alg, rank_one_hparams("gpt2", 4, **extra))
+            for seed in SEEDS:
+                main(world.cli_args(alg, hparams, dataset_size_limit=10, edit_times=EDITS, seed=seed))
+    finally:
+        torch.set_num_threads(threads)
+    return world.results_dir
+
+
+def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "experiments.summarize", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=120, env=env)
+
+
+@pytest.fixture(scope="module")
+def cli(results, tmp_path_factory):
+    """One CLI call with tables and plots: (process, csv path, json data, plots folder)."""
+    out = tmp_path_factory.mktemp("summary_out")
+    proc = run_cli("--dir_name", "ROME,WilKE", "--results_dir", str(results), "--checkpoints", "1,2,4",
+                   "--out", str(out / "table.csv"), "--plots", str(out / "plots"))
+    assert proc.returncode == 0, proc.stderr
+    return proc, out / "table.csv", json.loads((out / "table.json").read_text()), out / "plots"
+
+
+# ------------------------------------------------------------------------------------------------
+# The reference computation, written straight from ALGORITHMS.md against the raw JSON files.
+
+
+def direct_scores(run_dir: Path, n: int) -> dict[str, float]:
+    posts = {}
+    for f in run_dir.glob("edit_*_on_case_*.json"):
+        record = json.loads(f.read_text())
+        posts[record["edit_index"]] = record["post"]
+    first = [posts[i] for i in range(1, n + 1)]
+
+    def correct(kind):
+        return float(np.mean([np.mean(p[f"{kind}_prompts_correct"]) for p in first]))
+
+    def prob(kind, new_wins):
+        per_edit = [np.mean([(q["target_new"] < q["target_true"]) if new_wins else (q["target_true"] < q["target_new"])
+                             for q in p[f"{kind}_prompts_probs"]]) for p in first]
+        return float(np.mean(per_edit))
+
+    retention = json.loads((run_dir / f"retention_of_edit_{n}.json").read_text())
+    scores = {"ES": correct("rewrite"), "GS": correct("paraphrase"), "LS": correct("neighborhood"),
+              "ERS": retention["edit_retention"] / n, "ORS": retention["orig_retention"] / retention["orig_retention_len"],
+              "efficacy_score": prob("rewrite", True), "paraphrase_score": prob("paraphrase", True),
+              "neighborhood_score": prob("neighborhood", False)}
+    scores["S"] = 5 / sum(1 / (scores[c] if scores[c] != 0 else 1e-4) for c in COMPONENTS)
+    return scores
+
+
+def expected_rows(results: Path) -> dict[tuple[str, int], dict[str, float]]:
+    out = {}
+    for alg in ALGORITHMS:
+        for n in CHECKPOINTS:
+            per_run = [direct_scores(results / alg / f"run_{i:03d}", n) for i in range(len(SEEDS))]
+            out[alg, n] = {f"{m}_{stat}": float(getattr(np, stat)([s[m] for s in per_run]))
+                           for m in per_run[0] for stat in ("mean", "std")}
+    return out
+
+
+def assert_rows_match(rows: list[dict], expected: dict, n_runs: int = len(SEEDS)) -> None:
+    assert {(r["algorithm"], r["checkpoint"]) for r in rows} == set(expected)
+    for row in rows:
+        assert row["n_runs"] == n_runs
+        for key, value in expected[row["algorithm"], row["checkpoint"]].items():
+            assert row[key] == pytest.approx(value, abs=1e-12), (row["algorithm"], row["checkpoint"], key)
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def test_results_folder_is_real(results):
+    """The fixture's runs are what the summary expects: finished, 4 edits, WilKE with a layer scan."""
+    for alg in ALGORITHMS:
+        for i in range(len(SEEDS)):
+            run = results / alg / f"run_{i:03d}"
+            assert len(list(run.glob("edit_*_on_case_*.json"))) == EDITS
+            assert sorted(int(p.stem.rsplit("_", 1)[1]) for p in run.glob("retention_of_edit_*.json")) == list(CHECKPOINTS)
+    edit = json.loads(next((results / "WilKE" / "run_000").glob("edit_1_*.json")).read_text())["edit"]
+    assert len(edit["layer_adaptability"]) == 3 and edit["update_norm"] > 0
+
+
+def test_cli_table_matches_direct_computation(results, cli):
+    proc, csv_path, table, _ = cli
+    expected = expected_rows(results)
+    assert_rows_match(table["rows"], expected)
+    assert table["skipped"] == [] and table["notes"] == []
+    # the CSV holds the same numbers
+    with open(csv_path) as f:
+        csv_rows = list(csv.DictReader(f))
+    assert len(csv_rows) == len(table["rows"])
+    for c, j in zip(csv_rows, table["rows"]):
+        assert c["algorithm"] == j["algorithm"] and int(c["checkpoint"]) == j["checkpoint"]
+        assert float(c["S_mean"]) == pytest.approx(j["S_mean"]) and float(c["ES_std"]) == pytest.approx(j["ES_std"])
+    # the printed table: one line per (algorithm, checkpoint), cells mean±std
+    lines = proc.stdout.splitlines()
+    assert lines[0].split()[:4] == ["algorithm", "n", "runs", "ES"]
+    row = next(l for l in lines if l.startswith("WilKE") and l.split()[1] == "4")
+    es = expected["WilKE", 4]
+    assert f"{es['ES_mean']:.3f}±{es['ES_std']:.3f}" in row
+    # generation scores are absent from these runs (--skip_generation_tests), so not in the table
+    assert "fluency" not in table["metrics"] and "fluency_mean" not in csv_rows[0]
+
+
+def _is_informative_png(path: Path) -> bool:
+    from matplotlib import image
+
+    pixels = image.imread(path)  # RGBA floats in [0, 1]
+    assert pixels.ndim == 3 and pixels.shape[-1] == 4
+    colours = np.unique(np.ascontiguousarray((pixels * 255).round().astype(np.uint8)).view(np.uint32))
+    return path.stat().st_size > 5000 and pixels.shape[0] > 100 and pixels.shape[1] > 100 and len(colours) > 20
+
+
+def test_cli_writes_informative_pngs(cli):
+    proc, _, _, plots = cli
+    names = {"scores.png", "rome_scores.png", "update_norms.png", "WilKE_layer_histogram.png", "WilKE_la_heatmap.png"}
+    assert {p.name for p in plots.glob("*.png")} == names, proc.stdout
+    assert all(_is_informative_png(plots / n) for n in names)
+    assert not any(p.name.startswith(".") for p in plots.iterdir())  # no temporary files left behind
+
+
+def _copy_run(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_bad_run_folders_are_reported_and_skipped(results, tmp_path, capsys):
+    from experiments.summarize import main
+
+    root = tmp_path / "results"
+    shutil.copytree(results, root)
+    corrupt = _copy_run(root / "WilKE" / "run_000", root / "WilKE" / "run_002")
+    next(corrupt.glob("edit_2_*.json")).write_text('{"case_id": 1, "post": {')  # cut off mid-write
+    no_retention = _copy_run(root / "WilKE" / "run_001", root / "WilKE" / "run_003")
+    (no_retention / "retention_of_edit_2.json").unlink()
+    gap = _copy_run(root / "ROME" / "run_000", root / "ROME" / "run_002")
+    next(gap.glob("edit_3_*.json")).unlink()
+    bad_count = _copy_run(root / "ROME" / "run_001", root / "ROME" / "run_003")
+    (bad_count / "retention_of_edit_4.json").write_text(json.dumps({"edit_retention": "x"}))
+    (root / "ROME" / "run_004").mkdir()  # created, then the run died before writing anything
+
+    assert main(["--dir_name", "ROME,WilKE", "--results_dir", str(root), "--out", str(tmp_path / "t.csv")]) == 0
+    out = capsys.readouterr().out
+    table = json.loads((tmp_path / "t.json").read_text())
+    reasons = {Path(s["path"]).relative_to(root).as_posix(): s["reason"] for s in table["skipped"]}
+    assert set(reasons) == {"WilKE/run_002", "WilKE/run_003", "ROME/run_002", "ROME/run_003", "ROME/run_004"}
+    assert "unreadable JSON" in reasons["WilKE/run_002"] and "edit_2_on_case" in reasons["WilKE/run_002"]
+    assert "retention_of_edit_2.json" in reasons["WilKE/run_003"]
+    assert "missing edit files for edit(s) 3" in reasons["ROME/run_002"]
+    assert "edit_retention" in reasons["ROME/run_003"]
+    assert "no edit_" in reasons["ROME/run_004"]
+    for name, reason in reasons.items():
+        assert name.split("/")[1] in out and reason in out
+    assert_rows_match(table["rows"], expected_rows(results))  # the good runs alone, unchanged
+
+
+def test_unfinished_runs_are_skipped_or_counted_as_partial(results, tmp_path, capsys):
+    from experiments.summarize import main
+
+    root = tmp_path / "results"
+    shutil.copytree(results / "WilKE", root / "WilKE")
+    partial = _copy_run(root / "WilKE" / "run_000", root / "WilKE" / "run_002")
+    next(partial.glob("edit_4_*.json")).unlink()
+    (partial / "retention_of_edit_4.json").unlink()
+    meta = json.loads((partial / "run.json").read_text())
+    (partial / "run.json").write_text(json.dumps({**meta, "status": "interrupted"}))
+
+    assert main(["--results_dir", str(root), "--out", str(tmp_path / "strict.csv")]) == 0
+    strict = json.loads((tmp_path / "strict.json").read_text())
+    assert "interrupted" in strict["skipped"][0]["reason"] and "--include_partial" in strict["skipped"][0]["reason"]
+    assert [r["n_runs"] for r in strict["rows"]] == [2, 2, 2]
+
+    assert main(["--results_dir", str(root), "--include_partial", "--out", str(tmp_path / "partial.csv")]) == 0
+    loose = json.loads((tmp_path / "partial.json").read_text())
+    assert loose["skipped"] == []
+    assert [(r["checkpoint"], r["n_runs"]) for r in loose["rows"]] == [(1, 3), (2, 3), (4, 2)]
+    assert any("run_002" in note and "checkpoint 4" in note for note in loose["notes"])
+    assert "note:" in capsys.readouterr().out
+
+
+def test_runs_and_checkpoints_select_the_rows(results, tmp_path):
+    from experiments.summarize import main
+
+    assert main(["--dir_name", "WilKE", "--runs", "run_001", "--checkpoints", "2",
+                 "--results_dir", str(results), "--out", str(tmp_path / "one.json")]) == 0
+    (row,) = json.loads((tmp_path / "one.json").read_text())["rows"]
+    direct = direct_scores(results / "WilKE" / "run_001", 2)
+    assert row["n_runs"] == 1 and row["runs"] == "run_001" and row["S_std"] == 0
+    assert row["S_mean"] == pytest.approx(direct["S"]) and row["ERS_mean"] == pytest.approx(direct["ERS"])
+    assert (tmp_path / "one.csv").is_file()
+
+
+def test_nothing_to_summarise_is_an_error_not_a_crash(tmp_path, capsys):
+    from experiments.summarize import main
+
+    (tmp_path / "WilKE" / "run_000").mkdir(parents=True)
+    assert main(["--results_dir", str(tmp_path), "--plots", str(tmp_path / "plots")]) == 2
+    assert "no usable runs" in capsys.readouterr().err
+    assert main(["--results_dir", str(tmp_path / "nowhere")]) == 2
+
+
+def test_generation_scores_appear_when_present(results, tmp_path):
+    """Fluency/consistency columns exist only when the runs have them; averaged over the edits that do."""
+    from experiments.summary.metrics import summarize
+    from experiments.summary.runs import load_runs
+
+    root = tmp_path / "results"
+    run = _copy_run(results / "ROME" / "run_000", root / "ROME" / "run_000")
+    entropies = {}
+    for f in run.glob("edit_*_on_case_*.json"):
+        record = json.loads(f.read_text())
+        if record["edit_index"] % 2:  # generation tests every 2 edits: edits 1 and 3
+            record["post"]["ngram_entropy"] = entropies[record["edit_index"]] = 5.0 + record["edit_index"]
+        f.write_text(json.dumps(record))
+    summary = summarize(load_runs(root, ["ROME"]))
+    assert "fluency" in summary.present_metrics() and "consistency" not in summary.present_metrics()
+    by_n = {r["checkpoint"]: r for r in summary.rows}
+    assert by_n[1]["fluency_mean"] == 6.0 and by_n[2]["fluency_mean"] == 6.0 and by_n[4]["fluency_mean"] == 7.0
+
+
+def test_toxicity_flash_definition():
+    from experiments.summary.metrics import toxicity_flashes
+
+    norms = [1.0, 2.0, 11.0, 3.0, 100.0, math.nan, 4.0]
+    # running medians of earlier edits: -, 1, 1.5, 2, 2.5, -, 3 (NaN left out)
+    assert toxicity_flashes(norms, 5.0) == [False, False, True, False, True, False, False]
+    assert toxicity_flashes(norms, 1.0) == [False, True, True, True, True, False, True]
+
+
+def test_harmonic_score_counts_zero_as_1e4():
+    from experiments.summary.metrics import harmonic_score
+
+    assert harmonic_score([1, 1, 1, 1, 1]) == 1.0
+    assert harmonic_score([1, 1, 1, 1, 0]) == pytest.approx(5 / (4 + 1e4))
+    assert math.isnan(harmonic_score([1, math.nan]))
+
+
+def test_plots_survive_odd_runs(results, tmp_path):
+    """One run, a single checkpoint, zero and missing norms, a WilKE edit without a scan: every
+    figure is still drawn."""
+    from experiments.plots import save_figures
+    from experiments.summary.metrics import summarize
+    from experiments.summary.runs import load_runs
+
+    root = tmp_path / "results"
+    run = _copy_run(results / "WilKE" / "run_000", root / "WilKE" / "run_000")
+    for f in run.glob("edit_*_on_case_*.json"):
+        record = json.loads(f.read_text())
+        n = record["edit_index"]
+        if n == 2:
+            record["edit"]["update_norm"] = 0.0
+            record["edit"]["layer_adaptability"] = {}
+        if n == 3:
+            del record["edit"]["update_norm"]
+        f.write_text(json.dumps(record))
+    summary = summarize(load_runs(root, ["WilKE"]), checkpoints=[4])
+    saved = save_figures(summary, tmp_path / "plots")
+    assert saved.failures == {}
+    assert set(saved.paths) == {"scores.png", "rome_scores.png", "update_norms.png",
+                                "WilKE_layer_histogram.png", "WilKE_la_heatmap.png"}
+    assert all(_is_informative_png(p) for p in saved.paths.values())
+
+
+def test_notebook_is_committed_without_outputs():
+    import nbformat
+
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert code and all(not c.outputs and c.execution_count is None for c in code)
+    assert "parameters" in code[0].metadata.get("tags", [])
+
+
+def test_notebook_runs_headless(results, tmp_path):
+    import nbformat
+
+    env = {**os.environ, "WILKE_RESULTS_DIR": str(results), "WILKE_SUMMARY_DIR_NAMES": "ROME,WilKE",
+           "WILKE_FLASH_FACTOR": "5"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "nbconvert", "--execute", "--to", "notebook", "--ExecutePreprocessor.kernel_name=python3",
+         "--ExecutePreprocessor.timeout=300", "--output-dir", str(tmp_path), "--output", "executed", str(NOTEBOOK)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    nb = nbformat.read(tmp_path / "executed.ipynb", as_version=4)
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    images = [o for o in outputs if "image/png" in o.get("data", {})]
+    assert len(images) >= 5  # scores, ROME scores, WilKE histogram and heat map, update norms
+    text = "".join(o.get("text", "") for o in outputs)
+    assert "4 run(s) of ROME, WilKE" in text and "WilKE/run_001" in text and "skipped" not in text
