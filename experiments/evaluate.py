@@ -425,7 +425,12 @@ class LifelongRun:
         except Exception as e:
             self.record_failure("unexpected error", f"{type(e).__name__}: {e}", {"traceback": traceback.format_exc()})
             raise
-        self.meta.update(status="finished", replayed_edits=self.replay_summary())
+        self.meta.update(
+            status="finished",
+            replayed_edits=self.replay_summary(),
+            covariance_bytes=self.resources.covariance_bytes,  # one factorised covariance per layer used
+            statistics_seconds=self.resources.stats_seconds,
+        )
 
     def run(self, start: int = 1) -> None:
         edits = range(start, self.edit_times + 1)
