@@ -147,21 +147,30 @@ def bench_model(name: str, n_edits: int, n_approx: int, skip_reference: bool, st
         model.load_state_dict(start_state)
         return EditResources(paths, slug, one_pass_stats=one_pass, progress=False)
 
+    _progress(out)
     fast = run_wilke(model, tok, wh.replace(implementation="fast"), records[:n_edits], fresh_resources())
     out["wilke_fast"] = {"seconds_per_edit": mean(fast.seconds), "layers": fast.layers}
+    _progress(out)
     out["covariance_bytes"] = fresh_resources().covariance_bytes or _covariance_bytes(model, tok, wh, paths, slug)
     if not skip_reference:
         ref = run_wilke(model, tok, wh.replace(implementation="reference"), records[:n_edits], fresh_resources())
         out["wilke_reference"] = {"seconds_per_edit": mean(ref.seconds), "layers": ref.layers}
         out["same_layers"] = ref.layers == fast.layers
         out["max_relative_update_difference"] = relative_difference(ref.deltas, fast.deltas)
+        _progress(out)
     approx = run_wilke(model, tok, wh.replace(scan="approximate"), records[:n_edits], fresh_resources())
     out["wilke_approximate"] = {"seconds_per_edit": mean(approx.seconds), "layers": approx.layers}
     out["rome_fast"] = {"seconds_per_edit": mean(run_rome(model, tok, rh, records[:n_edits], fresh_resources()))}
+    _progress(out)
     if n_approx:
         out["approximate_agreement"] = bench_approximate(model, tok, wh, records[:n_approx], fresh_resources)
     out["peak_rss_mb"] = peak_rss_mb()
     return out
+
+
+def _progress(partial: dict) -> None:
+    """Figures so far, so a long benchmark that is stopped still leaves its measurements."""
+    print("partial: " + json.dumps({k: v for k, v in partial.items()}), flush=True)
 
 
 def _covariance_bytes(model, tok, wh, paths, slug) -> int:
