@@ -31,7 +31,6 @@ import traceback
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
-import torch
 from tqdm import tqdm
 
 from dsets.records import RecordError

@@ -25,7 +25,7 @@ from rome.forward import FullForward, SuffixForward, verified_forward
 from rome.resources import EditResources
 from rome.rome_hparams import ROMEHyperParams
 from util import nethook
-from util.architectures import num_layers, update_to_weight_shape, weight_out_in
+from util.architectures import num_layers, update_to_weight_shape
 from util.globals import load_paths
 from util.scoring import model_device
 

@@ -174,7 +174,7 @@ class TinyWorld:
         self.stats_dir = self.root / "stats"
         self.hparams_dir = self.root / "hparams"
 
-    def write_hparams(self, alg: str, hparams: dict) -> "Path":
+    def write_hparams(self, alg: str, hparams: dict):
         import json
 
         path = self.hparams_dir / alg / f"tiny-{self.arch}.json"
