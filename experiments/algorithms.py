@@ -74,6 +74,11 @@ def wilke_edit(model, tok, request, hparams, resources, layer=None) -> EditOutco
 ALGORITHMS: dict[str, Algorithm] = {
     "ROME": Algorithm("ROME", "rome.rome_hparams:ROMEHyperParams", "experiments.algorithms:rome_edit"),
     "WilKE": Algorithm("WilKE", "wilke.wilke_hparams:WilKEHyperParams", "experiments.algorithms:wilke_edit"),
+    "MEND": Algorithm("MEND", "baselines.mend.mend_hparams:MENDHyperParams", "baselines.mend.adapter:mend_edit"),
+    "KE": Algorithm("KE", "baselines.efk.efk_hparams:KEHyperParams", "baselines.efk.adapter:ke_edit"),
+    "MEMIT": Algorithm("MEMIT", "memit.memit_hparams:MEMITHyperParams", "memit.adapter:memit_edit"),
+    "FT": Algorithm("FT", "baselines.ft.ft_hparams:FTHyperParams", "baselines.ft.adapter:ft_edit"),
+    "KN": Algorithm("KN", "baselines.kn.kn_hparams:KNHyperParams", "baselines.kn.adapter:kn_edit"),
 }
 
 

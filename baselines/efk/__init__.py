@@ -1,0 +1,6 @@
+"""KE (KnowledgeEditor, De Cao et al. 2021; 'efk' in the MEND code base). Training, checkpoints and
+the edit pass are shared with MEND (baselines/mend): ``python -m baselines.mend.train --editor KE``."""
+from baselines.efk.efk_hparams import KEHyperParams
+from baselines.efk.efk_main import EfkRewriteExecutor
+
+__all__ = ["EfkRewriteExecutor", "KEHyperParams"]

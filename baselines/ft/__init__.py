@@ -1,0 +1,5 @@
+"""Fine-tuning baselines: FT (unconstrained) and FT-L (entries kept near their original values)."""
+from baselines.ft.ft_hparams import FTHyperParams
+from baselines.ft.ft_main import FTUpdate, apply_ft_to_model, execute_ft
+
+__all__ = ["FTHyperParams", "FTUpdate", "apply_ft_to_model", "execute_ft"]

@@ -1,0 +1,36 @@
+"""MEMIT hyperparameters: ROME's (same z optimisation, key and statistics fields) plus the update weight.
+
+MEMIT's reference JSON files are ROME's fields plus ``mom2_update_weight`` (lambda of the
+regularised least-squares update) and a ``layer_selection`` that its code never reads (left out).
+Its context templates are ``[[10, 5]]`` (5 samples of 10 tokens), set in the JSON like ROME's.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from rome.rome_hparams import ROMEHyperParams
+from util.hparams import HParamsError
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MEMITHyperParams(ROMEHyperParams):
+    # lambda in Delta = R K^T (lambda C + K K^T)^{-1}; gpt2-xl 20000, gpt-j 15000
+    mom2_update_weight: float
+
+    def validate(self) -> None:
+        super().validate()
+        if list(self.layers) != sorted(set(self.layers)):
+            raise HParamsError(f"field 'layers' must be strictly increasing, got {list(self.layers)}")
+        if self.mom2_update_weight <= 0:
+            raise HParamsError("field 'mom2_update_weight' must be positive")
+        if self.v_loss_layer < self.layers[-1]:
+            raise HParamsError(
+                f"field 'v_loss_layer' is {self.v_loss_layer}, below the last edited layer {self.layers[-1]}"
+            )
+        if self.consistent_keys:
+            raise HParamsError("field 'consistent_keys' is ROME's rank-one option; MEMIT has no rank-one solve")
+
+    @property
+    def z_layer(self) -> int:
+        """The layer whose block output z is optimised: the last of the range."""
+        return self.layers[-1]
