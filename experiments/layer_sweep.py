@@ -25,6 +25,8 @@ from rome.rome_hparams import ROMEHyperParams
 from rome.rome_main import apply_rome_to_model
 from util.globals import load_paths
 
+LOG = logging.getLogger("experiments.layer_sweep")
+
 
 def mean(xs: Sequence[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
@@ -62,7 +64,7 @@ def sweep(model, tok, records, hparams: ROMEHyperParams, layers: Sequence[int], 
             restore(model, orig)
         table[layer] = {k: mean([r[k] for r in rows]) for k in rows[0]}
         table[layer].update({"LA": mean(la), "seconds_per_edit": mean(seconds), "n": len(records)})
-        print(f"layer {layer}: " + ", ".join(f"{k} {v:.3f}" for k, v in table[layer].items()), flush=True)
+        LOG.warning("layer %d: %s", layer, ", ".join(f"{k} {v:.3f}" for k, v in table[layer].items()))
     return table
 
 
@@ -94,6 +96,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     out = Path(args.out or paths.results_dir / f"layer_sweep_{slug}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": args.model_name, "records": [r["case_id"] for r in records], "layers": table}, indent=1))
+    for layer, row in table.items():
+        print(f"layer {layer}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()))
     print(f"written {out}")
     return table
 
