@@ -19,7 +19,7 @@ from transformers import PreTrainedTokenizerBase
 
 from util import nethook
 from util.architectures import text_config, weight_out_in
-from rome.forward import FullForward, PromptBatch, SuffixForward
+from rome.forward import PromptBatch, Strategy
 from rome.repr_tools import fact_token_index
 from util.scoring import model_device, pad_right, pad_token_id, prompt_ids, target_ids
 
@@ -93,7 +93,7 @@ def _main_tensor(out: Any) -> torch.Tensor:
 def optimise_value(
     model: nn.Module,
     problem: ValueProblem,
-    forward: FullForward | SuffixForward,
+    forward: Strategy,
     inject_module: str,
     start_block: int,
     hparams: Any,
@@ -104,7 +104,7 @@ def optimise_value(
     width = _output_width(model, inject_module)
     delta = torch.zeros(width, device=device, dtype=next(model.parameters()).dtype, requires_grad=True)
     state: dict[str, Any] = {"v0": None}
-    rows, cols = problem.fact_rows, problem.fact_cols
+    rows, cols = forward.positions(problem.fact_rows, problem.fact_cols)
 
     def edit(out: Any, _name: str) -> Any:
         hidden = _main_tensor(out)

@@ -80,7 +80,7 @@ class EditResources:
         self.progress = progress
         self._templates: dict[tuple, list[str]] = {}
         self._covariances: dict[StatsKey, FactorisedCovariance] = {}
-        self.suffix_checked: dict[int, bool] = {}
+        self.forward_checked: dict[tuple[int, str], bool] = {}  # (model id, strategy) -> agrees with the full pass
         self.stats_seconds = 0.0
 
     def context_templates(self, model: nn.Module, tok: PreTrainedTokenizerBase, hparams: Any) -> list[str]:

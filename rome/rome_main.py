@@ -21,7 +21,7 @@ from transformers import PreTrainedTokenizerBase
 
 from rome.compute_u import keys_and_values, left_vector, template_keys, template_prompts
 from rome.compute_v import ValueProblem, build_value_problem, optimise_value, right_vector
-from rome.forward import FullForward, SuffixForward, verified_forward
+from rome.forward import Strategy, verified_forward
 from rome.resources import EditResources
 from rome.rome_hparams import ROMEHyperParams
 from util import nethook
@@ -63,7 +63,7 @@ class PreparedRequest:
     request: dict
     context_templates: list[str]
     problem: ValueProblem
-    forward: FullForward | SuffixForward
+    forward: Strategy
 
 
 def normalise_request(request: dict) -> dict:
@@ -95,7 +95,8 @@ def prepare_request(
         hparams.ln_f_module,
         first_block=first_layer,
         probe_module=hparams.rewrite_module_tmp.format(first_layer),
-        checked=resources.suffix_checked,
+        checked=resources.forward_checked,
+        anchor_cols=problem.fact_cols,
     )
     return PreparedRequest(request, templates, problem, forward)
 

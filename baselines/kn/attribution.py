@@ -69,7 +69,7 @@ def prompt_scores(
     n = num_layers(model)
     forward = verified_forward(
         hparams.implementation, model, batch, hparams.layer_module_tmp, n, n - 1, hparams.ln_f_module,
-        first_block=min(layers), probe_module=names[0], checked=resources.suffix_checked,
+        first_block=min(layers), probe_module=names[0], checked=resources.forward_checked,
     )
     alphas = torch.linspace(0, 1, hparams.steps, device=device)
     scores = []
