@@ -10,7 +10,10 @@ Measured in one process per model, on copies of the same starting weights:
 - the approximate scan: seconds per edit (sequential, with roll-back) and, over separate edits each
   scanned from the unedited weights, how often it chooses the exact scan's layer;
 - peak resident memory and the bytes of factorised covariances held.
-Edits run sequentially with roll-back, as in the lifelong protocol.
+Edits run sequentially with roll-back, as in the lifelong protocol. ``--parts`` picks what to
+measure; ``--agreement_file`` keeps the per-edit agreement results so a long measurement (64 exact
+scans) resumes after a stop. The 16-edit fast/reference comparison of two whole runs is
+``experiments.compare_runs`` on two ``experiments.evaluate`` runs (resumable too).
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import copy
 import dataclasses
 import json
 import logging
+import os
 import resource
 import sys
 import tempfile
@@ -128,16 +132,21 @@ def relative_difference(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) ->
     return max(float((x - y).norm() / x.norm()) if x.shape == y.shape else float("inf") for x, y in zip(a, b))
 
 
-def bench_model(name: str, n_edits: int, n_approx: int, skip_reference: bool, stats_samples: int, tmp: Path) -> dict:
+PARTS = ("stats", "wilke", "approximate", "rome", "agreement")
+
+
+def bench_model(name: str, n_edits: int, n_approx: int, skip_reference: bool, stats_samples: int, tmp: Path,
+                parts: Sequence[str] = PARTS, agreement_file: Optional[Path] = None) -> dict:
     model, tok, hp_dir, slug, stats_dir = load_bench_model(name, tmp)
     fname = f"{'tiny-llama' if name == 'tiny' else slug}.json"
     wh = WilKEHyperParams.from_json(hp_dir / "WilKE" / fname)
     rh = ROMEHyperParams.from_json(hp_dir / "ROME" / fname)
     out: dict[str, Any] = {"model": name, "candidate_layers": wh.scanning_ceiling, "edits": n_edits}
     n_stats = min(stats_samples, wh.mom2_n_samples)
-    if not skip_reference:
-        out["stats_reference"] = time_stats(model, tok, wh, slug, tmp / f"stats-ref-{slug}", False, n_stats)
-    out["stats_fast"] = time_stats(model, tok, wh, slug, tmp / f"stats-one-{slug}", True, n_stats)
+    if "stats" in parts:
+        if not skip_reference:
+            out["stats_reference"] = time_stats(model, tok, wh, slug, tmp / f"stats-ref-{slug}", False, n_stats)
+        out["stats_fast"] = time_stats(model, tok, wh, slug, tmp / f"stats-one-{slug}", True, n_stats)
     # edits use the statistics of the hparams (from the run cache when already collected)
     paths = load_paths(stats_dir=str(stats_dir))
     records = bench_records(max(n_edits, n_approx))
@@ -148,22 +157,27 @@ def bench_model(name: str, n_edits: int, n_approx: int, skip_reference: bool, st
         return EditResources(paths, slug, one_pass_stats=one_pass, progress=False)
 
     _progress(out)
-    fast = run_wilke(model, tok, wh.replace(implementation="fast"), records[:n_edits], fresh_resources())
-    out["wilke_fast"] = {"seconds_per_edit": mean(fast.seconds), "layers": fast.layers}
-    _progress(out)
-    out["covariance_bytes"] = fresh_resources().covariance_bytes or _covariance_bytes(model, tok, wh, paths, slug)
-    if not skip_reference:
-        ref = run_wilke(model, tok, wh.replace(implementation="reference"), records[:n_edits], fresh_resources())
-        out["wilke_reference"] = {"seconds_per_edit": mean(ref.seconds), "layers": ref.layers}
-        out["same_layers"] = ref.layers == fast.layers
-        out["max_relative_update_difference"] = relative_difference(ref.deltas, fast.deltas)
+    if "wilke" in parts:
+        fast = run_wilke(model, tok, wh.replace(implementation="fast"), records[:n_edits], fresh_resources())
+        out["wilke_fast"] = {"seconds_per_edit": mean(fast.seconds), "layers": fast.layers}
         _progress(out)
-    approx = run_wilke(model, tok, wh.replace(scan="approximate"), records[:n_edits], fresh_resources())
-    out["wilke_approximate"] = {"seconds_per_edit": mean(approx.seconds), "layers": approx.layers}
-    out["rome_fast"] = {"seconds_per_edit": mean(run_rome(model, tok, rh, records[:n_edits], fresh_resources()))}
-    _progress(out)
-    if n_approx:
-        out["approximate_agreement"] = bench_approximate(model, tok, wh, records[:n_approx], fresh_resources)
+        if not skip_reference:
+            ref = run_wilke(model, tok, wh.replace(implementation="reference"), records[:n_edits], fresh_resources())
+            out["wilke_reference"] = {"seconds_per_edit": mean(ref.seconds), "layers": ref.layers}
+            out["same_layers"] = ref.layers == fast.layers
+            out["max_relative_update_difference"] = relative_difference(ref.deltas, fast.deltas)
+            _progress(out)
+    out["covariance_bytes"] = fresh_resources().covariance_bytes or _covariance_bytes(model, tok, wh, paths, slug)
+    if "approximate" in parts:
+        approx = run_wilke(model, tok, wh.replace(scan="approximate"), records[:n_edits], fresh_resources())
+        out["wilke_approximate"] = {"seconds_per_edit": mean(approx.seconds), "layers": approx.layers}
+        _progress(out)
+    if "rome" in parts:
+        out["rome_fast"] = {"seconds_per_edit": mean(run_rome(model, tok, rh, records[:n_edits], fresh_resources()))}
+        _progress(out)
+    if "agreement" in parts and n_approx:
+        store = AgreementStore(agreement_file, {"model": name, **agreement_config(wh)}) if agreement_file else None
+        out["approximate_agreement"] = bench_approximate(model, tok, wh, records[:n_approx], fresh_resources, store)
     out["peak_rss_mb"] = peak_rss_mb()
     return out
 
@@ -179,59 +193,125 @@ def _covariance_bytes(model, tok, wh, paths, slug) -> int:
     return res.covariance_bytes
 
 
-def bench_approximate(model, tok, wh, records, fresh_resources) -> dict:
+def agreement_config(wh: WilKEHyperParams) -> dict:
+    """What an agreement measurement depends on; stored lines with another config are not reused."""
+    return {"scanning_ceiling": wh.scanning_ceiling, "approx_grad_steps": wh.approx_grad_steps,
+            "approx_top_k": wh.approx_top_k, "v_num_grad_steps": wh.v_num_grad_steps,
+            "layers_of": wh.rewrite_module_tmp, "context_template_length_params": wh.context_template_length_params}
+
+
+class AgreementStore:
+    """Per-edit agreement results, one JSON line each, so a long measurement resumes where it stopped.
+
+    Each line is flushed and fsynced as soon as its edit is measured; a line cut short by a kill
+    is ignored on reading (and logged), as are lines measured under another configuration.
+    """
+
+    def __init__(self, path: Path, config: dict):
+        self.path = Path(path)
+        self.config = json.loads(json.dumps(config))  # normalised as it will read back
+        self.done: dict[str, dict] = {}
+        if self.path.exists():
+            for n, line in enumerate(self.path.read_text().splitlines(), 1):
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:
+                    LOG.warning("%s line %d is not JSON (cut short by a kill?); ignored", self.path, n)
+                    continue
+                if isinstance(entry, dict) and entry.get("config") == self.config and "case_id" in entry:
+                    self.done[str(entry["case_id"])] = entry
+
+    def get(self, case_id: Any) -> Optional[dict]:
+        return self.done.get(str(case_id))
+
+    def add(self, entry: dict) -> None:
+        entry = {**entry, "config": self.config}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.done[str(entry["case_id"])] = entry
+
+
+def bench_approximate(model, tok, wh, records, fresh_resources, store: Optional[AgreementStore] = None) -> dict:
     """Each edit scanned exactly and approximately from the same (unedited) weights."""
     res = fresh_resources()
-    exact_layers, approx_layers, exact_s, approx_s = [], [], [], []
+    entries = []
     approx_hp = wh.replace(scan="approximate")
-    for record in records:
+    reused = 0
+    for i, record in enumerate(records):
         request = normalise_request(edit_request(record))
-        t0 = time.perf_counter()
-        exact, _ = choose_layer(model, tok, request, wh, res)
-        t1 = time.perf_counter()
-        approx, _ = choose_layer(model, tok, request, approx_hp, res)
-        t2 = time.perf_counter()
-        exact_layers.append(exact.layer)
-        approx_layers.append(approx.layer)
-        exact_s.append(t1 - t0)
-        approx_s.append(t2 - t1)
-    agree = sum(a == b for a, b in zip(exact_layers, approx_layers)) / len(records)
-    return {"edits": len(records), "agreement": agree, "exact_scan_seconds": mean(exact_s),
-            "approx_scan_seconds": mean(approx_s), "approx_grad_steps": wh.approx_grad_steps,
-            "approx_top_k": wh.approx_top_k}
+        entry = store.get(request.get("case_id")) if store else None
+        if entry is not None:
+            reused += 1
+        else:
+            t0 = time.perf_counter()
+            exact, _ = choose_layer(model, tok, request, wh, res)
+            t1 = time.perf_counter()
+            approx, _ = choose_layer(model, tok, request, approx_hp, res)
+            t2 = time.perf_counter()
+            entry = {"case_id": request.get("case_id"), "exact_layer": exact.layer, "approx_layer": approx.layer,
+                     "exact_seconds": t1 - t0, "approx_seconds": t2 - t1}
+            if store:
+                store.add(entry)
+            LOG.info("agreement %d/%d: case %s exact %d approximate %d", i + 1, len(records), entry["case_id"],
+                     entry["exact_layer"], entry["approx_layer"])
+        entries.append(entry)
+    agree = sum(e["exact_layer"] == e["approx_layer"] for e in entries) / len(entries)
+    return {"edits": len(entries), "agreement": agree,
+            "exact_scan_seconds": mean([e["exact_seconds"] for e in entries]),
+            "approx_scan_seconds": mean([e["approx_seconds"] for e in entries]),
+            "reused_from_file": reused, "approx_grad_steps": wh.approx_grad_steps, "approx_top_k": wh.approx_top_k,
+            "disagreements": [(e["case_id"], e["exact_layer"], e["approx_layer"]) for e in entries
+                              if e["exact_layer"] != e["approx_layer"]]}
+
+
+def _seconds(r: dict, key: str) -> Optional[float]:
+    return r[key]["seconds_per_edit"] if key in r else None
 
 
 def ratios(r: dict) -> dict:
     out = {}
-    if "wilke_reference" in r:
-        out["wilke_reference_over_fast"] = r["wilke_reference"]["seconds_per_edit"] / r["wilke_fast"]["seconds_per_edit"]
-        out["wilke_reference_over_approximate"] = (
-            r["wilke_reference"]["seconds_per_edit"] / r["wilke_approximate"]["seconds_per_edit"]
-        )
-    if "stats_reference" in r:
+    ref, fast, approx = (_seconds(r, k) for k in ("wilke_reference", "wilke_fast", "wilke_approximate"))
+    if ref and fast:
+        out["wilke_reference_over_fast"] = ref / fast
+    if ref and approx:
+        out["wilke_reference_over_approximate"] = ref / approx
+    if "stats_reference" in r and "stats_fast" in r:
         out["stats_reference_over_one_pass"] = r["stats_reference"]["seconds"] / r["stats_fast"]["seconds"]
         out["stats_forward_token_ratio"] = r["stats_reference"]["forward_tokens"] / r["stats_fast"]["forward_tokens"]
+    agreement = r.get("approximate_agreement")
+    if agreement and agreement["approx_scan_seconds"]:
+        out["exact_over_approximate_scan"] = agreement["exact_scan_seconds"] / agreement["approx_scan_seconds"]
     return out
 
 
 def table(results: list[dict]) -> str:
+    def cell(r: dict, *keys: str, spec: str = ".2f", scale: float = 1.0, suffix: str = "") -> str:
+        value: Any = r
+        for k in keys:
+            if not isinstance(value, dict) or k not in value:
+                return "-"
+            value = value[k]
+        return f"{value * scale:{spec}}{suffix}" if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
+
     rows = [("model", "WilKE fast s/edit", "WilKE ref s/edit", "ratio", "same layers", "approx s/edit", "ROME s/edit",
              "stats 1-pass s", "stats ref s", "approx agree", "cov MB", "peak MB")]
     for r in results:
-        q = r.get("ratios", {})
         rows.append((
             r["model"],
-            f"{r['wilke_fast']['seconds_per_edit']:.2f}",
-            f"{r['wilke_reference']['seconds_per_edit']:.2f}" if "wilke_reference" in r else "-",
-            f"{q['wilke_reference_over_fast']:.2f}x" if "wilke_reference_over_fast" in q else "-",
-            str(r.get("same_layers", "-")),
-            f"{r['wilke_approximate']['seconds_per_edit']:.2f}",
-            f"{r['rome_fast']['seconds_per_edit']:.2f}",
-            f"{r['stats_fast']['seconds']:.1f}",
-            f"{r['stats_reference']['seconds']:.1f}" if "stats_reference" in r else "-",
-            f"{r['approximate_agreement']['agreement']:.0%}" if "approximate_agreement" in r else "-",
-            f"{r['covariance_bytes'] / 2**20:.0f}",
-            f"{r['peak_rss_mb']:.0f}",
+            cell(r, "wilke_fast", "seconds_per_edit"),
+            cell(r, "wilke_reference", "seconds_per_edit"),
+            cell(r, "ratios", "wilke_reference_over_fast", suffix="x"),
+            cell(r, "same_layers"),
+            cell(r, "wilke_approximate", "seconds_per_edit"),
+            cell(r, "rome_fast", "seconds_per_edit"),
+            cell(r, "stats_fast", "seconds", spec=".1f"),
+            cell(r, "stats_reference", "seconds", spec=".1f"),
+            cell(r, "approximate_agreement", "agreement", spec=".0%"),
+            cell(r, "covariance_bytes", spec=".0f", scale=2**-20),
+            cell(r, "peak_rss_mb", spec=".0f"),
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows)
@@ -244,17 +324,29 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--approx_edits", type=int, default=64, help="edits for the approximate-scan agreement (0: skip)")
     p.add_argument("--skip_reference", action="store_true", help="time the fast mode only")
     p.add_argument("--stats_samples", type=int, default=200, help="corpus samples for the statistics timing")
+    p.add_argument("--parts", default=",".join(PARTS),
+                   help=f"what to measure, comma-separated from {','.join(PARTS)} (default: all)")
+    p.add_argument("--agreement_file", default=None,
+                   help="JSON-lines file of per-edit agreement results: measured edits are appended and "
+                        "reused by the next run, so a long agreement measurement resumes")
     p.add_argument("--json", default=None, help="also write the results here")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    unknown = set(args.parts.split(",")) - set(PARTS)
+    if unknown:
+        p.error(f"--parts: unknown part(s) {sorted(unknown)}; choose from {list(PARTS)}")
+    return args
 
 
 def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    LOG.setLevel(logging.INFO)
+    parts = args.parts.split(",")
     results = []
     with tempfile.TemporaryDirectory(prefix="wilke-bench-") as tmp:
         for name in [m for m in args.models.split(",") if m]:
-            r = bench_model(name, args.edits, args.approx_edits, args.skip_reference, args.stats_samples, Path(tmp))
+            r = bench_model(name, args.edits, args.approx_edits, args.skip_reference, args.stats_samples, Path(tmp),
+                            parts=parts, agreement_file=Path(args.agreement_file) if args.agreement_file else None)
             r["ratios"] = ratios(r)
             results.append(r)
             print(json.dumps(r), flush=True)
