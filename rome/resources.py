@@ -45,16 +45,33 @@ def _stats_key(model_slug: str, hparams: Any, layer_name: str) -> StatsKey:
 
 
 class FactorisedCovariance:
-    """C = E[k k^T] of one layer's keys, held as its Cholesky factor (float64)."""
+    """C = E[k k^T] of one layer's keys, held as its Cholesky factor (float64).
 
-    def __init__(self, mom2: torch.Tensor, keep_matrix: bool = False):
+    A covariance from few samples (or keys confined to a subspace, as in tiny random models) can be
+    singular. The reference inverts it anyway and gets whatever float32 gives; here the smallest
+    diagonal jitter (1e-8, 1e-6 or 1e-4 of the mean variance) that makes it factorisable is added,
+    with a warning, and a matrix beyond that is refused with advice.
+    """
+
+    JITTERS = (1e-8, 1e-6, 1e-4)
+
+    def __init__(self, mom2: torch.Tensor, keep_matrix: bool = False, name: str = "covariance"):
         c = mom2.to(torch.float64)
-        try:
-            self.factor = torch.linalg.cholesky(c)
-        except RuntimeError:
-            jitter = 1e-8 * c.diagonal().mean()
-            LOG.warning("covariance is not positive definite; adding %.3g to its diagonal", float(jitter))
-            self.factor = torch.linalg.cholesky(c + jitter * torch.eye(c.shape[0], dtype=c.dtype, device=c.device))
+        if not bool(torch.isfinite(c).all()):
+            raise ValueError(f"{name}: the second-moment statistics contain NaN or inf; delete and recollect them")
+        factor, info = torch.linalg.cholesky_ex(c)
+        scale = c.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
+        for relative in self.JITTERS:
+            if int(info) == 0:
+                break
+            jitter = relative * scale
+            LOG.warning("%s is not positive definite; adding %.3g (%.0e of its mean variance) to its diagonal",
+                        name, float(jitter), relative)
+            factor, info = torch.linalg.cholesky_ex(c + jitter * torch.eye(c.shape[0], dtype=c.dtype, device=c.device))
+        if int(info) != 0:
+            raise ValueError(f"{name} is singular even with {self.JITTERS[-1]:g} of its mean variance on the diagonal; "
+                             "collect statistics from more samples (mom2_n_samples) or edit without mom2_adjustment")
+        self.factor = factor
         self.matrix = c if keep_matrix else None
 
     def solve(self, rhs: torch.Tensor) -> torch.Tensor:
@@ -129,7 +146,7 @@ class EditResources:
         device = next(model.parameters()).device
         for name in names:
             mom2 = stats[name].mom2().to(device)
-            self._covariances[keys[name]] = FactorisedCovariance(mom2, keep_matrix=keep_matrix)
+            self._covariances[keys[name]] = FactorisedCovariance(mom2, keep_matrix=keep_matrix, name=f"covariance of {name}")
         self.stats_seconds += time.perf_counter() - start
 
     @property

@@ -11,17 +11,11 @@ import torch
 from rome.compute_v import build_value_problem, optimise_value
 from rome.forward import FullForward, PrefixCachedForward, PromptBatch, SuffixForward, agrees_with_full, verified_forward
 from rome.rome_main import normalise_request
-from tests.tiny import make_model, make_tokenizer, rank_one_hparams
+from tests.tiny import EIFFEL_REQUEST, make_model, make_tokenizer, rank_one_hparams
 from rome import ROMEHyperParams
 from util.architectures import num_layers
 
-REQUEST = normalise_request({
-    "case_id": 0,
-    "prompt": "{} is located in the city of",
-    "subject": "The Eiffel Tower",
-    "target_new": {"str": "Rome"},
-    "target_true": {"str": "Paris"},
-})
+REQUEST = normalise_request(EIFFEL_REQUEST)
 # contexts of different lengths, so rows need different amounts of left padding
 TEMPLATES = ["{}", "A short one. {}", "Here is a rather longer context sentence. {}", "Yes. {}"]
 

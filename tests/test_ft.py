@@ -6,28 +6,13 @@ import torch
 
 from baselines.ft import FTHyperParams, apply_ft_to_model, execute_ft
 from baselines.ft.ft_main import mean_target_nll, target_batch
-from tests.tiny import TinyWorld, make_model, make_tokenizer
+from tests.tiny import EIFFEL_PROMPT as PROMPT, EIFFEL_REQUEST as REQUEST, TinyWorld, make_model, make_tokenizer
 from util import nethook
 from util.architectures import ARCHITECTURES
 from util.hparams import HParamsError
 from util.scoring import score_targets
 
-REQUEST = {
-    "case_id": 0,
-    "prompt": "{} is located in the city of",
-    "subject": "The Eiffel Tower",
-    "target_new": {"str": "Rome"},
-    "target_true": {"str": "Paris"},
-}
-PROMPT = "The Eiffel Tower is located in the city of"
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def ft_dict(arch: str, **kw) -> dict:

@@ -9,28 +9,13 @@ from baselines.kn import KNHyperParams, apply_kn_to_model, execute_kn
 from baselines.kn.attribution import coarse_neurons, prompt_scores, refined_neurons
 from baselines.kn.kn_main import greedy_token
 from rome.resources import EditResources
-from tests.tiny import TinyWorld, make_model, make_tokenizer
+from tests.tiny import EIFFEL_PROMPT as PROMPT, EIFFEL_REQUEST as REQUEST, TinyWorld, make_model, make_tokenizer
 from util import nethook
 from util.architectures import ARCHITECTURES, weight_out_in
 from util.globals import load_paths
 from util.scoring import final_hidden, lm_logits, prompt_ids, score_targets
 
-REQUEST = {
-    "case_id": 0,
-    "prompt": "{} is located in the city of",
-    "subject": "The Eiffel Tower",
-    "target_new": {"str": "Rome"},
-    "target_true": {"str": "Paris"},
-}
-PROMPT = "The Eiffel Tower is located in the city of"
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def kn_dict(arch: str, **kw) -> dict:

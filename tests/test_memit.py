@@ -22,14 +22,6 @@ from util.scoring import score_targets
 SINGLE_TOKEN_RECORDS = (0, 1, 6, 7)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices run far faster on one thread, above all when other jobs share the CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def memit_dict(arch: str, **kw) -> dict:
     base = dict(layers=[1, 2], mom2_update_weight=100.0, context_template_length_params=[[10, 5]])

@@ -15,7 +15,7 @@ from baselines.mend.functional import EditRunner, RunnerFactory, gradient_factor
 from baselines.mend.mend_hparams import MENDHyperParams
 from baselines.mend.official import map_official_mend_state
 from baselines.mend.trainer import EditorTrainer
-from tests.tiny import TinyWorld, make_model, make_tokenizer, tiny_records
+from tests.tiny import EIFFEL_PROMPT as PROMPT, EIFFEL_REQUEST as REQUEST, TinyWorld, make_model, make_tokenizer, tiny_records
 from util import nethook
 from util.scoring import score_targets
 
@@ -25,14 +25,6 @@ MLP_WEIGHTS = {
     "gptj": ("transformer.h.{}.mlp.fc_out.weight", "transformer.h.{}.mlp.fc_in.weight"),
     "llama": ("model.layers.{}.mlp.down_proj.weight", "model.layers.{}.mlp.up_proj.weight"),
 }
-REQUEST = {
-    "case_id": 0,
-    "prompt": "{} is located in the city of",
-    "subject": "The Eiffel Tower",
-    "target_new": {"str": "Rome"},
-    "target_true": {"str": "Paris"},
-}
-PROMPT = "The Eiffel Tower is located in the city of"
 
 
 # -- helpers shared with tests/test_efk.py ------------------------------------------------------

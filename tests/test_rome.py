@@ -8,19 +8,11 @@ from rome import ROMEHyperParams, apply_rome_to_model, execute_rome
 from rome.compute_u import template_keys
 from rome.context_templates import generate_context_templates
 from rome.resources import EditResources
-from tests.tiny import TinyWorld, make_model, make_tokenizer, rank_one_hparams
+from tests.tiny import EIFFEL_PROMPT as PROMPT, EIFFEL_REQUEST as REQUEST, TinyWorld, make_model, make_tokenizer, rank_one_hparams
 from util import nethook
 from util.globals import load_paths
 from util.scoring import score_targets
 
-REQUEST = {
-    "case_id": 0,
-    "prompt": "{} is located in the city of",
-    "subject": "The Eiffel Tower",
-    "target_new": {"str": "Rome"},
-    "target_true": {"str": "Paris"},
-}
-PROMPT = "The Eiffel Tower is located in the city of"
 ARCHS = ["gpt2", "gptj", "llama"]
 
 
@@ -135,3 +127,26 @@ def test_evaluate_cli_writes_valid_per_edit_json(tmp_path):
     meta = json.loads((run_dir / "run.json").read_text())
     assert meta["seed"] == 9 and meta["alg_name"] == "ROME" and meta["packages"]["torch"]
     assert json.loads((run_dir / "params.json").read_text())["layers"] == [1]
+
+
+def test_covariance_solve_is_exact_when_positive_definite_and_regularised_when_singular(caplog):
+    from rome.resources import FactorisedCovariance
+
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(200, 8, generator=g, dtype=torch.float64)
+    c = keys.T @ keys / 200
+    k = torch.randn(8, generator=g, dtype=torch.float64)
+    assert torch.allclose(c @ FactorisedCovariance(c).solve(k), k, atol=1e-10)
+
+    low_rank = keys[:3].T @ keys[:3]  # rank 3 of 8: no Cholesky factor without jitter
+    with caplog.at_level("WARNING"):
+        cov = FactorisedCovariance(low_rank, name="covariance of layer.x")
+    assert "covariance of layer.x is not positive definite" in caplog.text
+    u = cov.solve(low_rank[:, 0])
+    assert torch.isfinite(u).all()
+    assert torch.allclose(low_rank @ u, low_rank[:, 0], atol=1e-4 * float(low_rank.norm()))
+
+    with pytest.raises(ValueError, match="layer.y is singular"):
+        FactorisedCovariance(-torch.eye(4, dtype=torch.float64), name="covariance of layer.y")
+    with pytest.raises(ValueError, match="NaN"):
+        FactorisedCovariance(torch.full((4, 4), float("nan")), name="covariance of layer.z")

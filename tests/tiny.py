@@ -32,6 +32,17 @@ Paris Rome Berlin Madrid London Tokyo Spain Italy France Germany Japan English F
 """ * 3
 
 
+# The running example of ROME's paper, used across the tests (copy before changing it).
+EIFFEL_REQUEST = {
+    "case_id": 0,
+    "prompt": "{} is located in the city of",
+    "subject": "The Eiffel Tower",
+    "target_new": {"str": "Rome"},
+    "target_true": {"str": "Paris"},
+}
+EIFFEL_PROMPT = "The Eiffel Tower is located in the city of"
+
+
 @functools.lru_cache(maxsize=1)
 def make_tokenizer() -> PreTrainedTokenizerFast:
     backend = Tokenizer(models.BPE())
