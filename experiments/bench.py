@@ -39,7 +39,7 @@ from rome.rome_hparams import ROMEHyperParams
 from rome.rome_main import apply_rome_to_model, normalise_request
 from util.globals import load_paths
 from wilke.wilke_hparams import WilKEHyperParams
-from wilke.wilke_main import apply_wilke_to_model, choose_layer
+from wilke.wilke_main import adaptabilities, apply_wilke_to_model, approximate_choice, choose_layer, scan_layers
 
 LOG = logging.getLogger("experiments.bench")
 
@@ -136,7 +136,8 @@ PARTS = ("stats", "wilke", "approximate", "rome", "agreement")
 
 
 def bench_model(name: str, n_edits: int, n_approx: int, skip_reference: bool, stats_samples: int, tmp: Path,
-                parts: Sequence[str] = PARTS, agreement_file: Optional[Path] = None) -> dict:
+                parts: Sequence[str] = PARTS, agreement_file: Optional[Path] = None,
+                shard: tuple[int, int] = (0, 1)) -> dict:
     model, tok, hp_dir, slug, stats_dir = load_bench_model(name, tmp)
     fname = f"{'tiny-llama' if name == 'tiny' else slug}.json"
     wh = WilKEHyperParams.from_json(hp_dir / "WilKE" / fname)
@@ -177,7 +178,8 @@ def bench_model(name: str, n_edits: int, n_approx: int, skip_reference: bool, st
         _progress(out)
     if "agreement" in parts and n_approx:
         store = AgreementStore(agreement_file, {"model": name, **agreement_config(wh)}) if agreement_file else None
-        out["approximate_agreement"] = bench_approximate(model, tok, wh, records[:n_approx], fresh_resources, store)
+        out["approximate_agreement"] = bench_approximate(model, tok, wh, records[:n_approx], fresh_resources, store,
+                                                         shard=shard)
     out["peak_rss_mb"] = peak_rss_mb()
     return out
 
@@ -194,10 +196,10 @@ def _covariance_bytes(model, tok, wh, paths, slug) -> int:
 
 
 def agreement_config(wh: WilKEHyperParams) -> dict:
-    """What an agreement measurement depends on; stored lines with another config are not reused."""
-    return {"scanning_ceiling": wh.scanning_ceiling, "approx_grad_steps": wh.approx_grad_steps,
-            "approx_top_k": wh.approx_top_k, "v_num_grad_steps": wh.v_num_grad_steps,
-            "layers_of": wh.rewrite_module_tmp, "context_template_length_params": wh.context_template_length_params}
+    """What an exact scan depends on; stored lines with another config are not reused."""
+    return {"scanning_ceiling": wh.scanning_ceiling, "v_num_grad_steps": wh.v_num_grad_steps, "v_lr": wh.v_lr,
+            "layers_of": wh.rewrite_module_tmp, "context_template_length_params": wh.context_template_length_params,
+            "mom2_n_samples": wh.mom2_n_samples, "mom2_adjustment": wh.mom2_adjustment}
 
 
 class AgreementStore:
@@ -234,37 +236,70 @@ class AgreementStore:
         self.done[str(entry["case_id"])] = entry
 
 
-def bench_approximate(model, tok, wh, records, fresh_resources, store: Optional[AgreementStore] = None) -> dict:
-    """Each edit scanned exactly and approximately from the same (unedited) weights."""
+APPROX_GRID = [(steps, top_k) for steps in (1, 2, 3, 5, 8) for top_k in (1, 2, 3)]
+
+
+def bench_approximate(model, tok, wh, records, fresh_resources, store: Optional[AgreementStore] = None,
+                      n_timed: int = 4, shard: tuple[int, int] = (0, 1)) -> dict:
+    """Agreement of the approximate scan with the exact one, each edit from the unedited weights.
+
+    Each edit gets one exact scan; the approximate choice for every (grad_steps, top_k) of
+    APPROX_GRID is read off it (wilke_main.approximate_choice, equal by construction and tested).
+    On the first ``n_timed`` edits the approximate scan is also run for real, to time it and to
+    confirm the read-off choice. ``shard`` (i, n) measures only edits i, i+n, i+2n, ... so n
+    processes can share one store; a later unsharded call reads all of them back.
+    """
     res = fresh_resources()
-    entries = []
     approx_hp = wh.replace(scan="approximate")
-    reused = 0
+    entries, reused = [], 0
     for i, record in enumerate(records):
         request = normalise_request(edit_request(record))
         entry = store.get(request.get("case_id")) if store else None
-        if entry is not None:
-            reused += 1
-        else:
+        if i % shard[1] != shard[0]:
+            if entry is not None:
+                entries.append(entry)
+            continue
+        if entry is None:
             t0 = time.perf_counter()
-            exact, _ = choose_layer(model, tok, request, wh, res)
-            t1 = time.perf_counter()
-            approx, _ = choose_layer(model, tok, request, approx_hp, res)
-            t2 = time.perf_counter()
-            entry = {"case_id": request.get("case_id"), "exact_layer": exact.layer, "approx_layer": approx.layer,
-                     "exact_seconds": t1 - t0, "approx_seconds": t2 - t1}
+            la, la_by_pass = adaptabilities(model, scan_layers(model, tok, request, wh, wh.candidate_layers, res))
+            entry = {"case_id": request.get("case_id"), "exact_layer": min(la, key=la.get),
+                     "exact_seconds": time.perf_counter() - t0,
+                     "la": {str(l): v for l, v in la.items()}, "la_by_pass": {str(l): v for l, v in la_by_pass.items()}}
             if store:
                 store.add(entry)
-            LOG.info("agreement %d/%d: case %s exact %d approximate %d", i + 1, len(records), entry["case_id"],
-                     entry["exact_layer"], entry["approx_layer"])
+        else:
+            reused += 1
+        if i < n_timed and "approx_seconds" not in entry:
+            t0 = time.perf_counter()
+            approx, _ = choose_layer(model, tok, request, approx_hp, res)
+            entry = {**entry, "approx_layer": approx.layer, "approx_seconds": time.perf_counter() - t0,
+                     "approx_setting": [wh.approx_grad_steps, wh.approx_top_k]}
+            if store:
+                store.add(entry)
+        LOG.info("agreement %d/%d: case %s exact layer %s", i + 1, len(records), entry["case_id"], entry["exact_layer"])
         entries.append(entry)
-    agree = sum(e["exact_layer"] == e["approx_layer"] for e in entries) / len(entries)
-    return {"edits": len(entries), "agreement": agree,
-            "exact_scan_seconds": mean([e["exact_seconds"] for e in entries]),
-            "approx_scan_seconds": mean([e["approx_seconds"] for e in entries]),
-            "reused_from_file": reused, "approx_grad_steps": wh.approx_grad_steps, "approx_top_k": wh.approx_top_k,
-            "disagreements": [(e["case_id"], e["exact_layer"], e["approx_layer"]) for e in entries
-                              if e["exact_layer"] != e["approx_layer"]]}
+    if not entries:
+        return {"edits": 0}
+    grid = {f"{s}x{k}": sum(_read_off(e, s, k) == e["exact_layer"] for e in entries) / len(entries) for s, k in APPROX_GRID}
+    setting = (wh.approx_grad_steps, wh.approx_top_k)
+    timed = [e for e in entries if e.get("approx_setting") == list(setting)]
+    return {
+        "edits": len(entries), "reused_from_file": reused,
+        "approx_grad_steps": setting[0], "approx_top_k": setting[1],
+        "agreement": sum(_read_off(e, *setting) == e["exact_layer"] for e in entries) / len(entries),
+        "agreement_by_setting": grid,
+        "exact_scan_seconds": mean([e["exact_seconds"] for e in entries]),
+        "approx_scan_seconds": mean([e["approx_seconds"] for e in timed]) if timed else None,
+        "approx_runs_matching_read_off": f"{sum(e['approx_layer'] == _read_off(e, *setting) for e in timed)}/{len(timed)}",
+        "disagreements": [(e["case_id"], e["exact_layer"], _read_off(e, *setting)) for e in entries
+                          if _read_off(e, *setting) != e["exact_layer"]],
+    }
+
+
+def _read_off(entry: dict, steps: int, top_k: int) -> int:
+    """The approximate scan's choice for a stored entry (JSON keys are strings)."""
+    la_by_pass = {int(l): v for l, v in entry["la_by_pass"].items()}
+    return approximate_choice(la_by_pass, {int(l): v for l, v in entry["la"].items()}, steps, top_k)
 
 
 def _seconds(r: dict, key: str) -> Optional[float]:
@@ -282,7 +317,7 @@ def ratios(r: dict) -> dict:
         out["stats_reference_over_one_pass"] = r["stats_reference"]["seconds"] / r["stats_fast"]["seconds"]
         out["stats_forward_token_ratio"] = r["stats_reference"]["forward_tokens"] / r["stats_fast"]["forward_tokens"]
     agreement = r.get("approximate_agreement")
-    if agreement and agreement["approx_scan_seconds"]:
+    if agreement and agreement.get("approx_scan_seconds"):
         out["exact_over_approximate_scan"] = agreement["exact_scan_seconds"] / agreement["approx_scan_seconds"]
     return out
 
@@ -329,8 +364,17 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--agreement_file", default=None,
                    help="JSON-lines file of per-edit agreement results: measured edits are appended and "
                         "reused by the next run, so a long agreement measurement resumes")
+    p.add_argument("--agreement_shard", default="0/1",
+                   help="i/n: measure only agreement edits i, i+n, ... (run n processes on one --agreement_file)")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
+    try:
+        i, n = (int(x) for x in args.agreement_shard.split("/"))
+        if not 0 <= i < n:
+            raise ValueError
+    except ValueError:
+        p.error(f"--agreement_shard {args.agreement_shard!r}: expected i/n with 0 <= i < n")
+    args.shard = (i, n)
     unknown = set(args.parts.split(",")) - set(PARTS)
     if unknown:
         p.error(f"--parts: unknown part(s) {sorted(unknown)}; choose from {list(PARTS)}")
@@ -346,7 +390,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="wilke-bench-") as tmp:
         for name in [m for m in args.models.split(",") if m]:
             r = bench_model(name, args.edits, args.approx_edits, args.skip_reference, args.stats_samples, Path(tmp),
-                            parts=parts, agreement_file=Path(args.agreement_file) if args.agreement_file else None)
+                            parts=parts, agreement_file=Path(args.agreement_file) if args.agreement_file else None,
+                            shard=args.shard)
             r["ratios"] = ratios(r)
             results.append(r)
             print(json.dumps(r), flush=True)

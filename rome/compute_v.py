@@ -84,6 +84,7 @@ class ValueResult:
     delta: torch.Tensor
     steps: int  # forward passes run
     losses: list[float]  # total loss per forward pass
+    deltas: list[torch.Tensor]  # the delta each pass ran with: what a run of i passes would have returned
 
 
 def _main_tensor(out: Any) -> torch.Tensor:
@@ -122,9 +123,11 @@ def optimise_value(
     clamp = hparams.clamp_norm_factor if clamp_norm_factor is None else clamp_norm_factor
     kl_init: Optional[torch.Tensor] = None
     losses: list[float] = []
+    deltas: list[torch.Tensor] = []
     steps = 0
     for it in range(hparams.v_num_grad_steps):
         optimiser.zero_grad()
+        deltas.append(delta.detach().clone())
         logits = forward.logits(start_block, inject_module, edit)
         steps += 1
         logp = torch.log_softmax(logits.float(), dim=-1)
@@ -147,7 +150,7 @@ def optimise_value(
                 delta.mul_(max_norm / delta.norm())
     LOG.debug("value optimisation at %s: %d passes, loss %.4f -> %.4f", inject_module, steps, losses[0], losses[-1])
     delta = delta.detach()
-    return ValueResult(v_star=state["v0"] + delta, v0=state["v0"], delta=delta, steps=steps, losses=losses)
+    return ValueResult(v_star=state["v0"] + delta, v0=state["v0"], delta=delta, steps=steps, losses=losses, deltas=deltas)
 
 
 def _output_width(model: nn.Module, inject_module: str) -> int:

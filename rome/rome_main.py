@@ -44,6 +44,9 @@ class RankOneUpdate:
     v_star: torch.Tensor
     steps: int
     final_loss: float
+    # ||Delta|| had the optimisation stopped after pass 1, 2, ... (the last entry is ``norm``): lets an
+    # approximate scan's ranking (fewer passes) be read off an exact scan
+    norm_by_pass: tuple[float, ...] = ()
 
     @property
     def weight_name(self) -> str:
@@ -127,7 +130,9 @@ def rome_update_at(
     keys, values = keys_and_values(model, tok, request, templates, [module_name], hparams.fact_token)
     key, cur_value = keys[module_name], values[module_name]
     r = right_vector(value.v_star, key, cur_value, u)
-    return RankOneUpdate(layer, module_name, u, r, key, value.v_star, value.steps, value.losses[-1])
+    by_pass = torch.stack([right_vector(value.v0 + d, key, cur_value, u) for d in value.deltas]).norm(dim=1) * u.norm()
+    return RankOneUpdate(layer, module_name, u, r, key, value.v_star, value.steps, value.losses[-1],
+                         tuple(float(n) for n in by_pass))
 
 
 def execute_rome(

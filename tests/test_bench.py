@@ -19,9 +19,15 @@ def test_bench_on_tiny_reports_same_layers_ratios_and_resumes_agreement(tmp_path
     assert r["ratios"]["stats_forward_token_ratio"] == pytest.approx(r["candidate_layers"])
     agreement = r["approximate_agreement"]
     assert agreement["edits"] == 2 and agreement["reused_from_file"] == 0
-    lines = [json.loads(l) for l in store.read_text().splitlines()]
-    assert len(lines) == 2 and all(0 <= l["exact_layer"] < r["candidate_layers"] for l in lines)
-    assert agreement["agreement"] == sum(l["exact_layer"] == l["approx_layer"] for l in lines) / 2
+    by_case = {l["case_id"]: l for l in map(json.loads, store.read_text().splitlines())}  # the last line wins
+    assert len(by_case) == 2 and all(0 <= l["exact_layer"] < r["candidate_layers"] for l in by_case.values())
+    # the real approximate scans chose what was read off the exact scans
+    assert agreement["approx_runs_matching_read_off"] == "2/2"
+    assert agreement["agreement"] == sum(l["exact_layer"] == l["approx_layer"] for l in by_case.values()) / 2
+    assert set(agreement["agreement_by_setting"]) >= {"1x1", "2x2", "8x3"}
+    for l in by_case.values():
+        la = {int(k): v for k, v in l["la"].items()}
+        assert l["exact_layer"] == min(la, key=la.get)
     assert json.loads(out_json.read_text())["results"][0]["model"] == "tiny"
     printed = capsys.readouterr().out
     assert "WilKE fast s/edit" in printed and "tiny" in printed.splitlines()[-1]
@@ -29,9 +35,10 @@ def test_bench_on_tiny_reports_same_layers_ratios_and_resumes_agreement(tmp_path
     # a stopped measurement resumes: measured edits are read back, a line cut short is ignored
     with open(store, "a") as f:
         f.write('{"case_id": 99, "exact_la')
+    # shard 0 of 2 measures edits 0 and 2 (0 is on file) and reports edit 1 from the file too
     (again,) = bench.main(["--models", "tiny", "--approx_edits", "3", "--parts", "agreement",
-                           "--agreement_file", str(store)])
-    assert again["approximate_agreement"]["reused_from_file"] == 2
+                           "--agreement_file", str(store), "--agreement_shard", "0/2"])
+    assert again["approximate_agreement"]["reused_from_file"] == 1
     assert again["approximate_agreement"]["edits"] == 3
     assert "wilke_fast" not in again and "stats_fast" not in again
 

@@ -123,3 +123,28 @@ def test_protocol_run_makes_exactly_n_edits_with_retention_at_checkpoints(tmp_pa
     ret = json.loads((run_dir / "retention_of_edit_4.json").read_text())
     assert ret["edit_retention_len"] == 4 and ret["orig_retention_len"] == 5
     assert 0 <= ret["edit_retention"] <= 4
+
+
+def test_approximate_choice_read_off_an_exact_scan_equals_the_approximate_scan():
+    """One exact scan predicts what every (grad_steps, top_k) approximate scan chooses."""
+    from rome.rome_main import normalise_request
+    from tests.tiny import tiny_records
+    from wilke.wilke_main import adaptabilities, approximate_choice, choose_layer
+
+    model, tok = make_model("llama", n_layer=6), make_tokenizer()
+    hp = hparams(n_layer=6, scanning_ceiling=5, v_num_grad_steps=6)
+    res = EditResources(load_paths(), "t")
+    checked = 0
+    for record in tiny_records()[:3]:
+        request = normalise_request({**record["requested_rewrite"], "case_id": record["case_id"]})
+        updates = scan_layers(model, tok, request, hp, hp.candidate_layers, res)
+        for u in updates.values():
+            assert len(u.norm_by_pass) == u.steps and u.norm_by_pass[-1] == pytest.approx(u.norm, rel=1e-5)
+        la, la_by_pass = adaptabilities(model, updates)
+        assert approximate_choice(la_by_pass, la, hp.v_num_grad_steps, 1) == min(la, key=la.get)
+        for steps, top_k in [(1, 1), (2, 1), (2, 2), (3, 3)]:
+            approx_hp = hp.replace(scan="approximate", approx_grad_steps=steps, approx_top_k=top_k)
+            chosen, _ = choose_layer(model, tok, request, approx_hp, res)
+            assert chosen.layer == approximate_choice(la_by_pass, la, steps, top_k), (record["case_id"], steps, top_k)
+            checked += 1
+    assert checked == 12

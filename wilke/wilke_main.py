@@ -16,7 +16,7 @@ import copy as copy_module
 import dataclasses
 import logging
 import time
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -119,6 +119,29 @@ def choose_layer(
         # The paper's code edits the chosen layer again from scratch after the scan.
         chosen = execute_rome(model, tok, request, hparams.replace(layers=[best]), resources, layer=best)
     return chosen, la
+
+
+def approximate_choice(
+    la_by_pass: Mapping[int, Sequence[float]], la: Mapping[int, float], grad_steps: int, top_k: int
+) -> int:
+    """The layer ``scan: approximate`` would choose, read off an exact scan.
+
+    ``la_by_pass[l]`` is layer l's LA had its optimisation stopped after pass 1, 2, ... (from
+    ``RankOneUpdate.norm_by_pass``) and ``la[l]`` its final LA. An optimisation of ``grad_steps``
+    passes is the first ``grad_steps`` passes of the full one, so this is the choice
+    ``choose_layer`` makes, without running it: one exact scan per edit measures the agreement of
+    every (grad_steps, top_k) setting at once.
+    """
+    rough = {l: v[min(grad_steps, len(v)) - 1] for l, v in la_by_pass.items()}
+    shortlist = sorted(rough, key=rough.get)[:top_k]
+    return min(shortlist, key=lambda l: la[l])
+
+
+def adaptabilities(model: nn.Module, updates: Mapping[int, RankOneUpdate]) -> tuple[dict[int, float], dict[int, list[float]]]:
+    """(LA per layer, LA per layer after each optimisation pass) of a scan's updates."""
+    norms = {l: weight_norm(model, u.module_name) for l, u in updates.items()}
+    return ({l: u.norm / norms[l] for l, u in updates.items()},
+            {l: [n / norms[l] for n in u.norm_by_pass] for l, u in updates.items()})
 
 
 def apply_wilke_to_model(
