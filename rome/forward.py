@@ -245,8 +245,11 @@ class PrefixCachedForward:
         anchor = anchor_cols.to(batch.cols.device)
         if bool((batch.cols < anchor[batch.rows]).any()):
             return "a read position precedes its row's fact token"
-        if any(_cache_argument(nethook.get_module(model, n)) is None for n in block_names):
+        blocks = [nethook.get_module(model, n) for n in block_names]
+        if any(_cache_argument(b) is None for b in blocks):
             return "the blocks take no key/value cache argument"
+        if any("attention_mask" not in inspect.signature(b.forward).parameters for b in blocks):
+            return "the blocks take no attention_mask argument"
         window = getattr(getattr(model, "config", None), "sliding_window", None)
         length = int(anchor.max() + (batch.attention_mask.sum(1) - anchor).max())
         if isinstance(window, int) and window < length:
@@ -277,8 +280,9 @@ class PrefixCachedForward:
             kwargs = _as_keywords(block, args, kwargs)
             recorder = _RecordingCache(self.n_prefix, mask[:, : self.n_prefix])
             _call_block(block, args[0], (), {**kwargs, cache_name: recorder})
-            cut = {k: (self.attention_bias if "mask" in k else _slice_positions(v, self.total, self.n_prefix))
-                   for k, v in kwargs.items()}
+            cut = {k: _slice_positions(v, self.total, self.n_prefix) for k, v in kwargs.items()}
+            # always an explicit mask: with fewer queries than keys, an implicit causal mask would misalign
+            cut["attention_mask"] = self.attention_bias
             cut[cache_name] = _PrefixCache(recorder.keys, recorder.values)
             out[i] = cut
         return out
