@@ -137,12 +137,16 @@ PARTS = ("stats", "wilke", "approximate", "rome", "agreement")
 
 def bench_model(name: str, n_edits: int, n_approx: int, skip_reference: bool, stats_samples: int, tmp: Path,
                 parts: Sequence[str] = PARTS, agreement_file: Optional[Path] = None,
-                shard: tuple[int, int] = (0, 1)) -> dict:
+                shard: tuple[int, int] = (0, 1), edit_stats_samples: Optional[int] = None) -> dict:
     model, tok, hp_dir, slug, stats_dir = load_bench_model(name, tmp)
     fname = f"{'tiny-llama' if name == 'tiny' else slug}.json"
     wh = WilKEHyperParams.from_json(hp_dir / "WilKE" / fname)
     rh = ROMEHyperParams.from_json(hp_dir / "ROME" / fname)
-    out: dict[str, Any] = {"model": name, "candidate_layers": wh.scanning_ceiling, "edits": n_edits}
+    if edit_stats_samples:
+        # edit timings do not depend on how many samples the covariances came from
+        wh, rh = wh.replace(mom2_n_samples=edit_stats_samples), rh.replace(mom2_n_samples=edit_stats_samples)
+    out: dict[str, Any] = {"model": name, "candidate_layers": wh.scanning_ceiling, "edits": n_edits,
+                           "edit_stats_samples": wh.mom2_n_samples}
     n_stats = min(stats_samples, wh.mom2_n_samples)
     if "stats" in parts:
         if not skip_reference:
@@ -359,6 +363,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--approx_edits", type=int, default=64, help="edits for the approximate-scan agreement (0: skip)")
     p.add_argument("--skip_reference", action="store_true", help="time the fast mode only")
     p.add_argument("--stats_samples", type=int, default=200, help="corpus samples for the statistics timing")
+    p.add_argument("--edit_stats_samples", type=int, default=None,
+                   help="covariances of this many samples for the timed edits (default: the hparams'; "
+                        "saves collecting full statistics on a machine that has none cached)")
     p.add_argument("--parts", default=",".join(PARTS),
                    help=f"what to measure, comma-separated from {','.join(PARTS)} (default: all)")
     p.add_argument("--agreement_file", default=None,
@@ -391,7 +398,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
         for name in [m for m in args.models.split(",") if m]:
             r = bench_model(name, args.edits, args.approx_edits, args.skip_reference, args.stats_samples, Path(tmp),
                             parts=parts, agreement_file=Path(args.agreement_file) if args.agreement_file else None,
-                            shard=args.shard)
+                            shard=args.shard, edit_stats_samples=args.edit_stats_samples)
             r["ratios"] = ratios(r)
             results.append(r)
             print(json.dumps(r), flush=True)
