@@ -161,6 +161,8 @@ def bench_model(name: str, n_edits: int, n_approx: int, skip_reference: bool, st
         model.load_state_dict(start_state)
         return EditResources(paths, slug, one_pass_stats=one_pass, progress=False)
 
+    # statistics missing from the cache are collected here, outside every timed edit
+    out["covariance_bytes"] = _covariance_bytes(model, tok, wh, paths, slug)
     _progress(out)
     if "wilke" in parts:
         fast = run_wilke(model, tok, wh.replace(implementation="fast"), records[:n_edits], fresh_resources())
@@ -172,7 +174,6 @@ def bench_model(name: str, n_edits: int, n_approx: int, skip_reference: bool, st
             out["same_layers"] = ref.layers == fast.layers
             out["max_relative_update_difference"] = relative_difference(ref.deltas, fast.deltas)
             _progress(out)
-    out["covariance_bytes"] = fresh_resources().covariance_bytes or _covariance_bytes(model, tok, wh, paths, slug)
     if "approximate" in parts:
         approx = run_wilke(model, tok, wh.replace(scan="approximate"), records[:n_edits], fresh_resources())
         out["wilke_approximate"] = {"seconds_per_edit": mean(approx.seconds), "layers": approx.layers}
