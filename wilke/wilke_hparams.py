@@ -15,7 +15,7 @@ class WilKEHyperParams(ROMEHyperParams):
     # Approximate scan (off by default): rank every candidate with approx_grad_steps optimisation
     # passes, then run the full optimisation only for the approx_top_k best and choose among them.
     # 5 and 2 chose the exact scan's layer on every one of the 64 SmolLM2 edits measured by
-    # experiments.bench (2 and 2: 79%); see README, Speed.
+    # experiments.bench (2 and 2: 81%); see README, Speed.
     scan: str = "exact"
     approx_grad_steps: int = 5
     approx_top_k: int = 2
