@@ -25,6 +25,7 @@ from transformers import PreTrainedTokenizerBase
 from rome.compute_u import template_keys
 from rome.resources import EditResources
 from rome.rome_main import (
+    PreparedRequest,
     RankOneUpdate,
     apply_update,
     default_resources,
@@ -72,6 +73,30 @@ def layer_adaptability(model: nn.Module, update: RankOneUpdate) -> float:
     return update.norm / weight_norm(model, update.module_name)
 
 
+@dataclasses.dataclass
+class ScanInputs:
+    """The layer-independent part of a fast scan: prompts, captured forward, keys of every candidate."""
+
+    prepared: PreparedRequest
+    keys: dict[str, torch.Tensor]
+
+
+def prepare_scan(
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    request: dict,
+    hparams: WilKEHyperParams,
+    layers: Sequence[int],
+    resources: EditResources,
+) -> ScanInputs:
+    prepared = prepare_request(model, tok, request, hparams, resources, first_layer=min(layers))
+    names = [hparams.rewrite_module_tmp.format(l) for l in sorted(layers)]
+    keys = template_keys(model, tok, request, prepared.context_templates, names, hparams.fact_token)
+    if hparams.mom2_adjustment:
+        resources.covariances(model, tok, hparams, names)
+    return ScanInputs(prepared, keys)
+
+
 def scan_layers(
     model: nn.Module,
     tok: PreTrainedTokenizerBase,
@@ -79,19 +104,21 @@ def scan_layers(
     hparams: WilKEHyperParams,
     layers: Sequence[int],
     resources: EditResources,
+    inputs: Optional[ScanInputs] = None,
 ) -> dict[int, RankOneUpdate]:
-    """The ROME update at each candidate layer on the current model (the model is not changed)."""
+    """The ROME update at each candidate layer on the current model (the model is not changed).
+
+    ``inputs`` (fast mode; from ``prepare_scan`` over these layers or more) lets several scans of
+    one request share their layer-independent work; the reference recomputes everything.
+    """
     if hparams.implementation == "reference":
         return {
             l: execute_rome(model, tok, request, hparams.replace(layers=[l]), resources, layer=l) for l in layers
         }
-    prepared = prepare_request(model, tok, request, hparams, resources, first_layer=min(layers))
-    names = [hparams.rewrite_module_tmp.format(l) for l in sorted(layers)]
-    keys = template_keys(model, tok, request, prepared.context_templates, names, hparams.fact_token)
-    if hparams.mom2_adjustment:
-        resources.covariances(model, tok, hparams, names)
+    inputs = inputs or prepare_scan(model, tok, request, hparams, layers, resources)
     return {
-        l: rome_update_at(model, tok, prepared, hparams, l, resources, k_star=keys[hparams.rewrite_module_tmp.format(l)])
+        l: rome_update_at(model, tok, inputs.prepared, hparams, l, resources,
+                          k_star=inputs.keys[hparams.rewrite_module_tmp.format(l)])
         for l in layers
     }
 
@@ -105,11 +132,15 @@ def choose_layer(
 ) -> tuple[RankOneUpdate, dict[int, float]]:
     """The argmin-LA update among the candidates, and every scored layer's LA."""
     candidates = hparams.candidate_layers
+    inputs = None
     if hparams.scan == "approximate":
-        rough = scan_layers(model, tok, request, hparams.replace(v_num_grad_steps=hparams.approx_grad_steps), candidates, resources)
+        if hparams.implementation != "reference":
+            inputs = prepare_scan(model, tok, request, hparams, candidates, resources)
+        rough_hp = hparams.replace(v_num_grad_steps=hparams.approx_grad_steps)
+        rough = scan_layers(model, tok, request, rough_hp, candidates, resources, inputs)
         rough_la = {l: layer_adaptability(model, u) for l, u in rough.items()}
         candidates = sorted(rough_la, key=rough_la.get)[: hparams.approx_top_k]
-    updates = scan_layers(model, tok, request, hparams, candidates, resources)
+    updates = scan_layers(model, tok, request, hparams, candidates, resources, inputs)
     la = {l: layer_adaptability(model, u) for l, u in updates.items()}
     best = min(la, key=la.get)
     if hparams.scan == "approximate":
