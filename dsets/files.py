@@ -7,15 +7,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import urllib.error
 import urllib.request
-import uuid
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
+from util.atomic_files import atomic_path
 from util.globals import Paths, load_paths
 
 log = logging.getLogger(__name__)
@@ -42,18 +41,10 @@ def official_url(paths: Paths, name: str) -> str:
 
 def atomic_write_bytes(path: Path, chunks: Any) -> Path:
     """Write an iterable of byte chunks to a temporary file beside ``path``, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A unique name opened with 'x' (not mkstemp, whose 0600 mode would survive the rename): the
-    # result gets the usual umask permissions, so other users of a shared DATA_DIR can read it.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.part")
-    try:
-        with tmp.open("xb") as f:
-            for chunk in chunks:
-                f.write(chunk)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    # mode=None: the umask's permissions, so a shared DATA_DIR stays as its owners set it up.
+    with atomic_path(path, mode=None) as tmp, tmp.open("xb") as f:
+        for chunk in chunks:
+            f.write(chunk)
     return path
 
 

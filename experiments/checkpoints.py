@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -24,11 +23,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from util.atomic_files import atomic_path
+
 LOG = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "weights_checkpoint.safetensors"
 FORMAT_VERSION = "1"
-FILE_MODE = 0o644
 
 
 class CheckpointError(ValueError):
@@ -67,16 +67,8 @@ def apply_exact_delta(base: torch.Tensor, parts: dict[str, torch.Tensor]) -> tor
 
 
 def _write_atomic(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 @torch.no_grad()

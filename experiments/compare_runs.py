@@ -5,18 +5,21 @@
 Meant for the long fast-vs-reference comparison: each side is an ordinary ``experiments.evaluate``
 run (resumable, so a comparison too long for one sitting is built up over several), and this reads
 their per-edit files. Per edit it reports both chosen layers, the largest relative difference of
-the layer adaptabilities (LA) both scans recorded and of the applied update's norm, and each
-side's seconds (edit + roll-back). Unfinished runs are compared over the edits both have.
+the layer adaptabilities (LA) both scans recorded and of the applied update's norm, each side's
+seconds (edit + roll-back), and run A's margin: how far (relatively) the runner-up layer's LA lies
+above the chosen one's. Float-level differences compound through a lifelong run, so two correct
+implementations drift apart; a choice can only flip where the drift reaches the margin, which is
+what the two columns side by side show. Unfinished runs are compared over the edits both have.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from experiments.run_files import write_json_atomic
 from experiments.summary.runs import EditResult, RunFolderError, load_run
 
 LOG = logging.getLogger("experiments.compare_runs")
@@ -39,6 +42,12 @@ def max_la_difference(a: EditResult, b: EditResult) -> Optional[float]:
     la_a, la_b = a.edit.get("layer_adaptability") or {}, b.edit.get("layer_adaptability") or {}
     shared = set(la_a) & set(la_b)
     return max((relative_difference(la_a[k], la_b[k]) for k in shared), default=None)
+
+
+def choice_margin(edit: EditResult) -> Optional[float]:
+    """(second-smallest LA - smallest LA) / smallest LA of one scan; None without two candidates."""
+    la = sorted((edit.edit.get("layer_adaptability") or {}).values())
+    return relative_difference(la[1], la[0]) if len(la) >= 2 else None
 
 
 def _load(path: Path):
@@ -64,6 +73,7 @@ def compare(path_a: Path, path_b: Path) -> dict[str, Any]:
             "layer_a": ea.edit.get("layer"),
             "layer_b": eb.edit.get("layer"),
             "max_la_relative_difference": max_la_difference(ea, eb),
+            "margin_a": choice_margin(ea),
             "update_norm_relative_difference": (relative_difference(norm_a, norm_b)
                                                 if isinstance(norm_a, (int, float)) and isinstance(norm_b, (int, float)) else None),
             "seconds_a": edit_seconds(ea),
@@ -73,6 +83,7 @@ def compare(path_a: Path, path_b: Path) -> dict[str, Any]:
     mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
     secs_a, secs_b = mean([r["seconds_a"] for r in timed]), mean([r["seconds_b"] for r in timed])
     la_diffs = [r["max_la_relative_difference"] for r in rows if r["max_la_relative_difference"] is not None]
+    margins = [r["margin_a"] for r in rows if r["margin_a"] is not None]
     norm_diffs = [r["update_norm_relative_difference"] for r in rows if r["update_norm_relative_difference"] is not None]
     return {
         "a": str(path_a), "b": str(path_b),
@@ -80,6 +91,7 @@ def compare(path_a: Path, path_b: Path) -> dict[str, Any]:
         "same_layers": all(r["layer_a"] == r["layer_b"] for r in rows) if rows else None,
         "layers_a": [r["layer_a"] for r in rows], "layers_b": [r["layer_b"] for r in rows],
         "max_la_relative_difference": max(la_diffs, default=None),
+        "min_margin_a": min(margins, default=None),
         "max_update_norm_relative_difference": max(norm_diffs, default=None),
         "seconds_per_edit_a": secs_a, "seconds_per_edit_b": secs_b,
         "b_over_a": secs_b / secs_a if secs_a and secs_b else None,
@@ -89,14 +101,15 @@ def compare(path_a: Path, path_b: Path) -> dict[str, Any]:
 
 def table(result: dict[str, Any]) -> str:
     fmt = lambda x, spec: "-" if x is None else format(x, spec)  # noqa: E731
-    lines = [f"{'edit':>4}  {'case':>6}  {'layer A':>7}  {'layer B':>7}  {'max LA diff':>11}  {'norm diff':>9}  {'s A':>8}  {'s B':>8}"]
+    lines = [f"{'edit':>4}  {'case':>6}  {'layer A':>7}  {'layer B':>7}  {'max LA diff':>11}  {'margin A':>8}  {'norm diff':>9}  {'s A':>8}  {'s B':>8}"]
     for r in result["per_edit"]:
         lines.append(f"{r['edit']:>4}  {r['case_id']:>6}  {str(r['layer_a']):>7}  {str(r['layer_b']):>7}  "
-                     f"{fmt(r['max_la_relative_difference'], '.1e'):>11}  {fmt(r['update_norm_relative_difference'], '.1e'):>9}  "
+                     f"{fmt(r['max_la_relative_difference'], '.1e'):>11}  {fmt(r['margin_a'], '.1e'):>8}  {fmt(r['update_norm_relative_difference'], '.1e'):>9}  "
                      f"{fmt(r['seconds_a'], '.1f'):>8}  {fmt(r['seconds_b'], '.1f'):>8}")
     lines.append(
         f"{result['edits_compared']} edit(s) compared (A has {result['edits_a']}, B has {result['edits_b']}); "
-        f"same layers: {result['same_layers']}; s/edit A {fmt(result['seconds_per_edit_a'], '.1f')}, "
+        f"same layers: {result['same_layers']}; largest LA difference {fmt(result['max_la_relative_difference'], '.1e')}, "
+        f"smallest margin in A {fmt(result['min_margin_a'], '.1e')}; s/edit A {fmt(result['seconds_per_edit_a'], '.1f')}, "
         f"B {fmt(result['seconds_per_edit_b'], '.1f')}, B/A {fmt(result['b_over_a'], '.2f')}x"
     )
     return "\n".join(lines)
@@ -116,7 +129,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     print(table(result))
     if args.json:
-        args.json.write_text(json.dumps(result, indent=1))
+        write_json_atomic(args.json, result)
     return 0
 
 

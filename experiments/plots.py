@@ -10,9 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -30,6 +28,7 @@ from experiments.summary.metrics import (
     update_norms,
 )
 from experiments.summary.runs import Run
+from util.atomic_files import atomic_path
 
 LOG = logging.getLogger(__name__)
 
@@ -256,16 +255,8 @@ def figure_builders(summary: Summary) -> dict[str, Callable[[], Optional[Figure]
 
 def save_figure(fig: Figure, path: Path, dpi: int = 120) -> None:
     """PNG written to a temporary file and renamed: never a half-written image."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a figure is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_figures(summary: Summary, out_dir: Path, dpi: int = 120) -> SavedPlots:

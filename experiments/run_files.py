@@ -19,17 +19,16 @@ import random
 import re
 import subprocess
 import sys
-import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from util.atomic_files import atomic_path
 from util.globals import REPO_ROOT
 
 RUN_DIR_RE = re.compile(r"^run_(\d{3,})$")
 VERSIONED_PACKAGES = ("torch", "transformers", "numpy", "tokenizers", "safetensors", "gguf", "scipy", "scikit-learn", "nltk")
 TIMING_SUFFIXES = ("seconds", "time")
-FILE_MODE = 0o644  # mkstemp creates 0600; results are meant to be read by others
 RUN_META_FILE = "run.json"
 PARAMS_FILE = "params.json"
 SKIPPED_FILE = "skipped_records.json"
@@ -59,19 +58,9 @@ def read_json(path: Path) -> Any:
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write to a temporary file in the same folder, then rename: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Never a half-written result: see util/atomic_files.py."""
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
 
 
 def existing_runs(alg_dir: Path) -> list[Path]:

@@ -16,15 +16,14 @@ import csv
 import io
 import logging
 import math
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from experiments.run_files import write_json_atomic
 from experiments.summary.metrics import DEFAULT_FLASH_FACTOR, Summary, summarize
 from experiments.summary.runs import available_dir_names, load_runs
+from util.atomic_files import write_text_atomic
 from util.globals import load_paths
 
 LOG = logging.getLogger("experiments.summarize")
@@ -119,19 +118,6 @@ def output_paths(out: Optional[str], results_dir: Path, dir_names: Sequence[str]
     base = Path(out) if out else results_dir / f"summary_{'+'.join(dir_names)}.csv"
     stem = base.with_suffix("") if base.suffix.lower() in (".csv", ".json") else base
     return stem.with_name(stem.name + ".csv"), stem.with_name(stem.name + ".json")
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a table is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _report(summary: Summary) -> None:

@@ -32,6 +32,7 @@ from rome.resources import EditResources, FactorisedCovariance
 from rome.rome_main import default_resources, normalise_request, prepare_request, snapshot_weights
 from util import nethook
 from util.architectures import update_to_weight_shape
+from util.atomic_files import atomic_path
 from util.scoring import model_device
 
 LOG = logging.getLogger(__name__)
@@ -109,10 +110,8 @@ def compute_zs(
 
 
 def _save_z(path: Path, z: torch.Tensor) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, z=z.detach().cpu().numpy())
-    tmp.replace(path)
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.savez(handle, z=z.detach().cpu().numpy())
 
 
 def current_zs(

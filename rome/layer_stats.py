@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -35,6 +33,7 @@ from transformers import PreTrainedTokenizerBase
 from rome.corpus import Corpus, open_corpus
 from util import nethook
 from util.architectures import context_length, weight_out_in
+from util.atomic_files import atomic_path
 from util.globals import Paths
 from util.scoring import model_device, pad_right, pad_token_id
 
@@ -131,8 +130,7 @@ def stats_path(stats_dir: Path, model_slug: str, corpus_slug: str, module: str, 
 
 
 def save_moment(path: Path, moment: SecondMoment) -> None:
-    """Write atomically (temporary file in the same folder, then os.replace)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Written atomically: a concurrent run may be reading the cache."""
     arrays = {
         "mom2.mom2": moment.sum.detach().cpu().numpy(),
         "mom2.count": np.array(moment.count, dtype=np.int64),
@@ -140,14 +138,8 @@ def save_moment(path: Path, moment: SecondMoment) -> None:
     }
     for field in dataclasses.fields(StatsMeta):
         arrays[f"meta.{field.name}"] = np.array(getattr(moment.meta, field.name))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.savez(handle, **arrays)
 
 
 def load_moment(path: Path) -> SecondMoment:

@@ -51,6 +51,10 @@ class FactorisedCovariance:
     singular. The reference inverts it anyway and gets whatever float32 gives; here the smallest
     diagonal jitter (1e-8, 1e-6 or 1e-4 of the mean variance) that makes it factorisable is added,
     with a warning, and a matrix beyond that is refused with advice.
+
+    With ``keep_matrix`` (MEMIT, which solves with lambda C + K K^T, never with C alone) the matrix is
+    held and the factor is made only if something asks C^{-1}: no factorisation is paid for, or
+    refused, that no edit uses.
     """
 
     JITTERS = (1e-8, 1e-6, 1e-4)
@@ -59,6 +63,11 @@ class FactorisedCovariance:
         c = mom2.to(torch.float64)
         if not bool(torch.isfinite(c).all()):
             raise ValueError(f"{name}: the second-moment statistics contain NaN or inf; delete and recollect them")
+        self.name = name
+        self.matrix = c if keep_matrix else None
+        self._factor = None if keep_matrix else self._cholesky(c)
+
+    def _cholesky(self, c: torch.Tensor) -> torch.Tensor:
         factor, info = torch.linalg.cholesky_ex(c)
         scale = c.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
         for relative in self.JITTERS:
@@ -66,13 +75,19 @@ class FactorisedCovariance:
                 break
             jitter = relative * scale
             LOG.warning("%s is not positive definite; adding %.3g (%.0e of its mean variance) to its diagonal",
-                        name, float(jitter), relative)
+                        self.name, float(jitter), relative)
             factor, info = torch.linalg.cholesky_ex(c + jitter * torch.eye(c.shape[0], dtype=c.dtype, device=c.device))
         if int(info) != 0:
-            raise ValueError(f"{name} is singular even with {self.JITTERS[-1]:g} of its mean variance on the diagonal; "
-                             "collect statistics from more samples (mom2_n_samples) or edit without mom2_adjustment")
-        self.factor = factor
-        self.matrix = c if keep_matrix else None
+            raise ValueError(f"{self.name} is singular even with {self.JITTERS[-1]:g} of its mean variance on the "
+                             "diagonal; collect statistics from more samples (mom2_n_samples) or edit without "
+                             "mom2_adjustment")
+        return factor
+
+    @property
+    def factor(self) -> torch.Tensor:
+        if self._factor is None:
+            self._factor = self._cholesky(self.matrix)
+        return self._factor
 
     def solve(self, rhs: torch.Tensor) -> torch.Tensor:
         """C^{-1} rhs for a vector or a matrix of column vectors, in rhs's dtype."""
@@ -83,8 +98,8 @@ class FactorisedCovariance:
 
     @property
     def nbytes(self) -> int:
-        n = self.factor.numel() * self.factor.element_size()
-        return n + (self.matrix.numel() * self.matrix.element_size() if self.matrix is not None else 0)
+        held = [t for t in (self._factor, self.matrix) if t is not None]
+        return sum(t.numel() * t.element_size() for t in held)
 
 
 class EditResources:

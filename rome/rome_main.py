@@ -26,6 +26,7 @@ from rome.resources import EditResources
 from rome.rome_hparams import ROMEHyperParams
 from util import nethook
 from util.architectures import num_layers, update_to_weight_shape
+from util.atomic_files import atomic_path
 from util.globals import load_paths
 from util.scoring import model_device
 
@@ -215,20 +216,18 @@ def apply_rome_to_model(
 
 
 def save_update(path: Path, update: RankOneUpdate) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(
-        tmp,
-        layer=update.layer,
-        module_name=update.module_name,
-        u=update.u.cpu().numpy(),
-        r=update.r.cpu().numpy(),
-        key=update.key.cpu().numpy(),
-        v_star=update.v_star.cpu().numpy(),
-        steps=update.steps,
-        final_loss=update.final_loss,
-    )
-    tmp.replace(path)
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.savez(
+            handle,
+            layer=update.layer,
+            module_name=update.module_name,
+            u=update.u.cpu().numpy(),
+            r=update.r.cpu().numpy(),
+            key=update.key.cpu().numpy(),
+            v_star=update.v_star.cpu().numpy(),
+            steps=update.steps,
+            final_loss=update.final_loss,
+        )
 
 
 def load_update(path: Path, model: nn.Module) -> RankOneUpdate:

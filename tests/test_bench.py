@@ -61,6 +61,9 @@ def test_compare_runs_of_fast_and_reference_evaluations(tmp_path, capsys):
     assert result["seconds_per_edit_a"] > 0 and result["b_over_a"] > 0
     edits = sorted(runs["fast"].glob("edit_*_on_case_*.json"), key=lambda p: int(p.name.split("_")[1]))
     assert result["layers_a"] == [json.loads(p.read_text())["edit"]["layer"] for p in edits]
+    la = sorted(json.loads(edits[0].read_text())["edit"]["layer_adaptability"].values())
+    assert result["per_edit"][0]["margin_a"] == pytest.approx((la[1] - la[0]) / la[0])
+    assert result["min_margin_a"] == min(r["margin_a"] for r in result["per_edit"])
     assert compare_runs.main([str(runs["fast"]), str(runs["reference"])]) == 0
     assert "same layers: True" in capsys.readouterr().out
 

@@ -150,3 +150,18 @@ def test_covariance_solve_is_exact_when_positive_definite_and_regularised_when_s
         FactorisedCovariance(-torch.eye(4, dtype=torch.float64), name="covariance of layer.y")
     with pytest.raises(ValueError, match="NaN"):
         FactorisedCovariance(torch.full((4, 4), float("nan")), name="covariance of layer.z")
+
+
+def test_a_kept_matrix_is_factorised_only_when_something_solves_with_it():
+    from rome.resources import FactorisedCovariance
+
+    unfactorisable = -torch.eye(4, dtype=torch.float64)
+    cov = FactorisedCovariance(unfactorisable, keep_matrix=True, name="covariance of layer.w")  # MEMIT's use: fine
+    assert cov.nbytes == unfactorisable.numel() * 8  # the matrix only, no factor yet
+    with pytest.raises(ValueError, match="layer.w is singular"):
+        cov.solve(torch.ones(4, dtype=torch.float64))
+
+    c = torch.eye(4, dtype=torch.float64) * 2
+    kept = FactorisedCovariance(c, keep_matrix=True)
+    assert torch.allclose(kept.solve(torch.ones(4, dtype=torch.float64)), torch.full((4,), 0.5, dtype=torch.float64))
+    assert kept.nbytes == 2 * c.numel() * 8

@@ -11,8 +11,6 @@ tensors; they are loaded with only transformers' config classes allowed, unless 
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -22,6 +20,7 @@ from torch import nn
 from baselines.mend.editor_hparams import EditorHyperParams
 from baselines.mend.editors import get_editor_kind
 from baselines.mend.functional import inner_params
+from util.atomic_files import atomic_path
 
 LOG = logging.getLogger(__name__)
 FORMAT = "wilke-editor-v1"
@@ -48,15 +47,8 @@ def missing_message(kind: str, hparams: EditorHyperParams, path: Optional[Path],
 
 def save_atomic(path: Path, payload: dict) -> None:
     """torch.save to a temporary file in the same folder, then rename: never a half-written checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _allowed_config_classes(path: Path) -> list[type]:
