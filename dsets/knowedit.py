@@ -28,6 +28,7 @@ from dsets.records import (
     check_on_bad_record,
     collect_records,
     read_json_list,
+    require_fields,
 )
 from util.globals import Paths
 
@@ -60,12 +61,8 @@ def find_knowedit_files(paths: Paths, names: Iterable[str] = KNOWEDIT_FILES) -> 
 
 
 def _check_flat(raw: Any, source: Path, index: int) -> None:
-    case_id = raw.get("case_id", f"<entry {index}>") if isinstance(raw, dict) else f"<entry {index}>"
-    if not isinstance(raw, dict):
-        raise RecordError(source, case_id, "<record>", f"expected an object, got {type(raw).__name__}")
+    case_id = require_fields(raw, source, index, FLAT_FIELDS, id_field="case_id")
     for name in FLAT_FIELDS:
-        if name not in raw:
-            raise RecordError(source, case_id, name, "missing")
         if name != "case_id" and not isinstance(raw[name], str):
             raise RecordError(source, case_id, name, f"expected a string, got {type(raw[name]).__name__}")
 

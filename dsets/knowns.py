@@ -13,7 +13,7 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from dsets.files import as_paths, locate_or_download
-from dsets.records import OnBadRecord, RecordError, collect_records, read_json_list
+from dsets.records import OnBadRecord, RecordError, collect_records, read_json_list, require_fields
 from util.globals import Paths
 
 log = logging.getLogger(__name__)
@@ -24,12 +24,7 @@ KNOWN_FIELDS = ("known_id", "subject", "attribute", "template", "prompt", "relat
 
 def check_known(raw: Any, source: Path, index: int) -> dict:
     """Return ``raw`` unchanged if causal tracing can use it; RecordError (named by known_id) otherwise."""
-    known_id = raw.get("known_id", f"<entry {index}>") if isinstance(raw, dict) else f"<entry {index}>"
-    if not isinstance(raw, dict):
-        raise RecordError(source, known_id, "<record>", f"expected an object, got {type(raw).__name__}")
-    for name in KNOWN_FIELDS:
-        if name not in raw:
-            raise RecordError(source, known_id, name, "missing")
+    known_id = require_fields(raw, source, index, KNOWN_FIELDS, id_field="known_id")
     subject, prompt, template = raw["subject"], raw["prompt"], raw["template"]
     if not isinstance(subject, str) or not subject.strip() or not isinstance(prompt, str) or subject not in prompt:
         raise RecordError(source, known_id, "subject", f"{subject!r} does not occur in prompt {prompt!r}")

@@ -50,6 +50,22 @@ class RecordError(ValueError):
         return (type(self), (self.source, self.case_id, self.field, self.problem))
 
 
+def require_fields(raw: Any, source: str | Path, index: int, fields: Sequence[str], id_field: Optional[str] = None) -> Any:
+    """The id to name ``raw`` by in messages, after checking it is an object holding every field.
+
+    The id is ``raw[id_field]`` when there is one, else ``<entry i>`` (its position in the file), so
+    an error in a file without ids still points at the record.
+    """
+    fallback = f"<entry {index}>" if id_field else index
+    record_id = raw.get(id_field, fallback) if id_field and isinstance(raw, dict) else fallback
+    if not isinstance(raw, dict):
+        raise RecordError(source, record_id, "<record>", f"expected an object, got {type(raw).__name__}")
+    for name in fields:
+        if name not in raw:
+            raise RecordError(source, record_id, name, "missing")
+    return record_id
+
+
 @dataclasses.dataclass(frozen=True)
 class LoadedRecords:
     """Records that passed validation, where they came from, and the case_ids that were skipped."""

@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from dsets.files import as_paths, locate_or_download
-from dsets.records import LoadedRecords, OnBadRecord, RecordError, collect_records, read_json_list
+from dsets.records import LoadedRecords, OnBadRecord, RecordError, collect_records, read_json_list, require_fields
 from util.globals import Paths
 
 log = logging.getLogger(__name__)
@@ -38,11 +38,7 @@ TargetTrue = Literal["pred", "eos"]
 
 
 def _check_mend(raw: Any, source: Path, index: int) -> None:
-    if not isinstance(raw, dict):
-        raise RecordError(source, index, "<record>", f"expected an object, got {type(raw).__name__}")
-    for name in MEND_FIELDS:
-        if name not in raw:
-            raise RecordError(source, index, name, "missing")
+    require_fields(raw, source, index, MEND_FIELDS)
     subject, src = raw["subject"], raw["src"]
     if not isinstance(src, str) or not isinstance(subject, str) or not subject or src.count(subject) != 1:
         raise RecordError(source, index, "subject", f"{subject!r} must occur exactly once in src {src!r}")

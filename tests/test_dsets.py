@@ -307,6 +307,26 @@ def test_flat_record_with_subject_missing_or_repeated(tmp_path: Path) -> None:
     assert find_knowedit_files(make_paths(tmp_path)) == [path]
 
 
+
+def test_records_that_are_not_objects_or_lack_a_field_are_named_in_every_loader(tmp_path: Path) -> None:
+    from dsets.knowns import check_known
+    from dsets.records import require_fields
+
+    src = tmp_path / "f.json"
+    with pytest.raises(RecordError, match=r"f\.json: case_id '<entry 2>': field '<record>': expected an object, got list"):
+        require_fields([1], src, 2, ("a",), id_field="case_id")
+    with pytest.raises(RecordError, match=r"case_id 9: field 'b': missing"):
+        require_fields({"case_id": 9, "a": 1}, src, 0, ("a", "b"), id_field="case_id")
+    with pytest.raises(RecordError, match=r"case_id 3: field 'a': missing"):  # no id field: the position
+        require_fields({}, src, 3, ("a",))
+    assert require_fields({"known_id": 12, "a": 1}, src, 0, ("a",), id_field="known_id") == 12
+    with pytest.raises(RecordError, match=r"case_id 5: field 'template': missing"):
+        check_known({"known_id": 5, "subject": "s", "attribute": "a", "prompt": "s p", "relation_id": "P1"}, src, 0)
+    path = write_json(tmp_path / "counterfact-val.json", [{"case_id": 8, "prompt": "x"}])
+    with pytest.raises(RecordError, match=r"case_id 8: field 'subject': missing"):
+        load_knowedit_file(path)
+
+
 # ---------------------------------------------------------------- known filter
 
 
