@@ -10,7 +10,6 @@ and writes them as JSON. This is how the small models' hparams layers were chose
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Optional, Sequence
 import torch
 
 from experiments.protocol import edit_request
+from experiments.run_files import write_json_atomic
 from experiments.py.eval_utils_counterfact import compute_rewrite_quality_counterfact
 from rome.resources import EditResources
 from rome.rome_hparams import ROMEHyperParams
@@ -50,6 +50,8 @@ def restore(model: torch.nn.Module, orig: dict[str, torch.Tensor]) -> None:
 
 
 def sweep(model, tok, records, hparams: ROMEHyperParams, layers: Sequence[int], resources) -> dict[int, dict]:
+    if hparams.mom2_adjustment:  # every swept layer's statistics in one corpus pass, not one pass each
+        resources.covariances(model, tok, hparams, [hparams.rewrite_module_tmp.format(layer) for layer in layers])
     table = {}
     for layer in layers:
         hp = hparams.replace(layers=[layer])
@@ -64,7 +66,7 @@ def sweep(model, tok, records, hparams: ROMEHyperParams, layers: Sequence[int], 
             restore(model, orig)
         table[layer] = {k: mean([r[k] for r in rows]) for k in rows[0]}
         table[layer].update({"LA": mean(la), "seconds_per_edit": mean(seconds), "n": len(records)})
-        LOG.warning("layer %d: %s", layer, ", ".join(f"{k} {v:.3f}" for k, v in table[layer].items()))
+        LOG.info("layer %d: %s", layer, ", ".join(f"{k} {v:.3f}" for k, v in table[layer].items()))
     return table
 
 
@@ -78,6 +80,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    LOG.setLevel(logging.INFO)  # this sweep's per-layer progress; other modules stay quiet
     from dsets.make_known import build_known_subset
     from dsets.registry import resolve_edit_dataset
     from experiments.protocol import split_records
@@ -94,8 +97,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     records = split_records(ds.records, args.seed, None).edit_stream[: args.n_records]
     table = sweep(model, tok, records, hp, [int(x) for x in args.layers.split(",")], EditResources(paths, slug))
     out = Path(args.out or paths.results_dir / f"layer_sweep_{slug}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": args.model_name, "records": [r["case_id"] for r in records], "layers": table}, indent=1))
+    write_json_atomic(out, {"model": args.model_name, "records": [r["case_id"] for r in records], "layers": table})
     for layer, row in table.items():
         print(f"layer {layer}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()))
     print(f"written {out}")

@@ -165,3 +165,23 @@ def test_a_kept_matrix_is_factorised_only_when_something_solves_with_it():
     kept = FactorisedCovariance(c, keep_matrix=True)
     assert torch.allclose(kept.solve(torch.ones(4, dtype=torch.float64)), torch.full((4,), 0.5, dtype=torch.float64))
     assert kept.nbytes == 2 * c.numel() * 8
+
+
+def test_layer_sweep_collects_every_layers_statistics_in_one_pass_and_restores_the_model(tmp_path, monkeypatch):
+    from experiments import layer_sweep
+    from rome import resources as resources_module
+    from tests.tiny import tiny_records
+
+    world = TinyWorld(tmp_path, "gpt2")
+    hp = ROMEHyperParams.from_json(world.write_hparams("ROME", rank_one_hparams("gpt2", 4)))
+    model, tok = make_model("gpt2"), make_tokenizer()
+    before = {n: w.clone() for n, w in model.named_parameters()}
+    passes = []
+    counting = lambda model, tok, names, **kw: passes.append(list(names)) or real(model, tok, names, **kw)  # noqa: E731
+    real = resources_module.layer_stats
+    monkeypatch.setattr(resources_module, "layer_stats", counting)
+    res = EditResources(load_paths(stats_dir=str(world.stats_dir)), "tiny-gpt2")
+    table = layer_sweep.sweep(model, tok, tiny_records()[:2], hp, [1, 2], res)
+    assert passes == [[hp.rewrite_module_tmp.format(1), hp.rewrite_module_tmp.format(2)]]
+    assert sorted(table) == [1, 2] and all(row["n"] == 2 and row["LA"] > 0 for row in table.values())
+    assert all(torch.equal(w, before[n]) for n, w in model.named_parameters())
