@@ -37,6 +37,7 @@ class EditDataset:
     records: Optional[list[dict]]
     source_path: Path
     skipped_case_ids: tuple[Any, ...] = ()
+    kind: str = "counterfact"  # the record schema, which decides the metrics: "counterfact" or "zsre"
 
     def __iter__(self) -> Iterator[Any]:
         return iter((self.records, self.source_path))
@@ -86,7 +87,7 @@ def _knowedit(paths: Paths, model_slug: str, size: Optional[int], on_bad: OnBadR
 
 def _zsre(paths: Paths, model_slug: str, size: Optional[int], on_bad: OnBadRecord, dl: bool) -> EditDataset:
     ds = MENDQADataset(paths, size=size, split="eval", on_bad_record=on_bad, allow_download=dl)
-    return EditDataset(ds.records, ds.source, ds.skipped_case_ids)
+    return EditDataset(ds.records, ds.source, ds.skipped_case_ids, kind="zsre")
 
 
 DATASETS: dict[str, Callable[..., EditDataset]] = {

@@ -30,7 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from rome.corpus import Corpus, open_corpus
+from editing.corpus import Corpus, open_corpus
 from util import nethook
 from util.architectures import context_length, weight_out_in
 from util.atomic_files import atomic_path

@@ -1,4 +1,7 @@
-"""Where the fact token sits in a prompt, and the representations a module sees there."""
+"""Where the fact token sits in a prompt, and what modules see (keys) and emit (values) there.
+
+Every editor reads these: ROME's k*, MEMIT's and AlphaEdit's key matrices, WilKE's keys of every
+candidate layer (one partial pass), KN's activations."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -65,3 +68,46 @@ def reprs_at_tokens(
             t = traces[m].input if track == "in" else traces[m].first_output
             chunks[m].append(t[rows, cols].detach())
     return {m: torch.cat(v, dim=0) for m, v in chunks.items()}
+
+
+def template_prompts(request: dict, context_templates: Sequence[str]) -> list[str]:
+    """Each context template wrapped around the request's prompt, subject still as '{}'."""
+    return [ctx.format(request["prompt"]) for ctx in context_templates]
+
+
+def keys_and_values(
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    request: dict,
+    templates: Sequence[str],
+    module_names: Sequence[str],
+    fact_token: str,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Mean input (key) and mean output (value) of each module at the fact token over ``templates``.
+
+    One partial forward pass per batch serves every module, so a WilKE scan's keys for all
+    candidate layers cost one pass. Module names must be in forward order.
+    """
+    subject = request["subject"]
+    texts = [t.format(subject) for t in templates]
+    idxs = [fact_token_index(tok, t, subject, fact_token) for t in templates]
+    k = reprs_at_tokens(model, tok, texts, idxs, module_names, track="in")
+    v = reprs_at_tokens(model, tok, texts, idxs, module_names, track="out")
+    return {m: k[m].mean(0) for m in module_names}, {m: v[m].mean(0) for m in module_names}
+
+
+def template_keys(
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    request: dict,
+    context_templates: Sequence[str],
+    module_names: Sequence[str],
+    fact_token: str,
+) -> dict[str, torch.Tensor]:
+    """k* = mean key at the fact token over every context template, for each module."""
+    subject = request["subject"]
+    templates = template_prompts(request, context_templates)
+    texts = [t.format(subject) for t in templates]
+    idxs = [fact_token_index(tok, t, subject, fact_token) for t in templates]
+    reprs = reprs_at_tokens(model, tok, texts, idxs, module_names, track="in")
+    return {m: reprs[m].mean(0) for m in module_names}

@@ -1,4 +1,4 @@
-"""Per-run resources of the rank-one editors: context templates and factorised covariances.
+"""Per-run resources every editor shares: context templates and factorised covariances.
 
 The reference keeps these in module-level caches keyed incompletely (its template cache ignores
 which model made the templates, its inverse-covariance cache ignores corpus and sample count).
@@ -12,13 +12,13 @@ import logging
 import time
 from typing import Any, Optional, Sequence
 
-import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from rome.context_templates import generate_context_templates
-from rome.layer_stats import layer_stats
-from util.globals import Paths
+from editing.context_templates import generate_context_templates
+from editing.covariance import FactorisedCovariance
+from editing.layer_stats import layer_stats
+from util.globals import Paths, load_paths
 
 LOG = logging.getLogger(__name__)
 
@@ -42,64 +42,6 @@ def _stats_key(model_slug: str, hparams: Any, layer_name: str) -> StatsKey:
         max_length=getattr(hparams, "mom2_max_length", None),
         layer_name=layer_name,
     )
-
-
-class FactorisedCovariance:
-    """C = E[k k^T] of one layer's keys, held as its Cholesky factor (float64).
-
-    A covariance from few samples (or keys confined to a subspace, as in tiny random models) can be
-    singular. The reference inverts it anyway and gets whatever float32 gives; here the smallest
-    diagonal jitter (1e-8, 1e-6 or 1e-4 of the mean variance) that makes it factorisable is added,
-    with a warning, and a matrix beyond that is refused with advice.
-
-    With ``keep_matrix`` (MEMIT, which solves with lambda C + K K^T, never with C alone) the matrix is
-    held and the factor is made only if something asks C^{-1}: no factorisation is paid for, or
-    refused, that no edit uses.
-    """
-
-    JITTERS = (1e-8, 1e-6, 1e-4)
-
-    def __init__(self, mom2: torch.Tensor, keep_matrix: bool = False, name: str = "covariance"):
-        c = mom2.to(torch.float64)
-        if not bool(torch.isfinite(c).all()):
-            raise ValueError(f"{name}: the second-moment statistics contain NaN or inf; delete and recollect them")
-        self.name = name
-        self.matrix = c if keep_matrix else None
-        self._factor = None if keep_matrix else self._cholesky(c)
-
-    def _cholesky(self, c: torch.Tensor) -> torch.Tensor:
-        factor, info = torch.linalg.cholesky_ex(c)
-        scale = c.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
-        for relative in self.JITTERS:
-            if int(info) == 0:
-                break
-            jitter = relative * scale
-            LOG.warning("%s is not positive definite; adding %.3g (%.0e of its mean variance) to its diagonal",
-                        self.name, float(jitter), relative)
-            factor, info = torch.linalg.cholesky_ex(c + jitter * torch.eye(c.shape[0], dtype=c.dtype, device=c.device))
-        if int(info) != 0:
-            raise ValueError(f"{self.name} is singular even with {self.JITTERS[-1]:g} of its mean variance on the "
-                             "diagonal; collect statistics from more samples (mom2_n_samples) or edit without "
-                             "mom2_adjustment")
-        return factor
-
-    @property
-    def factor(self) -> torch.Tensor:
-        if self._factor is None:
-            self._factor = self._cholesky(self.matrix)
-        return self._factor
-
-    def solve(self, rhs: torch.Tensor) -> torch.Tensor:
-        """C^{-1} rhs for a vector or a matrix of column vectors, in rhs's dtype."""
-        b = rhs.to(torch.float64, copy=False)
-        col = b.dim() == 1
-        x = torch.cholesky_solve(b[:, None] if col else b, self.factor)
-        return (x[:, 0] if col else x).to(rhs.dtype)
-
-    @property
-    def nbytes(self) -> int:
-        held = [t for t in (self._factor, self.matrix) if t is not None]
-        return sum(t.numel() * t.element_size() for t in held)
 
 
 class EditResources:
@@ -167,3 +109,10 @@ class EditResources:
     @property
     def covariance_bytes(self) -> int:
         return sum(c.nbytes for c in self._covariances.values())
+
+
+def default_resources(model: nn.Module) -> EditResources:
+    """Resources for a model edited outside a run (the apply_<alg>_to_model functions): paths from
+    globals.yml, statistics cached under the model's name."""
+    slug = str(getattr(model.config, "_name_or_path", "") or model.config.model_type).replace("/", "_")
+    return EditResources(load_paths(), slug)

@@ -1,7 +1,9 @@
-"""The value side of a rank-one edit: optimise v* and turn it into ROME's right vector.
+"""The one value optimisation of the project: find the vector that makes a request's target likely.
 
-``optimise_value`` is the one v*-optimisation of the project: ROME injects the delta at the
-output of W_l, MEMIT at a block's output (its z), and WilKE calls ROME's. The loss follows ROME's
+ROME injects the delta at the output of W_l (its v*), MEMIT and AlphaEdit at a block's output (their
+z), and WilKE calls ROME's. ``prepare_request`` does the layer-independent work once per request
+(prompts tokenized, the forward strategy with block inputs captured), so a WilKE scan shares it
+across its candidate layers. The loss follows ROME's
 code: mean target NLL over the rewriting prompts, ``kl_factor`` times the KL divergence at the
 subject token of "{} is a" (as ROME's code computes it, KL(current || initial)), and
 ``v_weight_decay * ||delta|| / ||v0||^2``; Adam; early stop below ``v_early_stop_loss``; after each
@@ -17,10 +19,10 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from editing.forward import PromptBatch, Strategy, verified_forward
+from editing.representations import fact_token_index
 from util import nethook
-from util.architectures import text_config, weight_out_in
-from rome.forward import PromptBatch, Strategy
-from rome.repr_tools import fact_token_index
+from util.architectures import num_layers, text_config, weight_out_in
 from util.scoring import model_device, pad_right, pad_token_id, prompt_ids, target_ids
 
 LOG = logging.getLogger(__name__)
@@ -162,6 +164,38 @@ def _output_width(model: nn.Module, inject_module: str) -> int:
     return int(getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd"))
 
 
-def right_vector(v_star: torch.Tensor, cur_key: torch.Tensor, cur_value: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """ROME step 4: r = (v* - v) / (k . u), so that (W + r u^T) k = v*."""
-    return (v_star - cur_value) / torch.dot(cur_key, u)
+@dataclasses.dataclass
+class PreparedRequest:
+    """A request with its value problem and forward strategy, ready for any injection layer."""
+
+    request: dict
+    context_templates: list[str]
+    problem: ValueProblem
+    forward: Strategy
+
+
+def prepare_request(
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    request: dict,
+    hparams: Any,
+    resources: Any,
+    first_layer: int,
+) -> PreparedRequest:
+    """Templates, tokenized prompts and the fastest verified forward from block ``first_layer`` up."""
+    templates = resources.context_templates(model, tok, hparams)
+    problem = build_value_problem(tok, request, templates, hparams.fact_token, model_device(model))
+    forward = verified_forward(
+        hparams.implementation,
+        model,
+        problem.batch,
+        hparams.layer_module_tmp,
+        num_layers(model),
+        hparams.v_loss_layer,
+        hparams.ln_f_module,
+        first_block=first_layer,
+        probe_module=hparams.rewrite_module_tmp.format(first_layer),
+        checked=resources.forward_checked,
+        anchor_cols=problem.fact_cols,
+    )
+    return PreparedRequest(request, templates, problem, forward)

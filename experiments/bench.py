@@ -32,11 +32,11 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from experiments.protocol import edit_request, swapped_request
-from rome.layer_stats import layer_stats
-from rome.resources import EditResources
+from editing.layer_stats import layer_stats
+from editing.requests import normalise_request, record_request, swapped_request
+from editing.resources import EditResources
 from rome.rome_hparams import ROMEHyperParams
-from rome.rome_main import apply_rome_to_model, normalise_request
+from rome.rome_main import apply_rome_to_model
 from util.globals import load_paths
 from wilke.wilke_hparams import WilKEHyperParams
 from wilke.wilke_main import adaptabilities, apply_wilke_to_model, approximate_choice, choose_layer, scan_layers
@@ -101,7 +101,7 @@ def time_stats(model, tok, hp, slug: str, stats_dir: Path, one_pass: bool, n_sam
 def run_wilke(model, tok, hp, records, resources) -> WilKETrace:
     trace = WilKETrace([], [], [])
     for record in records:
-        request = edit_request(record)
+        request = record_request(record)
         start = time.perf_counter()
         _, orig, result = apply_wilke_to_model(model, tok, [request], hp, return_orig_weights=True, resources=resources)
         layer = result.edits[0].layer
@@ -117,7 +117,7 @@ def run_wilke(model, tok, hp, records, resources) -> WilKETrace:
 def run_rome(model, tok, hp, records, resources) -> list[float]:
     seconds = []
     for record in records:
-        request = edit_request(record)
+        request = record_request(record)
         start = time.perf_counter()
         apply_rome_to_model(model, tok, [request], hp, resources=resources)
         seconds.append(time.perf_counter() - start)
@@ -258,7 +258,7 @@ def bench_approximate(model, tok, wh, records, fresh_resources, store: Optional[
     approx_hp = wh.replace(scan="approximate")
     entries, reused = [], 0
     for i, record in enumerate(records):
-        request = normalise_request(edit_request(record))
+        request = normalise_request(record_request(record))
         entry = store.get(request.get("case_id")) if store else None
         if i % shard[1] != shard[0]:
             if entry is not None:

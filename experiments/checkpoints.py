@@ -10,6 +10,9 @@ beside the delta ("fix" index/value pairs) and written back after the addition.
 
 ``WeightLedger`` remembers the fresh value of every weight the first time an edit changes it
 (``EditOutcome.orig_weights`` of that edit), on the CPU, so no full copy of the model is kept.
+
+The editor's own state (``Editor.state_dict``: AlphaEdit's accumulated keys, say) is stored in the
+same file under ``editor/<key>``, so weights and state are always from the same step.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ LOG = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "weights_checkpoint.safetensors"
 FORMAT_VERSION = "1"
+EDITOR_PREFIX = "editor/"
 
 
 class CheckpointError(ValueError):
@@ -72,8 +76,10 @@ def _write_atomic(tensors: dict[str, torch.Tensor], metadata: dict[str, str], pa
 
 
 @torch.no_grad()
-def save_checkpoint(path: Path, model: nn.Module, ledger: WeightLedger, edit_index: int) -> None:
-    """The deltas of every changed weight after ``edit_index`` edits, replacing any older checkpoint."""
+def save_checkpoint(path: Path, model: nn.Module, ledger: WeightLedger, step: int,
+                    editor_state: Optional[dict[str, torch.Tensor]] = None) -> None:
+    """The deltas of every changed weight (and the editor's state) after ``step`` protocol steps
+    (edits, or batches of edits), replacing any older checkpoint."""
     params = dict(model.named_parameters())
     tensors: dict[str, torch.Tensor] = {}
     n_fixed = 0
@@ -81,23 +87,33 @@ def save_checkpoint(path: Path, model: nn.Module, ledger: WeightLedger, edit_ind
         parts = exact_delta(base, params[name].detach().to("cpu"))
         n_fixed += parts["fix_index"].numel() if "fix_index" in parts else 0
         tensors.update({f"{kind}/{name}": t for kind, t in parts.items()})
-    metadata = {"format": FORMAT_VERSION, "edit_index": str(edit_index), "weights": json.dumps(sorted(ledger.base))}
+    state = {k: v.detach().to("cpu").contiguous() for k, v in (editor_state or {}).items()}
+    tensors.update({f"{EDITOR_PREFIX}{k}": v for k, v in state.items()})
+    metadata = {"format": FORMAT_VERSION, "edit_index": str(step), "weights": json.dumps(sorted(ledger.base)),
+                "editor_state": json.dumps(sorted(state))}
     _write_atomic(tensors, metadata, path)
-    LOG.info("checkpoint after edit %d: %d changed weight(s), %d entries stored exactly, %s",
-             edit_index, len(ledger.base), n_fixed, path.name)
+    LOG.info("checkpoint after step %d: %d changed weight(s), %d entries stored exactly, %d editor tensor(s), %s",
+             step, len(ledger.base), n_fixed, len(state), path.name)
 
 
 def checkpoint_index(path: Path) -> Optional[int]:
-    """How many edits the checkpoint at ``path`` holds, or None when there is none."""
+    """How many protocol steps the checkpoint at ``path`` holds, or None when there is none."""
     if not path.is_file():
         return None
     with safe_open(str(path), framework="pt") as f:
         return int(f.metadata()["edit_index"])
 
 
+def load_editor_state(path: Path) -> dict[str, torch.Tensor]:
+    """The editor state stored with the checkpoint (empty for stateless editors and older files)."""
+    with safe_open(str(path), framework="pt") as f:
+        names = json.loads(f.metadata().get("editor_state", "[]"))
+        return {name: f.get_tensor(f"{EDITOR_PREFIX}{name}") for name in names}
+
+
 @torch.no_grad()
 def load_checkpoint(path: Path, model: nn.Module, ledger: WeightLedger) -> int:
-    """Add the stored deltas to a freshly loaded ``model``; returns the checkpoint's edit index."""
+    """Add the stored deltas to a freshly loaded ``model``; returns the checkpoint's step."""
     params = dict(model.named_parameters())
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from experiments.run_files import write_json_atomic
-from experiments.summary.runs import EditResult, RunFolderError, load_run
+from experiments.summary.run_types import EditResult, RunFolderError
+from experiments.summary.runs import load_run
 
 LOG = logging.getLogger("experiments.compare_runs")
 

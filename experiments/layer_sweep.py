@@ -17,10 +17,10 @@ from typing import Optional, Sequence
 
 import torch
 
-from experiments.protocol import edit_request
-from experiments.run_files import write_json_atomic
+from editing.requests import record_request
+from editing.resources import EditResources
 from experiments.py.eval_utils_counterfact import compute_rewrite_quality_counterfact
-from rome.resources import EditResources
+from experiments.run_files import write_json_atomic
 from rome.rome_hparams import ROMEHyperParams
 from rome.rome_main import apply_rome_to_model
 from util.globals import load_paths
@@ -58,7 +58,7 @@ def sweep(model, tok, records, hparams: ROMEHyperParams, layers: Sequence[int], 
         rows, seconds, la = [], [], []
         for record in records:
             start = time.perf_counter()
-            _, orig = apply_rome_to_model(model, tok, [edit_request(record)], hp, return_orig_weights=True, resources=resources)
+            _, orig = apply_rome_to_model(model, tok, [record_request(record)], hp, return_orig_weights=True, resources=resources)
             seconds.append(time.perf_counter() - start)
             name = next(iter(orig))
             la.append(float((dict(model.named_parameters())[name] - orig[name]).norm() / orig[name].norm()))
@@ -83,7 +83,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     LOG.setLevel(logging.INFO)  # this sweep's per-layer progress; other modules stay quiet
     from dsets.make_known import build_known_subset
     from dsets.registry import resolve_edit_dataset
-    from experiments.protocol import split_records
+    from experiments.protocols.split import split_records
     from util.models import load_model, model_slug
 
     paths = load_paths()

@@ -22,24 +22,28 @@ from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
 from experiments.summary.metrics import (
     COMPONENTS,
     GENERATION_SCORES,
+    LOCALITY_SCORES,
+    PRESERVATION_SCORES,
     PROBABILITY_SCORES,
     Summary,
     toxicity_flashes,
     update_norms,
 )
-from experiments.summary.runs import Run
+from experiments.summary.run_types import Run
 from util.atomic_files import atomic_path
 
 LOG = logging.getLogger(__name__)
 
-SCORE_PANELS = ("S", *COMPONENTS)
-BOUNDED = {*COMPONENTS, "S", *PROBABILITY_SCORES}  # scores that live in [0, 1]
+SCORE_PANELS = ("S", *COMPONENTS, "LU", "PS", "PU")
+BOUNDED = {*COMPONENTS, "S", *PROBABILITY_SCORES, *LOCALITY_SCORES, *PRESERVATION_SCORES}  # in [0, 1]
 TITLES = {
     "S": "S (harmonic mean)", "ES": "ES (edit success)", "GS": "GS (generalisation)",
     "LS": "LS (locality)", "ERS": "ERS (edit retention)", "ORS": "ORS (original retention)",
     "efficacy_score": "efficacy (P[new > true])", "paraphrase_score": "paraphrase (P[new > true])",
     "neighborhood_score": "neighborhood (P[true > new])", "fluency": "fluency (n-gram entropy)",
-    "consistency": "consistency (tf-idf)",
+    "consistency": "consistency (tf-idf)", "LU": "LU (neighbours unchanged)",
+    "LU_tokens": "LU (neighbour tokens unchanged)", "PS": "PS (untouched facts kept)",
+    "PU": "PU (untouched answers unchanged)",
 }
 
 
@@ -192,7 +196,7 @@ def update_norm_figure(summary: Summary, flash_factor: Optional[float] = None, k
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axes[-1].set_xlabel("edit")
+    axes[-1].set_xlabel("edit (sequential runs: batch of edits)")
     return fig
 
 

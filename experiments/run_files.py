@@ -1,7 +1,10 @@
 """The run folder: numbered runs, atomic JSON files, and what makes a run reproducible.
 
-File names of a run (read by the summaries): ``edit_{n}_on_case_{case_id}.json`` per edit,
-``retention_of_edit_{n}.json`` at retention checkpoints, ``run.json`` (what ran, where, with what;
+File names of a run (read by the summaries). Roll-back protocol: ``edit_{n}_on_case_{case_id}.json``
+and ``locality_of_edit_{n}.json`` per edit, ``retention_of_edit_{n}.json`` at retention checkpoints.
+Sequential protocol: ``batch_{b}.json`` per batch of edits, ``evaluation_after_edit_{n}.json`` at
+evaluation checkpoints. Both: ``unedited_predictions.json`` (what unchanged-prediction locality
+compares against), ``run.json`` (what ran, where, with what;
 ``status`` is running/finished/interrupted/failed), ``params.json`` (the hparams),
 ``skipped_records.json`` (bad records left out, with why), ``failure.json`` (what stopped a failed
 run) and the weight checkpoint of experiments/checkpoints.py.
@@ -23,7 +26,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from util.atomic_files import atomic_path
+from util.atomic_files import write_json_atomic  # noqa: F401  (the run files' writer)
 from util.globals import REPO_ROOT
 
 RUN_DIR_RE = re.compile(r"^run_(\d{3,})$")
@@ -43,6 +46,18 @@ def retention_file_name(n: int) -> str:
     return f"retention_of_edit_{n}.json"
 
 
+def locality_file_name(n: int) -> str:
+    return f"locality_of_edit_{n}.json"
+
+
+def batch_file_name(b: int) -> str:
+    return f"batch_{b}.json"
+
+
+def evaluation_file_name(n: int) -> str:
+    return f"evaluation_after_edit_{n}.json"
+
+
 def strip_timing(obj: Any) -> Any:
     """``obj`` without timing fields (keys ending in 'seconds' or 'time'), at any depth."""
     if isinstance(obj, dict):
@@ -55,12 +70,6 @@ def strip_timing(obj: Any) -> Any:
 def read_json(path: Path) -> Any:
     with open(path) as f:
         return json.load(f)
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Never a half-written result: see util/atomic_files.py."""
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
 
 
 def existing_runs(alg_dir: Path) -> list[Path]:

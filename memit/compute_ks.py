@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from rome.compute_u import template_keys
+from editing.representations import template_keys
 
 
 def template_groups(templates: Sequence[str], length_params: Sequence[Sequence[int]]) -> list[list[str]]:

@@ -1,34 +1,28 @@
-"""MEMIT in the lifelong evaluate loop: one request per call, on the fixed layer range."""
+"""MEMIT as a run's editor: a batch of requests, one update spread over the fixed layer range."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Sequence
 
-from torch import nn
-from transformers import PreTrainedTokenizerBase
-
-from experiments.algorithms import EditOutcome
-from memit.memit_hparams import MEMITHyperParams
+from editing.editor import Editor, EditOutcome
 from memit.memit_main import apply_deltas, execute_memit
-from rome.resources import EditResources
 
 
-def memit_edit(
-    model: nn.Module,
-    tok: PreTrainedTokenizerBase,
-    request: dict,
-    hparams: MEMITHyperParams,
-    resources: EditResources,
-    layer: Optional[int] = None,
-) -> EditOutcome:
-    """Edit with one request. ``layer`` is ignored: MEMIT always edits hparams.layers (so does its roll-back)."""
-    update = execute_memit(model, tok, [request], hparams, resources)
-    weights: dict = {}
-    apply_deltas(model, update, weights)
-    details = {
-        "layers": list(hparams.layers),
-        "z_steps": update.z_steps[0],
-        "z_final_loss": update.z_losses[0],
-        "layer_update_norms": {str(d.layer): d.norm for d in update.deltas.values()},
-        "z_errors": {str(d.layer): d.z_error for d in update.deltas.values()},
-    }
-    return EditOutcome(weights, details)
+class MEMITEditor(Editor):
+    batch_edits = True
+
+    def edit(self, requests: Sequence[dict]) -> EditOutcome:
+        update = execute_memit(self.model, self.tok, list(requests), self.hparams, self.resources)
+        weights: dict = {}
+        apply_deltas(self.model, update, weights)
+        return EditOutcome(weights, self.details(update))
+
+    def details(self, update) -> dict:
+        single = update.zs.shape[1] == 1
+        return {
+            "layers": list(self.hparams.layers),
+            # one request: its own numbers (the roll-back protocol's files); a batch: one per request
+            "z_steps": update.z_steps[0] if single else list(update.z_steps),
+            "z_final_loss": update.z_losses[0] if single else list(update.z_losses),
+            "layer_update_norms": {str(d.layer): d.norm for d in update.deltas.values()},
+            "z_errors": {str(d.layer): d.z_error for d in update.deltas.values()},
+        }

@@ -24,12 +24,14 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from editing.covariance import FactorisedCovariance
+from editing.editor import snapshot_weights
+from editing.representations import fact_token_index, reprs_at_tokens
+from editing.requests import normalise_request
+from editing.resources import EditResources, default_resources
+from editing.value_optimisation import optimise_value, prepare_request
 from memit.compute_ks import compute_keys, template_groups
 from memit.memit_hparams import MEMITHyperParams
-from rome.compute_v import optimise_value
-from rome.repr_tools import fact_token_index, reprs_at_tokens
-from rome.resources import EditResources, FactorisedCovariance
-from rome.rome_main import default_resources, normalise_request, prepare_request, snapshot_weights
 from util import nethook
 from util.architectures import update_to_weight_shape
 from util.atomic_files import atomic_path

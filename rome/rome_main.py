@@ -1,8 +1,8 @@
 """ROME: one rank-one update of an MLP output projection per request.
 
-``prepare_request`` does the layer-independent work once (context templates, tokenized prompts,
-the forward strategy with block inputs captured from ``first_layer`` up); ``rome_update_at`` then
-computes the update at any layer. ROME uses one layer; WilKE calls ``rome_update_at`` for every
+``editing.value_optimisation.prepare_request`` does the layer-independent work once (context
+templates, tokenized prompts, the forward strategy with block inputs captured from ``first_layer``
+up); ``rome_update_at`` then computes the update at any layer. ROME uses one layer; WilKE calls ``rome_update_at`` for every
 candidate layer of the same prepared request. ``execute_rome`` leaves the model unchanged;
 ``apply_rome_to_model`` adds the updates.
 """
@@ -19,15 +19,17 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from rome.compute_u import keys_and_values, left_vector, template_keys, template_prompts
-from rome.compute_v import ValueProblem, build_value_problem, optimise_value, right_vector
-from rome.forward import Strategy, verified_forward
-from rome.resources import EditResources
+from editing.editor import snapshot_weights
+from editing.representations import keys_and_values, template_keys, template_prompts
+from editing.requests import normalise_request
+from editing.resources import EditResources, default_resources
+from editing.value_optimisation import PreparedRequest, prepare_request
+from rome.compute_u import left_vector
+from rome.compute_v import compute_v, right_vector
 from rome.rome_hparams import ROMEHyperParams
 from util import nethook
-from util.architectures import num_layers, update_to_weight_shape
+from util.architectures import update_to_weight_shape
 from util.atomic_files import atomic_path
-from util.globals import load_paths
 from util.scoring import model_device
 
 LOG = logging.getLogger(__name__)
@@ -62,49 +64,6 @@ class RankOneUpdate:
         return float(self.r.norm() * self.u.norm())
 
 
-@dataclasses.dataclass
-class PreparedRequest:
-    request: dict
-    context_templates: list[str]
-    problem: ValueProblem
-    forward: Strategy
-
-
-def normalise_request(request: dict) -> dict:
-    """A copy whose targets carry the leading space ROME expects."""
-    req = copy_module.deepcopy(request)
-    for side in ("target_new", "target_true"):
-        if side in req and not req[side]["str"].startswith(" "):
-            req[side]["str"] = " " + req[side]["str"]
-    return req
-
-
-def prepare_request(
-    model: nn.Module,
-    tok: PreTrainedTokenizerBase,
-    request: dict,
-    hparams: ROMEHyperParams,
-    resources: EditResources,
-    first_layer: int,
-) -> PreparedRequest:
-    templates = resources.context_templates(model, tok, hparams)
-    problem = build_value_problem(tok, request, templates, hparams.fact_token, model_device(model))
-    forward = verified_forward(
-        hparams.implementation,
-        model,
-        problem.batch,
-        hparams.layer_module_tmp,
-        num_layers(model),
-        hparams.v_loss_layer,
-        hparams.ln_f_module,
-        first_block=first_layer,
-        probe_module=hparams.rewrite_module_tmp.format(first_layer),
-        checked=resources.forward_checked,
-        anchor_cols=problem.fact_cols,
-    )
-    return PreparedRequest(request, templates, problem, forward)
-
-
 def rome_update_at(
     model: nn.Module,
     tok: PreTrainedTokenizerBase,
@@ -123,7 +82,7 @@ def rome_update_at(
     if hparams.mom2_adjustment:
         cov = resources.covariances(model, tok, hparams, [module_name])[module_name]
     u = left_vector(k_star, cov)
-    value = optimise_value(model, prepared.problem, prepared.forward, module_name, layer, hparams)
+    value = compute_v(model, prepared, hparams, layer)
     if hparams.consistent_keys:
         templates = template_prompts(request, prepared.context_templates)
     else:
@@ -154,23 +113,11 @@ def execute_rome(
     return rome_update_at(model, tok, prepared, hparams, layer, resources)
 
 
-def default_resources(model: nn.Module) -> EditResources:
-    slug = str(getattr(model.config, "_name_or_path", "") or model.config.model_type).replace("/", "_")
-    return EditResources(load_paths(), slug)
-
-
 @torch.no_grad()
 def apply_update(model: nn.Module, update: RankOneUpdate) -> None:
     module = nethook.get_module(model, update.module_name)
     delta = update.delta_out_in().to(module.weight.dtype)
     module.weight.add_(update_to_weight_shape(delta, module))
-
-
-def snapshot_weights(model: nn.Module, weight_names: Sequence[str], into: dict[str, torch.Tensor]) -> None:
-    """Keep a copy of each named weight the first time it is about to change."""
-    for name in weight_names:
-        if name not in into:
-            into[name] = nethook.get_parameter(model, name).detach().clone()
 
 
 def _cached_update(cache_template: Optional[str], layer: int, case_id) -> Optional[Path]:

@@ -8,11 +8,18 @@ it drives matches the reference's, and that it steps aside when it cannot serve 
 import pytest
 import torch
 
-from rome.compute_v import build_value_problem, optimise_value
-from rome.forward import FullForward, PrefixCachedForward, PromptBatch, SuffixForward, agrees_with_full, verified_forward
-from rome.rome_main import normalise_request
-from tests.tiny import EIFFEL_REQUEST, make_model, make_tokenizer, rank_one_hparams
+from editing.forward import (
+    FullForward,
+    PrefixCachedForward,
+    PromptBatch,
+    SuffixForward,
+    agrees_with_full,
+    verified_forward,
+)
+from editing.requests import normalise_request
+from editing.value_optimisation import build_value_problem, optimise_value
 from rome import ROMEHyperParams
+from tests.tiny import EIFFEL_REQUEST, make_model, make_tokenizer, rank_one_hparams
 from util.architectures import num_layers
 
 REQUEST = normalise_request(EIFFEL_REQUEST)

@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
+from editing.requests import normalise_request
+from editing.resources import EditResources
 from memit import MEMITHyperParams, apply_memit_to_model, execute_memit
 from memit.compute_ks import template_groups
 from memit.memit_main import add_delta, current_zs
-from rome.resources import EditResources
-from rome.rome_main import normalise_request
 from tests.tiny import TinyWorld, make_model, make_tokenizer, rank_one_hparams, tiny_records
 from util import nethook
 from util.architectures import update_to_weight_shape

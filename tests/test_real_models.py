@@ -9,8 +9,8 @@ import contextlib
 import pytest
 import torch
 
+from editing.resources import EditResources
 from rome import ROMEHyperParams, apply_rome_to_model
-from rome.resources import EditResources
 from util.globals import REPO_ROOT, load_paths
 from util.scoring import score_targets
 

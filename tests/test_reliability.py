@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import experiments.algorithms as algorithms
 from experiments.checkpoints import WeightLedger, checkpoint_index, load_checkpoint, save_checkpoint
 from experiments.evaluate import cli
 from experiments.run_files import strip_timing
 from tests.tiny import TinyWorld, make_model, rank_one_hparams, tiny_records
+from rome.editor import ROMEEditor
 from util.globals import REPO_ROOT
 
 EDITS = 5
@@ -81,21 +81,22 @@ def assert_same_results(run_dir: Path, reference: Path) -> None:
 
 
 class CountingEdit:
-    """Wraps experiments.algorithms.rome_edit: counts calls, can poison a weight or crash on call k."""
+    """Wraps ROMEEditor.edit (edits and roll-backs): counts calls, can poison a weight or crash on call k."""
 
     def __init__(self, real, poison_call=None, report=True, crash_call=None, sigint_call=None, n_sigint=1):
         self.real, self.calls = real, 0
         self.poison_call, self.report, self.crash_call = poison_call, report, crash_call
         self.sigint_call, self.n_sigint = sigint_call, n_sigint
 
-    def __call__(self, model, tok, request, hparams, resources, layer=None):
+    def __call__(self, editor, requests):
+        model = editor.model
         self.calls += 1
         if self.calls == self.crash_call:
             raise SimulatedKill()
         if self.calls == self.sigint_call:
             for _ in range(self.n_sigint):  # Ctrl-C while the edit runs
                 os.kill(os.getpid(), signal.SIGINT)
-        outcome = self.real(model, tok, request, hparams, resources, layer)
+        outcome = self.real(editor, requests)
         if self.calls == self.poison_call:
             name = next(iter(outcome.orig_weights)) if self.report else "model.layers.2.mlp.down_proj.weight"
             with torch.no_grad():
@@ -107,24 +108,22 @@ class SimulatedKill(BaseException):
     """Stands for SIGKILL: nothing in the run gets to clean up or record a status."""
 
 
+def install(mp, counter: CountingEdit) -> CountingEdit:
+    mp.setattr(ROMEEditor, "edit", lambda editor, requests: counter(editor, requests))
+    return counter
+
+
 @pytest.fixture
 def patched_edit(monkeypatch):
-    original = algorithms.rome_edit
-
-    def install(**kw) -> CountingEdit:
-        wrapper = CountingEdit(original, **kw)
-        monkeypatch.setattr(algorithms, "rome_edit", wrapper)
-        return wrapper
-
-    return install
+    original = ROMEEditor.edit
+    return lambda **kw: install(monkeypatch, CountingEdit(original, **kw))
 
 
 @pytest.fixture(scope="module")
 def reference(world):
     """The uninterrupted run; also records the edit calls and the SIGINT handler around it."""
     with pytest.MonkeyPatch.context() as mp:
-        counter = CountingEdit(algorithms.rome_edit)
-        mp.setattr(algorithms, "rome_edit", counter)
+        counter = install(mp, CountingEdit(ROMEEditor.edit))
         handler = signal.getsignal(signal.SIGINT)
         assert cli(args_for(world, "reference")) == 0
         assert signal.getsignal(signal.SIGINT) is handler
@@ -205,7 +204,7 @@ def test_sigterm_stops_cleanly_and_resume_matches_the_uninterrupted_run(world, r
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
     assert "--continue_from_run run_000" in err
     meta = json.loads((run_dir / "run.json").read_text())
-    stopped = meta["stopped_after_edit"]
+    stopped = meta["stopped_after_step"]
     assert meta["status"] == "interrupted" and 1 <= stopped < EDITS
     assert checkpoint_index(run_dir / "weights_checkpoint.safetensors") == stopped
     assert len(edit_files(run_dir)) == stopped and not list(run_dir.glob(".*tmp"))
@@ -235,9 +234,10 @@ def test_killed_run_resumes_by_replaying_from_the_last_checkpoint(world, referen
     caplog.set_level(logging.INFO)
     patched_edit()
     assert cli(args + ["--continue_from_run=run_000"]) == 0
-    assert "replayed edit 3: identical to" in caplog.text
+    edit_3 = next(iter(run_dir.glob("edit_3_on_case_*.json"))).name
+    assert f"replayed {edit_3}: identical to" in caplog.text
     assert_same_results(run_dir, reference[0])
-    assert json.loads((run_dir / "run.json").read_text())["replayed_edits"] == {"3": True}
+    assert json.loads((run_dir / "run.json").read_text())["replayed_files"] == {edit_3: True, "locality_of_edit_3.json": True}
 
 
 @pytest.mark.parametrize("n_sigint", [1, 2])
@@ -252,7 +252,7 @@ def test_ctrl_c_finishes_or_abandons_the_current_edit(world, patched_edit, n_sig
     finished = 2 if n_sigint == 1 else 1  # once: edit 2 is finished; twice: it is abandoned
     assert meta["status"] == "interrupted" and len(edit_files(run_dir)) == finished
     assert checkpoint_index(run_dir / "weights_checkpoint.safetensors") == finished
-    assert meta.get("stopped_after_edit" if n_sigint == 1 else "stopped_during_edit") == 2
+    assert meta.get("stopped_after_step" if n_sigint == 1 else "stopped_during_step") == 2
 
 
 # --------------------------------------------------------------------------------------------
@@ -267,7 +267,7 @@ def test_nan_stops_the_run_and_keeps_earlier_results(world, reference, patched_e
     run_dir = world.results_dir / dir_name / "run_000"
     failure = json.loads((run_dir / "failure.json").read_text())
     assert failure["edit_index"] == 2 and failure["stage"] == stage and failure["finished_edits"] == 1
-    assert "non-finite" in failure["problem"] and "numerical fault at edit 2" in caplog.text
+    assert "non-finite" in failure["problem"] and "numerical fault at step 2" in caplog.text
     assert set(edit_files(run_dir)) == {p for p in edit_files(reference[0]) if p.startswith("edit_1_")}
     name = next(iter(edit_files(run_dir)))
     assert strip_timing(json.loads((run_dir / name).read_text())) == strip_timing(json.loads((reference[0] / name).read_text()))

@@ -4,11 +4,13 @@ import json
 import pytest
 import torch
 
+from editing.context_templates import generate_context_templates
+from editing.representations import template_keys
+from editing.resources import EditResources
 from rome import ROMEHyperParams, apply_rome_to_model, execute_rome
-from rome.compute_u import template_keys
-from rome.context_templates import generate_context_templates
-from rome.resources import EditResources
-from tests.tiny import EIFFEL_PROMPT as PROMPT, EIFFEL_REQUEST as REQUEST, TinyWorld, make_model, make_tokenizer, rank_one_hparams
+from tests.tiny import EIFFEL_PROMPT as PROMPT
+from tests.tiny import EIFFEL_REQUEST as REQUEST
+from tests.tiny import TinyWorld, make_model, make_tokenizer, rank_one_hparams
 from util import nethook
 from util.globals import load_paths
 from util.scoring import score_targets
@@ -130,7 +132,7 @@ def test_evaluate_cli_writes_valid_per_edit_json(tmp_path):
 
 
 def test_covariance_solve_is_exact_when_positive_definite_and_regularised_when_singular(caplog):
-    from rome.resources import FactorisedCovariance
+    from editing.covariance import FactorisedCovariance
 
     g = torch.Generator().manual_seed(0)
     keys = torch.randn(200, 8, generator=g, dtype=torch.float64)
@@ -153,7 +155,7 @@ def test_covariance_solve_is_exact_when_positive_definite_and_regularised_when_s
 
 
 def test_a_kept_matrix_is_factorised_only_when_something_solves_with_it():
-    from rome.resources import FactorisedCovariance
+    from editing.covariance import FactorisedCovariance
 
     unfactorisable = -torch.eye(4, dtype=torch.float64)
     cov = FactorisedCovariance(unfactorisable, keep_matrix=True, name="covariance of layer.w")  # MEMIT's use: fine
@@ -168,8 +170,8 @@ def test_a_kept_matrix_is_factorised_only_when_something_solves_with_it():
 
 
 def test_layer_sweep_collects_every_layers_statistics_in_one_pass_and_restores_the_model(tmp_path, monkeypatch):
+    from editing import resources as resources_module
     from experiments import layer_sweep
-    from rome import resources as resources_module
     from tests.tiny import tiny_records
 
     world = TinyWorld(tmp_path, "gpt2")

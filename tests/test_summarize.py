@@ -84,7 +84,9 @@ def direct_scores(run_dir: Path, n: int) -> dict[str, float]:
         return float(np.mean(per_edit))
 
     retention = json.loads((run_dir / f"retention_of_edit_{n}.json").read_text())
+    unchanged = [json.loads((run_dir / f"locality_of_edit_{i}.json").read_text())["post"] for i in range(1, n + 1)]
     scores = {"ES": correct("rewrite"), "GS": correct("paraphrase"), "LS": correct("neighborhood"),
+              "LU": float(np.mean([np.mean(u["neighborhood_prompts_unchanged"]) for u in unchanged])),
               "ERS": retention["edit_retention"] / n, "ORS": retention["orig_retention"] / retention["orig_retention_len"],
               "efficacy_score": prob("rewrite", True), "paraphrase_score": prob("paraphrase", True),
               "neighborhood_score": prob("neighborhood", False)}
@@ -332,3 +334,92 @@ def test_notebook_runs_headless(results, tmp_path):
     assert len(images) >= 5  # scores, ROME scores, WilKE histogram and heat map, update norms
     text = "".join(o.get("text", "") for o in outputs)
     assert "4 run(s) of ROME, WilKE" in text and "WilKE/run_001" in text and "skipped" not in text
+
+
+# ------------------------------------------------------------------------------------------------
+# Sequential runs
+
+
+SEQ_SEEDS = (1, 2)
+
+
+@pytest.fixture(scope="module")
+def sequential_results(tmp_path_factory) -> Path:
+    """results/MEMIT_seq/run_00{0,1}: sequential MEMIT on a tiny GPT-2, batches of 2, 4 edits."""
+    import torch
+
+    from experiments.evaluate import main
+
+    world = TinyWorld(tmp_path_factory.mktemp("sequential_world"), "gpt2")
+    hp = world.write_hparams("MEMIT", rank_one_hparams("gpt2", 4, layers=[1, 2], mom2_update_weight=100.0,
+                                                       context_template_length_params=[[10, 5]], v_num_grad_steps=8))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for seed in SEQ_SEEDS:
+            main(world.cli_args("MEMIT", hp, dataset_size_limit=10, edit_times=4, seed=seed, protocol="sequential",
+                                num_edits=2, dir_name="MEMIT_seq"))
+    finally:
+        torch.set_num_threads(threads)
+    return world.results_dir
+
+
+def direct_sequential_scores(run_dir: Path, n: int) -> dict[str, float]:
+    evaluation = json.loads((run_dir / f"evaluation_after_edit_{n}.json").read_text())
+    posts = [r["post"] for r in evaluation["records"]]
+
+    def mean_of(key):
+        return float(np.mean([np.mean(p[key]) for p in posts]))
+
+    kept = evaluation["preservation"]
+    return {"ES": mean_of("rewrite_prompts_correct"), "GS": mean_of("paraphrase_prompts_correct"),
+            "LS": mean_of("neighborhood_prompts_correct"), "LU": mean_of("neighborhood_prompts_unchanged"),
+            "LU_tokens": mean_of("neighborhood_prompts_unchanged_tokens"),
+            "efficacy_score": float(np.mean([np.mean([q["target_new"] < q["target_true"] for q in p["rewrite_prompts_probs"]])
+                                             for p in posts])),
+            "PS": kept["retained"] / kept["n_records"], "PU": kept["unchanged"] / kept["n_records"]}
+
+
+def test_sequential_summary_matches_direct_computation(sequential_results):
+    from experiments.summary.metrics import summarize
+    from experiments.summary.runs import load_runs
+
+    loaded = load_runs(sequential_results, ["MEMIT_seq"])
+    assert [r.protocol for r in loaded.runs] == ["sequential", "sequential"] and not loaded.skipped
+    summary = summarize(loaded)
+    assert [r["checkpoint"] for r in summary.rows] == [2, 4]
+    for row in summary.rows:
+        n = row["checkpoint"]
+        per_run = [direct_sequential_scores(sequential_results / "MEMIT_seq" / f"run_{i:03d}", n) for i in range(2)]
+        for metric in per_run[0]:
+            values = [s[metric] for s in per_run]
+            assert row[f"{metric}_mean"] == pytest.approx(np.mean(values), abs=1e-12), (n, metric)
+            assert row[f"{metric}_std"] == pytest.approx(np.std(values), abs=1e-12), (n, metric)
+        assert math.isnan(row["ERS_mean"]) and math.isnan(row["S_mean"])
+    assert {"LU", "PS", "PU"} <= set(summary.present_metrics()) and "ERS" not in summary.present_metrics()
+
+
+def test_sequential_plots_and_cli(sequential_results, tmp_path):
+    proc = run_cli("--dir_name", "MEMIT_seq", "--results_dir", str(sequential_results), "--out",
+                   str(tmp_path / "t.csv"), "--plots", str(tmp_path / "plots"))
+    assert proc.returncode == 0, proc.stderr
+    assert "MEMIT_seq" in proc.stdout and "PU" in proc.stdout
+    for name in ("scores.png", "update_norms.png"):
+        assert (tmp_path / "plots" / name).stat().st_size > 5000, name
+
+
+def test_notebook_runs_headless_on_sequential_runs(sequential_results, tmp_path):
+    import nbformat
+
+    env = {**os.environ, "WILKE_RESULTS_DIR": str(sequential_results), "WILKE_SUMMARY_DIR_NAMES": "MEMIT_seq"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "nbconvert", "--execute", "--to", "notebook", "--ExecutePreprocessor.kernel_name=python3",
+         "--ExecutePreprocessor.timeout=300", "--output-dir", str(tmp_path), "--output", "executed", str(NOTEBOOK)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    nb = nbformat.read(tmp_path / "executed.ipynb", as_version=4)
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    text = "".join(o.get("text", "") for o in outputs)
+    assert "2 run(s) of MEMIT_seq" in text and "in 2 batchs" not in text and "flash(es) in 2 batches" in text

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from rome.resources import EditResources
+from editing.resources import EditResources
 from tests.tiny import TinyWorld, make_model, make_tokenizer, rank_one_hparams
 from util import nethook
 from util.globals import load_paths
@@ -127,7 +127,7 @@ def test_protocol_run_makes_exactly_n_edits_with_retention_at_checkpoints(tmp_pa
 
 def test_approximate_choice_read_off_an_exact_scan_equals_the_approximate_scan():
     """One exact scan predicts what every (grad_steps, top_k) approximate scan chooses."""
-    from rome.rome_main import normalise_request
+    from editing.requests import normalise_request
     from tests.tiny import tiny_records
     from wilke.wilke_main import adaptabilities, approximate_choice, choose_layer
 

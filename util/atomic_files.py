@@ -9,10 +9,11 @@ disk, and renames it over the destination only when the write finished.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import uuid
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 SHARED_FILE_MODE = 0o644  # results and caches are meant to be read by the other users of a machine
 
@@ -46,3 +47,9 @@ def atomic_path(path: Path, mode: Optional[int] = SHARED_FILE_MODE) -> Iterator[
 def write_text_atomic(path: Path, text: str, mode: Optional[int] = SHARED_FILE_MODE) -> None:
     with atomic_path(path, mode) as tmp:
         tmp.write_text(text)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """A JSON file (indent 1) that is never half-written."""
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)

@@ -117,3 +117,16 @@ class HyperParams:
 
     def replace(self: T, **changes: Any) -> T:
         return dataclasses.replace(self, **{k: _freeze(v) for k, v in changes.items()})
+
+
+def resolve_hparams_file(hparams_dir: Path, alg: str, fname: str | None, model_slug: str) -> Path:
+    """``fname`` when it is a file, else ``<hparams_dir>/<alg>/<fname or model_slug.json>``."""
+    name = fname or f"{model_slug}.json"
+    given = Path(name)
+    if given.is_file():
+        return given
+    path = Path(hparams_dir) / alg / name
+    if not path.is_file():
+        available = sorted(p.name for p in (Path(hparams_dir) / alg).glob("*.json"))
+        raise HParamsError(f"hyperparameter file {path} does not exist; available for {alg}: {available}")
+    return path

@@ -70,6 +70,8 @@ def pad_token_id(tok: PreTrainedTokenizerBase) -> int:
 class TargetScore:
     nll: float  # mean negative log-likelihood per target token
     correct: bool  # greedy decoding reproduces every target token
+    token_correct: tuple[bool, ...] = ()  # per target token: argmax == that token (zsRE's accuracy)
+    argmax: tuple[int, ...] = ()  # the argmax token at each target position (teacher forced)
 
 
 @torch.no_grad()
@@ -103,15 +105,14 @@ def score_targets(
         logp = torch.log_softmax(logits.float(), dim=-1)
         gold_t = torch.tensor(gold, device=device)
         token_nll = -logp.gather(1, gold_t[:, None]).squeeze(1)
-        token_ok = logits.argmax(-1) == gold_t
+        argmax = logits.argmax(-1)
+        token_ok = (argmax == gold_t).tolist()
+        argmax = argmax.tolist()
         offset = 0
         for t in t_ids:
             n = len(t)
-            results.append(
-                TargetScore(
-                    nll=float(token_nll[offset : offset + n].mean()),
-                    correct=bool(token_ok[offset : offset + n].all()),
-                )
-            )
+            ok = tuple(bool(v) for v in token_ok[offset : offset + n])
+            results.append(TargetScore(nll=float(token_nll[offset : offset + n].mean()), correct=all(ok),
+                                       token_correct=ok, argmax=tuple(argmax[offset : offset + n])))
             offset += n
     return results

@@ -22,19 +22,12 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from rome.compute_u import template_keys
-from rome.resources import EditResources
-from rome.rome_main import (
-    PreparedRequest,
-    RankOneUpdate,
-    apply_update,
-    default_resources,
-    execute_rome,
-    normalise_request,
-    prepare_request,
-    rome_update_at,
-    snapshot_weights,
-)
+from editing.editor import snapshot_weights
+from editing.representations import template_keys
+from editing.requests import normalise_request
+from editing.resources import EditResources, default_resources
+from editing.value_optimisation import PreparedRequest, prepare_request
+from rome.rome_main import RankOneUpdate, apply_update, execute_rome, rome_update_at
 from util import nethook
 from util.architectures import num_layers, weight_out_in
 from wilke.wilke_hparams import WilKEHyperParams

@@ -1,34 +1,24 @@
-"""FT / FT-L in the lifelong evaluate loop: one request per call."""
+"""FT / FT-L as a run's editor: fine-tune hparams.layers on a batch of requests."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Sequence
 
-from torch import nn
-from transformers import PreTrainedTokenizerBase
-
-from baselines.ft.ft_hparams import FTHyperParams
 from baselines.ft.ft_main import apply_deltas, execute_ft
-from experiments.algorithms import EditOutcome
-from rome.resources import EditResources
+from editing.editor import Editor, EditOutcome
 
 
-def ft_edit(
-    model: nn.Module,
-    tok: PreTrainedTokenizerBase,
-    request: dict,
-    hparams: FTHyperParams,
-    resources: EditResources,
-    layer: Optional[int] = None,
-) -> EditOutcome:
-    """Fine-tune on one request. ``resources`` and ``layer`` are unused: FT trains hparams.layers."""
-    update = execute_ft(model, tok, [request], hparams)
-    weights: dict = {}
-    apply_deltas(model, update, weights)
-    details = {
-        "layers": list(hparams.layers),
-        "norm_constraint": hparams.norm_constraint,
-        "epochs": update.epochs,
-        "final_loss": update.final_loss,
-        "max_abs_change": max(float(d.abs().max()) for d in update.deltas.values()),
-    }
-    return EditOutcome(weights, details)
+class FTEditor(Editor):
+    batch_edits = True
+
+    def edit(self, requests: Sequence[dict]) -> EditOutcome:
+        update = execute_ft(self.model, self.tok, list(requests), self.hparams)
+        weights: dict = {}
+        apply_deltas(self.model, update, weights)
+        details = {
+            "layers": list(self.hparams.layers),
+            "norm_constraint": self.hparams.norm_constraint,
+            "epochs": update.epochs,
+            "final_loss": update.final_loss,
+            "max_abs_change": max(float(d.abs().max()) for d in update.deltas.values()),
+        }
+        return EditOutcome(weights, details)

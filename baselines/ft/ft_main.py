@@ -22,8 +22,9 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from baselines.ft.ft_hparams import FTHyperParams
-from rome.compute_v import KL_PROMPT
-from rome.rome_main import normalise_request, snapshot_weights
+from editing.editor import snapshot_weights
+from editing.requests import normalise_request
+from editing.value_optimisation import KL_PROMPT
 from util import nethook
 from util.scoring import final_hidden, lm_logits, model_device, pad_right, pad_token_id, prompt_ids, target_ids
 

@@ -10,7 +10,7 @@ where the scaled activation replaces a at the last token only (one scaled copy p
 knowledge-neurons code patches GPT-2's ``mlp.c_fc`` output (before the GELU); here the patched
 quantity is the projection's input, the neuron of the value-vector edit, for every architecture.
 Because only block l and above see the patch, the fast forward starts at block l and reads
-logits at one position (rome.forward.SuffixForward, checked against the full pass once per model).
+logits at one position (editing.forward.SuffixForward, checked against the full pass once per model).
 """
 from __future__ import annotations
 
@@ -22,9 +22,9 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from baselines.kn.kn_hparams import KNHyperParams
-from rome.forward import PromptBatch, verified_forward
-from rome.repr_tools import reprs_at_tokens
-from rome.resources import EditResources
+from editing.forward import PromptBatch, verified_forward
+from editing.representations import reprs_at_tokens
+from editing.resources import EditResources
 from util import nethook
 from util.architectures import num_layers, weight_out_in
 from util.scoring import model_device, prompt_ids

@@ -24,9 +24,10 @@ from transformers import PreTrainedTokenizerBase
 
 from baselines.kn.attribution import Neuron, coarse_neurons, refined_neurons, target_scores
 from baselines.kn.kn_hparams import KNHyperParams
-from rome.compute_u import template_prompts
-from rome.resources import EditResources
-from rome.rome_main import default_resources, normalise_request, snapshot_weights
+from editing.editor import snapshot_weights
+from editing.representations import template_prompts
+from editing.requests import normalise_request
+from editing.resources import EditResources, default_resources
 from util import nethook
 from util.architectures import num_layers, weight_out_in
 from util.scoring import final_hidden, lm_logits, model_device, prompt_ids, target_ids

@@ -3,7 +3,7 @@ that map fine-tuning gradient factors of chosen MLP weights to weight updates.
 
 - ``python -m baselines.mend.train --editor MEND|KE --model_name M --ds_name zsre|counterfact``
 - ``MendRewriteExecutor().apply_to_model(model, tok, request, hparams)`` (ROME's API)
-- ``experiments.evaluate --alg_name MEND`` through ``baselines.mend.adapter.mend_edit``
+- ``experiments.evaluate --alg_name MEND`` through ``baselines.mend.editor.MENDEditor``
 """
 from baselines.mend.executor import EditorExecutor, MendRewriteExecutor
 from baselines.mend.mend_hparams import MENDHyperParams

@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from rome.forward import PromptBatch
+from editing.forward import PromptBatch
 from util.scoring import pad_right, pad_token_id, prompt_ids, target_ids
 
 INNER, OUTER, LOC = "inner", "outer", "loc"

@@ -1,45 +1,30 @@
-"""The evaluate loop's adapters for the trained editors ('MEND' and 'KE' in experiments/algorithms.py).
+"""MEND as a run's editor (and the base of KE's): the trained network is loaded once per run and kept.
 
 Loading an editor (hundreds of MB for the official GPT2-XL/GPT-J files) once per edit would dominate
-a run, so each run keeps one executor per editor kind. The run's ``EditResources`` object is what
-the loop passes to every edit, so the executors are kept in a weak mapping keyed by it: they live
-exactly as long as the run, and a new run (or a new model: see ``EditorExecutor.init_model``)
-never sees a stale editor.
+a run, so the editor object holds one executor for the run's lifetime.
 """
 from __future__ import annotations
 
-import weakref
-from typing import Optional
+from typing import ClassVar, Sequence
 
-from torch import nn
-from transformers import PreTrainedTokenizerBase
-
-from baselines.mend.editor_hparams import EditorHyperParams
 from baselines.mend.executor import EditorExecutor
-from experiments.algorithms import EditOutcome
-from rome.resources import EditResources
-from rome.rome_main import snapshot_weights
-
-_RUN_EXECUTORS: "weakref.WeakKeyDictionary[EditResources, dict[str, EditorExecutor]]" = weakref.WeakKeyDictionary()
+from editing.editor import Editor, EditOutcome, snapshot_weights
 
 
-def executor_for(resources: EditResources, kind: str) -> EditorExecutor:
-    per_run = _RUN_EXECUTORS.setdefault(resources, {})
-    if kind not in per_run:
-        per_run[kind] = EditorExecutor(kind)
-    return per_run[kind]
+class TrainedEditor(Editor):
+    kind: ClassVar[str]
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.executor = EditorExecutor(self.kind)
+
+    def edit(self, requests: Sequence[dict]) -> EditOutcome:
+        request = self._one_request(requests)
+        orig: dict = {}
+        snapshot_weights(self.model, self.hparams.inner_params, orig)
+        result = self.executor.edit(self.model, self.tok, request, self.hparams)
+        return EditOutcome(orig, {"editor": self.kind, "archive": self.executor.archive, **result.details()})
 
 
-def editor_edit(kind: str, model: nn.Module, tok: PreTrainedTokenizerBase, request: dict,
-                hparams: EditorHyperParams, resources: EditResources) -> EditOutcome:
-    executor = executor_for(resources, kind)
-    orig: dict = {}
-    snapshot_weights(model, hparams.inner_params, orig)
-    result = executor.edit(model, tok, request, hparams)
-    return EditOutcome(orig, {"editor": kind, "archive": executor.archive, **result.details()})
-
-
-def mend_edit(model: nn.Module, tok: PreTrainedTokenizerBase, request: dict, hparams: EditorHyperParams,
-              resources: EditResources, layer: Optional[int] = None) -> EditOutcome:
-    """One MEND edit (``layer`` is ignored: MEND edits every weight in hparams.inner_params)."""
-    return editor_edit("MEND", model, tok, request, hparams, resources)
+class MENDEditor(TrainedEditor):
+    kind = "MEND"

@@ -29,7 +29,7 @@ from baselines.mend.functional import (
     inner_params,
     token_nll,
 )
-from rome.rome_main import snapshot_weights
+from editing.editor import snapshot_weights
 from util import nethook
 from util.scoring import model_device
 

@@ -8,7 +8,7 @@ gradient of the loss w.r.t. the layer output there; ``gradient_factors`` returns
 ``EditRunner`` evaluates the model on one ``EditBatch`` with replacement weights through
 ``torch.func.functional_call``, so a loss after the edit is differentiable w.r.t. the editor that
 produced the update (MEND's training needs this; the reference uses ``higher``'s monkey-patching).
-The fast strategy reuses ``rome.forward.SuffixForward``'s captured block inputs: an edit of
+The fast strategy reuses ``editing.forward.SuffixForward``'s captured block inputs: an edit of
 blocks l..L-1 cannot change the residual stream entering block l, so that prefix is computed once
 per batch and every pass re-runs only the edited blocks and the vocabulary projection at the read
 positions. The reference strategy runs the whole model each time; the two are compared once per model.
@@ -25,7 +25,7 @@ from torch import nn
 from torch.func import functional_call
 
 from baselines.mend.batches import INNER, EditBatch
-from rome.forward import SuffixForward
+from editing.forward import SuffixForward
 from util import nethook
 from util.architectures import arch_of, is_transposed, num_layers, weight_out_in
 from util.scoring import lm_logits

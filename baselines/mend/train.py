@@ -20,9 +20,8 @@ from baselines.mend.checkpoints import EditorCheckpointMismatchError
 from baselines.mend.data import training_examples
 from baselines.mend.editors import EDITORS, get_editor_kind
 from baselines.mend.trainer import EditorTrainer
-from experiments.evaluate import resolve_hparams_path
 from util.globals import load_paths
-from util.hparams import HParamsError
+from util.hparams import HParamsError, resolve_hparams_file
 
 LOG = logging.getLogger("baselines.mend.train")
 
@@ -54,7 +53,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     kind = get_editor_kind(args.editor)
     paths = load_paths(data_dir=args.data_dir)
     slug = model_slug(args.model_name)
-    hparams_path = resolve_hparams_path(paths, kind.name, args.hparams_fname, slug)
+    hparams_path = resolve_hparams_file(paths.hparams_dir, kind.name, args.hparams_fname, slug)
     hparams = kind.load_hparams_class().from_json(hparams_path)
     overrides = {k: getattr(args, k) for k in ("train_steps", "val_interval", "val_records") if getattr(args, k) is not None}
     if args.ds_name:

@@ -46,7 +46,7 @@ from baselines.mend.functional import (
     token_nll,
 )
 from baselines.mend.metrics import kl_loc_loss, locality_unchanged, mean, sequences_correct
-from experiments.run_files import write_json_atomic
+from util.atomic_files import write_json_atomic
 from util.scoring import model_device
 
 LOG = logging.getLogger(__name__)

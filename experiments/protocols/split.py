@@ -1,7 +1,6 @@
-"""The WilKE lifelong protocol: which records are edited, rolled back and checked for retention."""
+"""Which records a run edits and which it only watches: the split every protocol starts from."""
 from __future__ import annotations
 
-import copy
 import dataclasses
 import random
 from typing import Sequence
@@ -14,8 +13,8 @@ from util.scoring import score_targets
 
 @dataclasses.dataclass(frozen=True)
 class ProtocolSplit:
-    """Known records shuffled with ``seed``: the first half is the edit stream and the
-    edit-retention set, the second half the original-retention set."""
+    """Known records shuffled with ``seed``: the first half is the edit stream (and the edit-retention
+    set), the second half the original-retention set, which no protocol ever edits."""
 
     seed: int
     n_known: int
@@ -41,30 +40,24 @@ def split_records(records: Sequence[dict], seed: int, size_limit: int | None) ->
     return ProtocolSplit(seed, len(records), shuffled[:half], shuffled[half:])
 
 
+def powers_of_two(limit: int) -> list[int]:
+    return [2**k for k in range(limit.bit_length() + 1) if 2**k <= limit]
+
+
 def retention_checkpoints(edit_times: int) -> list[int]:
-    """Powers of two and multiples of 50, up to ``edit_times``."""
-    points = {2**k for k in range(edit_times.bit_length() + 1) if 2**k <= edit_times}
-    points |= set(range(50, edit_times + 1, 50))
-    return sorted(points)
+    """Powers of two and multiples of 50, up to ``edit_times`` (the WilKE reference's)."""
+    return sorted(set(powers_of_two(edit_times)) | set(range(50, edit_times + 1, 50)))
 
 
-def swapped_request(request: dict) -> dict:
-    """The roll-back request: the same prompt with target_new and target_true exchanged."""
-    back = copy.deepcopy(request)
-    back["target_new"], back["target_true"] = request["target_true"], request["target_new"]
-    return back
-
-
-def edit_request(record: dict) -> dict:
-    request = copy.deepcopy(record["requested_rewrite"])
-    request["case_id"] = record["case_id"]
-    return request
+def retention_prompt(record: dict) -> tuple[str, str]:
+    """The record's filled prompt and the answer it had before editing (target_true)."""
+    rw = record["requested_rewrite"]
+    return rw["prompt"].format(rw["subject"]), rw["target_true"]["str"]
 
 
 def count_retained(model: nn.Module, tok: PreTrainedTokenizerBase, records: Sequence[dict]) -> int:
     """How many records' prompts the model still completes greedily with target_true."""
     if not records:
         return 0
-    prompts = [r["requested_rewrite"]["prompt"].format(r["requested_rewrite"]["subject"]) for r in records]
-    targets = [r["requested_rewrite"]["target_true"]["str"] for r in records]
-    return sum(s.correct for s in score_targets(model, tok, prompts, targets))
+    prompts, targets = zip(*(retention_prompt(r) for r in records))
+    return sum(s.correct for s in score_targets(model, tok, list(prompts), list(targets)))

@@ -1,6 +1,6 @@
 """The numbers of a lifelong-editing summary (ALGORITHMS.md, 'Summary (the WilKE notebooks)').
 
-At checkpoint n of a run:
+Roll-back protocol, at checkpoint n of a run:
 - ES, GS, LS: mean over edits 1..n of each edit's mean of rewrite / paraphrase / neighborhood
   ``*_prompts_correct`` (greedy decoding reproduces the expected target);
 - ERS = edit_retention / n and ORS = orig_retention / orig_retention_len (``retention_of_edit_n``);
@@ -10,7 +10,15 @@ At checkpoint n of a run:
   rewrite prompts, paraphrase_score likewise, neighborhood_score = P[nll(true) < nll(new)];
 - fluency (``ngram_entropy``) and consistency (``reference_score``) averaged over the edits that
   have them (generation tests may be skipped or run every k edits);
-- flashes: how many of edits 1..n are toxicity flashes (``toxicity_flashes``).
+- flashes: how many of edits 1..n are toxicity flashes (``toxicity_flashes``);
+- LU, locality as unchanged prediction: mean over edits 1..n of the share of neighbourhood prompts
+  the edited model answers as the unedited one did (``locality_of_edit_{n}.json``); LU_tokens the
+  same over answer tokens (EasyEdit's locality).
+Sequential protocol, at checkpoint n (``evaluation_after_edit_{n}.json``, every record edited so far
+on the model after n edits): ES, GS, LS, LU, LU_tokens and ROME's probability scores averaged over
+those records (zsRE: token accuracies), PS = share of the untouched records still answered with
+target_true, PU = share answered as the unedited model did, fluency/consistency where generated,
+flashes over the batches so far. ERS, ORS and S are roll-back measures and stay empty there.
 An edit with no prompt of a kind (e.g. no paraphrases) is left out of that kind's mean. Across runs:
 mean and population standard deviation (ddof=0, numpy's default) over the runs that reach n.
 """
@@ -22,12 +30,16 @@ from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
-from experiments.summary.runs import EditResult, LoadedRuns, Run, SkippedRun
+from experiments.summary.run_types import EditResult, LoadedRuns, Run, SkippedRun
 
 COMPONENTS = ("ES", "GS", "LS", "ERS", "ORS")
 PROBABILITY_SCORES = ("efficacy_score", "paraphrase_score", "neighborhood_score")
 GENERATION_SCORES = {"fluency": "ngram_entropy", "consistency": "reference_score"}
-METRICS = (*COMPONENTS, "S", *PROBABILITY_SCORES, *GENERATION_SCORES, "flashes")
+LOCALITY_SCORES = {"LU": "neighborhood_prompts_unchanged", "LU_tokens": "neighborhood_prompts_unchanged_tokens"}
+PRESERVATION_SCORES = ("PS", "PU")
+METRICS = (*COMPONENTS, "S", *LOCALITY_SCORES, *PRESERVATION_SCORES, *PROBABILITY_SCORES, *GENERATION_SCORES,
+           "flashes")
+OPTIONAL_METRICS = {*LOCALITY_SCORES, *PRESERVATION_SCORES, *GENERATION_SCORES, "ERS", "ORS", "S"}
 ZERO_AS = 1e-4
 DEFAULT_FLASH_FACTOR = 5.0
 CORRECT_KEYS = {"ES": "rewrite", "GS": "paraphrase", "LS": "neighborhood"}
@@ -60,6 +72,8 @@ def per_edit_scores(edit: EditResult) -> dict[str, float]:
     """One edit's means over its prompts (NaN for a kind it has no prompts or values of)."""
     post = edit.post
     scores = {name: _mean(post[f"{kind}_prompts_correct"]) for name, kind in CORRECT_KEYS.items()}
+    for name, key in LOCALITY_SCORES.items():
+        scores[name] = _mean(post[key]) if isinstance(post.get(key), list) else math.nan
     for name, (kind, new_wins) in PROBABILITY_KEYS.items():
         pairs = [_nll_pair(p) for p in post.get(f"{kind}_prompts_probs") or []]
         scores[name] = _mean((new < true) if new_wins else (true < new) for new, true in pairs)
@@ -92,17 +106,39 @@ def update_norms(run: Run, key: str = "update_norm") -> list[float]:
     return out
 
 
+def _column_means(rows: Sequence[dict[str, float]]) -> dict[str, float]:
+    """NaN-ignoring mean of each per-edit score over ``rows`` (NaN when no row has it)."""
+    scores: dict[str, float] = {}
+    for name in (*CORRECT_KEYS, *LOCALITY_SCORES, *PROBABILITY_KEYS, *GENERATION_SCORES):
+        column = np.array([e[name] for e in rows], dtype=float)
+        scores[name] = float(np.nanmean(column)) if not np.all(np.isnan(column)) else math.nan
+    return scores
+
+
+def sequential_scores(run: Run, n: int, flash_factor: float = DEFAULT_FLASH_FACTOR) -> dict[str, float]:
+    """Every metric of a sequential run after n edits: its evaluation of all records edited so far."""
+    evaluation = run.evaluations[n]
+    rows = [per_edit_scores(EditResult(i, "", post, {}, None)) for i, post in enumerate(evaluation.posts, start=1)]
+    scores = {m: math.nan for m in METRICS}
+    scores.update(_column_means(rows))
+    kept = evaluation.preservation
+    if kept["n_records"]:
+        scores["PS"], scores["PU"] = kept["retained"] / kept["n_records"], kept["unchanged"] / kept["n_records"]
+    batches = sum(1 for end in run.batch_ends if end <= n)
+    scores["flashes"] = float(sum(toxicity_flashes(update_norms(run)[:batches], flash_factor)))
+    return scores
+
+
 def checkpoint_scores(run: Run, n: int, per_edit: Optional[list[dict[str, float]]] = None,
                       flash_factor: float = DEFAULT_FLASH_FACTOR) -> dict[str, float]:
-    """Every metric of ``run`` at checkpoint n (which must have a retention file)."""
-    if n not in run.retention or n > run.n_edits:
+    """Every metric of ``run`` at checkpoint n (which must have a retention or evaluation file)."""
+    if n not in run.checkpoints or n > run.n_edits:
         raise KeyError(f"{run.label} has no checkpoint {n}")
+    if run.protocol == "sequential":
+        return sequential_scores(run, n, flash_factor)
     per_edit = per_edit if per_edit is not None else [per_edit_scores(e) for e in run.edits]
-    first_n = per_edit[:n]
-    scores: dict[str, float] = {}
-    for name in (*CORRECT_KEYS, *PROBABILITY_KEYS, *GENERATION_SCORES):
-        column = np.array([e[name] for e in first_n], dtype=float)
-        scores[name] = float(np.nanmean(column)) if not np.all(np.isnan(column)) else math.nan
+    scores = {m: math.nan for m in METRICS}
+    scores.update(_column_means(per_edit[:n]))
     ret = run.retention[n]
     scores["ERS"] = ret.edit_retention / n
     scores["ORS"] = ret.orig_retention / ret.orig_retention_len if ret.orig_retention_len else math.nan
@@ -130,8 +166,8 @@ class Summary:
         return [r for r in self.runs if r.algorithm == algorithm]
 
     def present_metrics(self) -> list[str]:
-        """METRICS without the generation scores that no run has."""
-        return [m for m in METRICS if m not in GENERATION_SCORES
+        """METRICS without the optional ones (generation, locality, protocol-specific) that no row has."""
+        return [m for m in METRICS if m not in OPTIONAL_METRICS
                 or any(not _isnan(r.get(f"{m}_mean")) for r in self.rows)]
 
 
@@ -162,16 +198,16 @@ def summarize(loaded: LoadedRuns, checkpoints: Optional[Sequence[int]] = None,
     notes: list[str] = []
     rows, per_run = [], []
     for algorithm, runs in loaded.by_algorithm().items():
-        per_edit = {r.label: [per_edit_scores(e) for e in r.edits] for r in runs}
+        per_edit = {r.label: [per_edit_scores(e) for e in r.edits] for r in runs if r.protocol == "rollback"}
         points = sorted(checkpoints) if checkpoints else sorted({n for r in runs for n in r.checkpoints})
         for n in points:
             run_rows = []
             for run in runs:
-                if n not in run.retention:
-                    notes.append(f"{run.label}: no retention_of_edit_{n}.json (it has {run.n_edits} edits, "
+                if n not in run.checkpoints:
+                    notes.append(f"{run.label}: no checkpoint {n} (it has {run.n_edits} edits, "
                                  f"checkpoints {run.checkpoints}); left out of checkpoint {n}")
                     continue
-                scores = checkpoint_scores(run, n, per_edit[run.label], flash_factor)
+                scores = checkpoint_scores(run, n, per_edit.get(run.label), flash_factor)
                 run_rows.append({"algorithm": algorithm, "run": run.name, "checkpoint": n, **scores})
             per_run += run_rows
             rows.append(_aggregate(algorithm, n, run_rows))

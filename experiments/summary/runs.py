@@ -1,5 +1,9 @@
 """Reading run folders written by ``experiments.evaluate`` (one per ``results/<dir_name>/run_NNN``).
 
+Roll-back runs are read here; sequential runs (run.json ``protocol: sequential``) by
+``experiments.summary.sequential_runs``, into the same ``Run`` shape: one ``EditResult`` per batch
+(its ``edit`` holds the update norms) and an ``Evaluation`` per checkpoint.
+
 A summary must never silently average a half-written or damaged run into the others, and must
 never crash because one folder is bad: every problem becomes a ``RunFolderError`` naming the
 file, and ``load_runs`` turns it into a ``SkippedRun`` that the caller reports.
@@ -19,103 +23,31 @@ retention file not yet written after the last edit is tolerated).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import re
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
-from experiments.run_files import FAILURE_FILE, PARAMS_FILE, RUN_DIR_RE, RUN_META_FILE
+from experiments.run_files import PARAMS_FILE, RUN_DIR_RE, RUN_META_FILE
+from experiments.summary.run_types import (
+    PROMPT_KINDS,
+    EditResult,
+    LoadedRuns,
+    Retention,
+    Run,
+    RunFolderError,
+    SkippedRun,
+    _incomplete_reason,
+    _read_object,
+    _short_list,
+)
+from experiments.summary.sequential_runs import load_sequential_run
 
 LOG = logging.getLogger(__name__)
 
 EDIT_FILE_RE = re.compile(r"^edit_(\d+)_on_case_(.+)\.json$")
 RETENTION_FILE_RE = re.compile(r"^retention_of_edit_(\d+)\.json$")
-PROMPT_KINDS = ("rewrite", "paraphrase", "neighborhood")
 RETENTION_FIELDS = ("edit_retention", "edit_retention_len", "orig_retention", "orig_retention_len")
-
-
-class RunFolderError(ValueError):
-    """A run folder that cannot be summarised as it is; the message says which file and why."""
-
-
-@dataclasses.dataclass(frozen=True)
-class EditResult:
-    """One ``edit_{n}_on_case_{id}.json``: metrics after the edit and what the edit did."""
-
-    index: int
-    case_id: str
-    post: dict[str, Any]
-    edit: dict[str, Any]
-    rollback: Optional[dict[str, Any]]
-
-
-@dataclasses.dataclass(frozen=True)
-class Retention:
-    """One ``retention_of_edit_{n}.json``: how many facts survive after n edits."""
-
-    edit_index: int
-    edit_retention: int
-    edit_retention_len: int
-    orig_retention: int
-    orig_retention_len: int
-
-
-@dataclasses.dataclass(frozen=True)
-class Run:
-    algorithm: str  # the results sub-folder (--dir_name), which is the algorithm's name by default
-    name: str  # run_NNN
-    path: Path
-    meta: dict[str, Any]  # run.json ({} when absent)
-    params: dict[str, Any]  # params.json ({} when absent)
-    edits: tuple[EditResult, ...]  # edits[i].index == i + 1
-    retention: dict[int, Retention]
-    partial: bool = False  # fewer edits than run.json's edit_times (allowed only on request)
-
-    @property
-    def n_edits(self) -> int:
-        return len(self.edits)
-
-    @property
-    def checkpoints(self) -> list[int]:
-        return sorted(self.retention)
-
-    @property
-    def label(self) -> str:
-        return f"{self.algorithm}/{self.name}"
-
-
-@dataclasses.dataclass(frozen=True)
-class SkippedRun:
-    path: Path
-    reason: str
-
-
-@dataclasses.dataclass
-class LoadedRuns:
-    runs: list[Run] = dataclasses.field(default_factory=list)
-    skipped: list[SkippedRun] = dataclasses.field(default_factory=list)
-
-    def by_algorithm(self) -> dict[str, list[Run]]:
-        """Runs grouped by algorithm, in the order the algorithms were asked for."""
-        groups: dict[str, list[Run]] = {}
-        for run in self.runs:
-            groups.setdefault(run.algorithm, []).append(run)
-        return groups
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RunFolderError(f"{path.name}: unreadable JSON ({e})") from None
-
-
-def _read_object(path: Path) -> dict[str, Any]:
-    obj = _read_json(path)
-    if not isinstance(obj, dict):
-        raise RunFolderError(f"{path.name}: expected a JSON object, found {type(obj).__name__}")
-    return obj
 
 
 def _read_edit(path: Path, index: int, case_id: str) -> EditResult:
@@ -166,28 +98,19 @@ def _read_edits(path: Path) -> list[EditResult]:
     gaps = sorted(set(range(1, max(found) + 1)) - set(found))
     if gaps:
         raise RunFolderError(f"missing edit files for edit(s) {_short_list(gaps)}")
-    return [_read_edit(found[n], n, EDIT_FILE_RE.match(found[n].name).group(2)) for n in sorted(found)]
+    edits = [_read_edit(found[n], n, EDIT_FILE_RE.match(found[n].name).group(2)) for n in sorted(found)]
+    return [_with_locality(path, e) for e in edits]
 
 
-def _short_list(values: Sequence[int], limit: int = 8) -> str:
-    shown = ", ".join(str(v) for v in values[:limit])
-    return shown + (f", ... ({len(values)} in all)" if len(values) > limit else "")
-
-
-def _incomplete_reason(path: Path, meta: dict[str, Any], n_edits: int) -> Optional[str]:
-    """Why the run is unfinished (None when it is finished), from run.json and failure.json."""
-    status, planned = meta.get("status"), meta.get("edit_times")
-    if isinstance(planned, int) and n_edits > planned:
-        raise RunFolderError(f"{n_edits} edit files but run.json says edit_times {planned}")
-    if status not in (None, "finished"):
-        reason = f"run.json status is {status!r}"
-        if (path / FAILURE_FILE).is_file():
-            failure = _read_json(path / FAILURE_FILE)
-            reason += f" ({failure.get('problem', 'see failure.json')})" if isinstance(failure, dict) else ""
-        return f"{reason}, {n_edits} of {planned if isinstance(planned, int) else '?'} edits"
-    if isinstance(planned, int) and n_edits < planned:
-        return f"incomplete: {n_edits} of {planned} edits"
-    return None
+def _with_locality(path: Path, edit: EditResult) -> EditResult:
+    """The edit with its unchanged-prediction locality (``locality_of_edit_{n}.json``) in its post."""
+    f = path / f"locality_of_edit_{edit.index}.json"
+    if not f.is_file():
+        return edit  # runs of earlier versions, or of the reference code
+    extra = _read_object(f).get("post")
+    if not isinstance(extra, dict):
+        raise RunFolderError(f"{f.name}: no 'post' object")
+    return dataclasses.replace(edit, post={**edit.post, **extra})
 
 
 def load_run(path: Path, algorithm: str, allow_partial: bool = False) -> Run:
@@ -197,6 +120,8 @@ def load_run(path: Path, algorithm: str, allow_partial: bool = False) -> Run:
         raise RunFolderError("no such run folder")
     meta = _read_object(path / RUN_META_FILE) if (path / RUN_META_FILE).exists() else {}
     params = _read_object(path / PARAMS_FILE) if (path / PARAMS_FILE).exists() else {}
+    if meta.get("protocol") == "sequential":
+        return load_sequential_run(path, algorithm, meta, params, allow_partial)
     edits = _read_edits(path)
     n_edits = len(edits)
     unfinished = _incomplete_reason(path, meta, n_edits)

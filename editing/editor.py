@@ -1,0 +1,87 @@
+"""The editor contract: one object per run and algorithm, which edits the model and keeps its state.
+
+A run builds its editor once from (model, tokenizer, hparams, run resources), then calls
+``edit(requests)`` for every batch and, under the roll-back protocol, ``rollback`` after each edit.
+An editor that keeps something between edits (AlphaEdit's keys of earlier edits, a trained
+network's state) exposes it through ``state_dict`` / ``load_state_dict``: the run saves it with the
+weight checkpoints, so a resumed run continues exactly where the killed one stopped.
+
+Adding a method is one package whose editor subclasses ``Editor``, one entry in
+experiments/algorithms.py and its hparams files.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, Sequence
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from editing.requests import swapped_request
+from util import nethook
+
+
+@dataclasses.dataclass
+class EditOutcome:
+    """What one ``edit`` did: the original value of every weight it changed, and JSON-ready details
+    (WilKE: the chosen layer and every LA; MEMIT: per-layer norms). The run measures update norms
+    from ``orig_weights``, so every method's files show a toxicity flash the same way."""
+
+    orig_weights: dict[str, torch.Tensor]
+    details: dict[str, Any]
+
+
+class Editor:
+    """Base class of every method's editor; subclasses implement ``edit``.
+
+    ``batch_edits``: whether one ``edit`` call takes several requests at once (MEMIT's batches); a
+    method that edits one fact at a time (ROME, WilKE) says False and the protocols never give it more.
+    """
+
+    batch_edits: ClassVar[bool] = False
+
+    def __init__(self, model: nn.Module, tok: PreTrainedTokenizerBase, hparams: Any, resources: Any):
+        self.model, self.tok, self.hparams, self.resources = model, tok, hparams, resources
+
+    def edit(self, requests: Sequence[dict]) -> EditOutcome:
+        raise NotImplementedError
+
+    def rollback(self, requests: Sequence[dict], outcome: EditOutcome) -> EditOutcome:
+        """Undo ``outcome`` the WilKE way: edit again with the targets swapped (weights never restored)."""
+        return self.edit([swapped_request(r) for r in requests])
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """What the method keeps between edits (nothing, for most methods)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no state between edits, but a checkpoint holds {sorted(state)}")
+
+    def _one_request(self, requests: Sequence[dict]) -> dict:
+        if len(requests) != 1:
+            raise ValueError(f"{type(self).__name__} edits one fact at a time; got a batch of {len(requests)}")
+        return requests[0]
+
+
+def snapshot_weights(model: nn.Module, weight_names: Sequence[str], into: dict[str, torch.Tensor]) -> None:
+    """Keep a copy of each named weight the first time it is about to change."""
+    for name in weight_names:
+        if name not in into:
+            into[name] = nethook.get_parameter(model, name).detach().clone()
+
+
+@torch.no_grad()
+def update_norms(model: nn.Module, orig_weights: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """||W_new - W_old||_F per changed weight, their total, and the total relative to ||W_old||."""
+    params = dict(model.named_parameters())
+    per = {}
+    total_sq, base_sq = 0.0, 0.0
+    for name, old in orig_weights.items():
+        diff = float((params[name].detach().to(old.device) - old).norm())
+        per[name] = diff
+        total_sq += diff**2
+        base_sq += float(old.norm()) ** 2
+    total = total_sq**0.5
+    return {"update_norm": total, "relative_update_norm": total / base_sq**0.5 if base_sq else 0.0, "per_weight": per}

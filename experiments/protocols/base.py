@@ -1,0 +1,149 @@
+"""What every protocol shares: the run's context, the checked edit, and the files a step writes.
+
+A protocol decides which records are edited when, whether edits are rolled back, and what is
+evaluated where; the run loop (experiments/run_loop.py) decides nothing of that: it calls
+``step(i)`` for i = 1..n_steps and checkpoints the weights (and the editor's state) between steps.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Optional, Sequence
+
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from editing.editor import Editor, EditOutcome, update_norms
+from experiments.checkpoints import WeightLedger
+from experiments.faults import check_weights
+from experiments.protocols.split import ProtocolSplit, retention_prompt
+from experiments.py.dataset_metrics import DatasetMetrics
+from experiments.py.locality import argmax_answers, unchanged
+from experiments.run_files import read_json, strip_timing, write_json_atomic
+
+LOG = logging.getLogger(__name__)
+UNEDITED_FILE = "unedited_predictions.json"
+
+
+@dataclasses.dataclass
+class RunContext:
+    """What a protocol works with: the model and its editor, the records, the run folder."""
+
+    model: nn.Module
+    tok: PreTrainedTokenizerBase
+    editor: Editor
+    metrics: DatasetMetrics
+    split: ProtocolSplit
+    edit_times: int
+    run_dir: Path
+    generation: Optional[Any] = None  # experiments.py.generation_metrics.GenerationTests
+    generation_interval: int = 1
+    conserve_memory: bool = False
+    ledger: WeightLedger = dataclasses.field(default_factory=WeightLedger)
+    replays: dict[str, bool] = dataclasses.field(default_factory=dict)  # file -> same as the killed run's
+
+    def edit(self, apply: Callable[[], EditOutcome], stage: str) -> tuple[EditOutcome, dict]:
+        """Run one edit (or roll-back), check its weights, and measure its update."""
+        start = time.perf_counter()
+        outcome = apply()
+        if self.conserve_memory:
+            outcome.orig_weights = {k: v.cpu() for k, v in outcome.orig_weights.items()}
+        self.ledger.note(outcome.orig_weights)
+        check_weights(self.model, list(outcome.orig_weights), stage)
+        info = {**outcome.details, **update_norms(self.model, outcome.orig_weights), "seconds": time.perf_counter() - start}
+        return outcome, info
+
+    def generation_for(self, n: int) -> Optional[Any]:
+        """The generation tests for the record edited n-th (every ``generation_interval``-th record)."""
+        return self.generation if self.generation is not None and (n - 1) % self.generation_interval == 0 else None
+
+    def write(self, name: str, result: dict) -> None:
+        """Write a result file; when a resumed run replays a step, say whether it matches the old file."""
+        path = self.run_dir / name
+        if path.is_file():
+            same = strip_timing(read_json(path)) == strip_timing(_json_roundtrip(result))
+            self.replays[name] = same
+            (LOG.info if same else LOG.warning)("replayed %s: %s the interrupted run's", name,
+                                                "identical to" if same else "DIFFERENT from")
+        write_json_atomic(path, result)
+
+
+def _json_roundtrip(obj: Any) -> Any:
+    import json
+
+    return json.loads(json.dumps(obj))
+
+
+class UneditedAnswers:
+    """The unedited model's answers that unchanged-prediction locality compares against.
+
+    Read once on the freshly loaded model, before any edit, and kept in ``unedited_predictions.json``
+    so a resumed run (whose model already carries edits) compares against the same answers.
+    """
+
+    def __init__(self, ctx: RunContext, watched: Sequence[dict]):
+        self.ctx = ctx
+        self.path = ctx.run_dir / UNEDITED_FILE
+        self.watched = list(watched)
+        self.neighborhood: dict[str, list[list[int]]] = {}
+        self.retention: dict[str, list[int]] = {}
+
+    def load_or_compute(self) -> None:
+        if self.path.is_file():
+            data = read_json(self.path)
+            self.neighborhood, self.retention = data["neighborhood"], data["retention"]
+            return
+        ctx = self.ctx
+        for record in ctx.split.edit_stream[: ctx.edit_times]:
+            self.neighborhood[str(record["case_id"])] = argmax_answers(ctx.model, ctx.tok, ctx.metrics.neighborhood_pairs(record))
+        answers = argmax_answers(ctx.model, ctx.tok, [retention_prompt(r) for r in self.watched])
+        self.retention = {str(r["case_id"]): a for r, a in zip(self.watched, answers)}
+        write_json_atomic(self.path, {"neighborhood": self.neighborhood, "retention": self.retention})
+
+    def locality(self, record: dict) -> dict[str, list]:
+        """Unchanged-prediction locality of ``record``'s neighbourhood prompts on the current model."""
+        ctx = self.ctx
+        now = argmax_answers(ctx.model, ctx.tok, ctx.metrics.neighborhood_pairs(record))
+        return unchanged(self.neighborhood[str(record["case_id"])], now)
+
+    def retention_unchanged(self, records: Sequence[dict]) -> int:
+        """How many of ``records`` (watched ones) the current model answers as the unedited one did."""
+        now = argmax_answers(self.ctx.model, self.ctx.tok, [retention_prompt(r) for r in records])
+        return sum(list(a) == self.retention[str(r["case_id"])] for r, a in zip(records, now))
+
+
+class Protocol:
+    """One way of running edits; subclasses define the steps and the files they write."""
+
+    name: ClassVar[str]
+
+    def __init__(self, ctx: RunContext):
+        self.ctx = ctx
+
+    @property
+    def n_steps(self) -> int:
+        raise NotImplementedError
+
+    def step(self, i: int) -> None:
+        raise NotImplementedError
+
+    def prepare(self) -> None:
+        """Work on the unedited model before step 1 (called before a resumed run restores weights)."""
+
+    def checkpoint_steps(self) -> set[int]:
+        """Steps after which the weights are always checkpointed (where evaluations are written)."""
+        return set()
+
+    def first_unfinished_step(self) -> int:
+        """1 + the number of leading steps whose files exist."""
+        raise NotImplementedError
+
+    def step_records(self, i: int) -> list[dict]:
+        """The records step i edits (for failure reports)."""
+        raise NotImplementedError
+
+    def run_fields(self) -> dict:
+        """What run.json records about the protocol (its settings, case ids, checkpoints)."""
+        return {"protocol": self.name}

@@ -1,0 +1,46 @@
+"""zsRE metrics of one record on the current model (ROME/MEMIT's ``compute_rewrite_quality_zsre``).
+
+For the rewrite prompt and each paraphrase: for every token i of " target_new", whether the argmax
+after prompt + target[:i] is target[i] (teacher forced); the neighbourhood prompt (an NQ question
+followed by "?") is checked the same way against its answer ``loc_ans``. Each ``*_prompts_correct``
+is the flat list of those token verdicts, so its mean is ROME's token-by-token accuracy.
+
+One difference from ROME's code: ROME re-tokenizes ``prompt + decode(target[:i])`` for every i;
+here the prompt's and the target's token ids are concatenated and scored in one pass. The two agree
+whenever the tokenizer does not merge across the prompt/target boundary (targets start with a space).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from util.scoring import score_targets
+
+
+def neighborhood_pairs(record: dict) -> list[tuple[str, str]]:
+    """(prompt, answer) of each neighbourhood entry: ``{"prompt": ..., "target": ...}`` dicts."""
+    return [(n["prompt"], n["target"]) for n in record.get("neighborhood_prompts") or []]
+
+
+def compute_rewrite_quality_zsre(
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    record: dict,
+    generation: Optional[Any] = None,
+) -> dict:
+    """Token-by-token accuracies of ``record``; ``generation`` is not used (zsRE has no generation prompts)."""
+    rw = record["requested_rewrite"]
+    new = rw["target_new"]["str"]
+    groups = {
+        "rewrite_prompts": [(rw["prompt"].format(rw["subject"]), new)],
+        "paraphrase_prompts": [(p, new) for p in record.get("paraphrase_prompts") or []],
+        "neighborhood_prompts": neighborhood_pairs(record),
+    }
+    pairs = [pair for kind in groups for pair in groups[kind]]
+    scores = iter(score_targets(model, tok, [p for p, _ in pairs], [t for _, t in pairs]) if pairs else [])
+    out: dict[str, Any] = {}
+    for kind, kind_pairs in groups.items():
+        out[f"{kind}_correct"] = [ok for _ in kind_pairs for ok in next(scores).token_correct]
+    return out

@@ -1,0 +1,286 @@
+"""Everything decided before a run starts: flags, algorithm, hparams, corpus, dataset, protocol.
+
+Every input is checked before the model is loaded where possible; a failure is a ``BadInputError``
+saying what is wrong, where, and how to fix it (exit code 2), and nothing has been edited by then.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+from dsets.records import RecordError
+from dsets.registry import EditDataset
+from experiments.algorithms import ALGORITHMS, Algorithm, get_algorithm
+from experiments.protocols import PROTOCOLS
+from experiments.protocols.sequential import check_eval_checkpoints, default_eval_checkpoints
+from experiments.protocols.split import ProtocolSplit, split_records
+from experiments.py.dataset_metrics import DatasetMetrics, metrics_for
+from experiments.py.generation_metrics import GenerationTests, load_consistency_reference
+from experiments.resume import check_resumable, newest_unfinished_run, resolve_run_ref
+from util import models
+from util.architectures import check_hparams_against_model
+from util.globals import Paths, load_paths
+from util.hparams import HParamsError, resolve_hparams_file
+
+LOG = logging.getLogger("experiments.evaluate")
+# Exceptions that mean "this input cannot be used" while the run is being set up.
+BAD_INPUT_ERRORS = (HParamsError, ValueError, FileNotFoundError, models.ModelUnavailableError)
+
+
+class BadInputError(ValueError):
+    def __init__(self, what: str, message: str, fix: str):
+        self.what, self.message, self.fix = what, message, fix
+        super().__init__(f"bad {what}: {message}\n  how to fix: {fix}")
+
+
+@contextlib.contextmanager
+def bad_input(what: str, fix: str) -> Iterator[None]:
+    """Turn the usual input exceptions raised inside the block into a BadInputError."""
+    try:
+        yield
+    except BadInputError:
+        raise
+    except KeyError as e:
+        raise BadInputError(what, e.args[0] if e.args else str(e), fix) from e
+    except BAD_INPUT_ERRORS as e:
+        raise BadInputError(what, str(e), fix) from e
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    positive = ("dataset_size_limit", "checkpoint_every", "generation_test_interval", "generation_max_out_len",
+                "generation_n_per_prompt", "edit_times", "num_threads", "num_edits")
+    for name in positive:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise BadInputError(f"flag --{name}", f"is {value}", "give a positive integer")
+
+
+def check_protocol_flags(args: argparse.Namespace, algorithm: Algorithm) -> None:
+    """--protocol and the flags that only the sequential protocol takes."""
+    if args.protocol not in PROTOCOLS:
+        raise BadInputError("flag --protocol", f"is {args.protocol!r}", f"use one of {', '.join(PROTOCOLS)}")
+    if args.protocol == "rollback" and (args.num_edits != 1 or args.eval_checkpoints):
+        raise BadInputError("flags --num_edits / --eval_checkpoints", "are for --protocol sequential",
+                            "add --protocol sequential, or drop them (the roll-back protocol edits one record at a time)")
+    if args.num_edits > 1 and not algorithm.load_editor_class().batch_edits:
+        raise BadInputError("flag --num_edits", f"{algorithm.name} edits one fact at a time",
+                            "use --num_edits 1 (batches need a batch editor: MEMIT, FT, ...)")
+
+
+def load_hparams(args: argparse.Namespace, paths: Paths, algorithm: Algorithm, slug: str) -> tuple[Any, Path]:
+    path = resolve_hparams_file(paths.hparams_dir, algorithm.name, args.hparams_fname, slug)
+    hparams = algorithm.load_hparams_class().from_json(path)
+    if args.implementation and hasattr(hparams, "implementation"):
+        hparams = hparams.replace(implementation=args.implementation)
+    return hparams, path
+
+
+def check_statistics_corpus(hparams: Any, hparams_path: Path, paths: Paths) -> None:
+    """The corpus of the second-moment statistics must be reachable before hours of editing start."""
+    from editing.corpus import CorpusNotFoundError, open_corpus
+
+    name = getattr(hparams, "mom2_dataset", None)
+    if name is None or not getattr(hparams, "mom2_adjustment", True):
+        return
+    try:
+        open_corpus(name, paths)
+    except CorpusNotFoundError as e:
+        raise BadInputError("statistics corpus", f"{hparams_path}: field 'mom2_dataset': {e}",
+                            "install or point 'mom2_dataset' at an existing corpus (see editing/corpus.py for the names)") from None
+
+
+class _RecordErrorLog(logging.Handler):
+    """Collects the RecordErrors the dsets loaders log when they skip a bad record."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.errors: list[RecordError] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if isinstance(record.args, tuple):
+            self.errors += [a for a in record.args if isinstance(a, RecordError)]
+
+
+@contextlib.contextmanager
+def collecting_record_errors() -> Iterator[_RecordErrorLog]:
+    handler = _RecordErrorLog()
+    logger = logging.getLogger("dsets")
+    logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+
+
+def skipped_entries(ds: EditDataset, errors: Sequence[RecordError]) -> list[dict]:
+    """One entry per skipped record: case_id, file, field and problem (from the loaders' log)."""
+    by_id = {e.case_id: e for e in errors}
+    entries = []
+    for case_id in ds.skipped_case_ids:
+        e = by_id.get(case_id)
+        entry = {"case_id": case_id, "stage": "load", "source": str(ds.source_path)}
+        entry.update({"field": e.field, "problem": e.problem} if e else {"problem": "see the run's log"})
+        entries.append(entry)
+    return entries
+
+
+def resolve_dataset(args: argparse.Namespace, paths: Paths, slug: str) -> tuple[EditDataset, list[dict]]:
+    from dsets.registry import resolve_edit_dataset
+
+    with collecting_record_errors() as log:
+        ds = resolve_edit_dataset(args.ds_name, paths, slug, on_bad_record="skip")
+    return ds, skipped_entries(ds, log.errors)
+
+
+def build_known_dataset(args, paths: Paths, slug: str, model, tok, ds: EditDataset) -> tuple[EditDataset, list[dict]]:
+    from dsets.make_known import build_known_subset
+
+    LOG.info("building the known subset of %s at %s", slug, ds.source_path)
+    with collecting_record_errors() as log:
+        build_known_subset(model, tok, paths, slug, source=args.known_source, out=ds.source_path, on_bad_record="skip")
+    built, skipped = resolve_dataset(args, paths, slug)
+    extra = [{"case_id": e.case_id, "stage": "known-subset", "field": e.field, "problem": e.problem} for e in log.errors]
+    return built, skipped + extra
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan of a run: everything decided before (and just after) the model is loaded.
+
+
+@dataclasses.dataclass
+class RunPlan:
+    args: argparse.Namespace
+    paths: Paths
+    algorithm: Algorithm
+    hparams: Any
+    hparams_path: Path
+    slug: str
+    dataset: EditDataset
+    skipped: list[dict]
+    generation: Optional[GenerationTests]
+    split: Optional[ProtocolSplit] = None
+    edit_times: Optional[int] = None
+    eval_checkpoints: Optional[list[int]] = None  # sequential protocol only
+    resume_dir: Optional[Path] = None
+
+    @property
+    def metrics(self) -> DatasetMetrics:
+        return metrics_for(self.dataset.kind)
+
+    @property
+    def alg_dir(self) -> Path:
+        return self.paths.results_dir / (self.args.dir_name or self.algorithm.name)
+
+    def config(self) -> dict:
+        """Everything that changes the results; a run is resumed only under the same config."""
+        a = self.args
+        return {
+            "alg_name": self.algorithm.name,
+            "model_name": a.model_name,
+            "hparams": self.hparams.to_dict(),
+            "dataset_file": str(self.dataset.source_path),
+            "dataset_size_limit": a.dataset_size_limit,
+            "edit_times": self.edit_times,
+            **self.protocol_settings(),
+            "seed": a.seed,
+            "num_threads": a.num_threads,
+            "generation": self.generation_settings(),
+        }
+
+    def protocol_settings(self) -> dict:
+        """The protocol and what it takes (batch size and evaluation checkpoints for sequential)."""
+        if self.args.protocol == "rollback":
+            return {"protocol": "rollback"}
+        return {"protocol": self.args.protocol, "num_edits": self.args.num_edits, "eval_checkpoints": self.eval_checkpoints}
+
+    def generation_settings(self, full: bool = False) -> Optional[dict]:
+        """What run.json records about the generation tests (``full``: also why consistency was skipped)."""
+        if self.generation is None:
+            return None
+        settings = {**self.generation.settings(), "interval": self.args.generation_test_interval}
+        if not full:
+            settings.pop("consistency_skipped_because")
+        return settings
+
+
+def make_generation_tests(args: argparse.Namespace, paths: Paths, metrics: DatasetMetrics) -> Optional[GenerationTests]:
+    if args.skip_generation_tests:
+        return None
+    if not metrics.generation_tests:
+        LOG.warning("%s records have no generation prompts: no fluency/consistency tests", metrics.kind)
+        return None
+    reference, reason = load_consistency_reference(paths)
+    return GenerationTests(args.seed, args.generation_max_out_len, args.generation_n_per_prompt, reference, reason)
+
+
+def prepare(args: argparse.Namespace) -> RunPlan:
+    """Every check that needs no model: flags, algorithm, hparams, corpus, dataset, resume target."""
+    check_flags(args)
+    with bad_input("--alg_name", f"use one of {', '.join(ALGORITHMS)} (experiments/algorithms.py)"):
+        algorithm = get_algorithm(args.alg_name)
+    with bad_input("paths or --model_name", "check globals.yml, the --*_dir flags and --model_name"):
+        paths = load_paths(data_dir=args.data_dir, stats_dir=args.stats_dir, results_dir=args.results_dir)
+        slug = models.model_slug(args.model_name)
+    with bad_input("hyperparameters", f"fix the file, or pass another with --hparams_fname (see hparams/{algorithm.name}/)"):
+        hparams, hparams_path = load_hparams(args, paths, algorithm, slug)
+    check_statistics_corpus(hparams, hparams_path, paths)
+    check_protocol_flags(args, algorithm)
+    with bad_input("dataset", "fix the file, or choose another with --ds_name"):
+        ds, skipped = resolve_dataset(args, paths, slug)
+    generation = make_generation_tests(args, paths, metrics_for(ds.kind))
+    plan = RunPlan(args, paths, algorithm, hparams, hparams_path, slug, ds, skipped, generation)
+    if not ds.missing:
+        finish_plan(plan, ds)
+    return plan
+
+
+def finish_plan(plan: RunPlan, ds: EditDataset) -> None:
+    """Split the records, check --edit_times, and decide between a new and a resumed run folder."""
+    args = plan.args
+    with bad_input("dataset", "fix the file, or choose another with --ds_name"):
+        if not ds.records:
+            raise ValueError(f"{ds.source_path}: no usable records for {plan.slug} (skipped: {len(plan.skipped)})")
+        plan.dataset, plan.split = ds, split_records(ds.records, args.seed, args.dataset_size_limit)
+    n_stream = len(plan.split.edit_stream)
+    plan.edit_times = n_stream if args.edit_times is None else args.edit_times
+    if plan.edit_times > n_stream:
+        raise BadInputError("flag --edit_times", f"{plan.edit_times} exceeds the {n_stream} records of the edit stream "
+                            f"({plan.split.n_known} usable records, split in halves)", f"use at most {n_stream}")
+    if args.protocol == "sequential":
+        with bad_input("flag --eval_checkpoints", "give edit counts that end a batch, at most --edit_times"):
+            points = args.eval_checkpoints or default_eval_checkpoints(plan.edit_times, args.num_edits)
+            plan.eval_checkpoints = check_eval_checkpoints(points, plan.edit_times, args.num_edits)
+    with bad_input("--continue_from_run", "name an unfinished run of this same command, or drop the flag"):
+        if args.continue_from_run:
+            plan.resume_dir = resolve_run_ref(plan.alg_dir, args.continue_from_run)
+            check_resumable(plan.resume_dir, plan.config())
+        else:
+            offer_resume(plan)
+
+
+def offer_resume(plan: RunPlan) -> None:
+    found = newest_unfinished_run(plan.alg_dir, plan.config())
+    if found is not None:
+        run_dir, meta = found
+        LOG.warning("%s is an unfinished run of this same configuration (status %s); a NEW run is started. "
+                    "To resume it instead, rerun this command with --continue_from_run %s",
+                    run_dir, meta.get("status"), run_dir.name)
+
+
+def load_checked_model(plan: RunPlan) -> tuple[Any, Any]:
+    """The model, then every check that needs it (architecture, layers, known subset)."""
+    with bad_input("--model_name", "use smollm2-135m, gemma-3-270m, a local model folder or a Hugging Face id"):
+        model, tok = models.load_model(plan.args.model_name, plan.paths, device=models.pick_device(plan.args.device))
+    with bad_input("hyperparameters for this model", "use the hparams file made for this model's architecture and size"):
+        check_hparams_against_model(plan.hparams, model, source=str(plan.hparams_path))
+    if plan.split is None:
+        with bad_input("dataset", "fix the data files, or choose another --ds_name"):
+            ds, plan.skipped = build_known_dataset(plan.args, plan.paths, plan.slug, model, tok, plan.dataset)
+        finish_plan(plan, ds)
+    return model, tok
+
+
