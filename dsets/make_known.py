@@ -6,7 +6,8 @@ scoring (``util.scoring.score_targets``), which gives the same verdict as genera
 
     python -m dsets.make_known --model_name smollm2-135m [--source both] [--limit N] [--data_dir D] [--out PATH]
 
-writes ``counterfact_<model_slug>_known.json`` into DATA_DIR (atomically) and nothing else. With
+writes ``counterfact_<model_slug>_known.json`` (``--source counterfact``) or
+``counterfact_<model_slug>_known_<source>.json`` into DATA_DIR (atomically) and nothing else. With
 ``--source both`` the full-schema counterfact.json records win over flat KnowEdit records of the
 same case_id, so known records keep every prompt list when one is available.
 """
@@ -75,7 +76,7 @@ def build_known_subset(
     """Filter the candidates (the first ``limit`` by case_id) and write the known subset atomically."""
     candidates = candidate_records(paths, source, on_bad_record)[:limit]
     known = filter_known(model, tok, candidates, batch_size)
-    out = Path(out) if out is not None else known_subset_path(paths, model_slug)
+    out = Path(out) if out is not None else known_subset_path(paths, model_slug, source)
     atomic_write_json(out, known)
     rate = len(known) / len(candidates) if candidates else 0.0
     log.info("%s knows %d of %d candidate records (%.1f%%); wrote %s",

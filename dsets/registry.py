@@ -1,7 +1,8 @@
 """Dataset names of the evaluation CLIs, mapped to validated records (exact keys, no substring matching).
 
 - ``counterfact`` / ``cf``: the model's known subset ``counterfact_<model_slug>_known.json``
-  (WilKE evaluates only facts the model already knows). When it does not exist yet the result has
+  (WilKE evaluates only facts the model already knows); with ``known_source`` "both" or "knowedit",
+  the larger subset scanned from the flat KnowEdit records too (``..._known_both.json``). When it does not exist yet the result has
   ``records=None`` and ``source_path`` = where ``python -m dsets.make_known`` would write it.
 - ``counterfact_full``: all of counterfact.json; ``mcf`` / ``multi_counterfact``: multi_counterfact.json.
 - ``counterfact_knowedit``: the 21,919 flat KnowEdit records converted into the same schema.
@@ -47,13 +48,20 @@ class EditDataset:
         return self.records is None
 
 
-def known_subset_name(model_slug: str) -> str:
-    return f"counterfact_{model_slug}_known.json"
+KNOWN_SOURCES = ("counterfact", "knowedit", "both")
 
 
-def known_subset_path(paths: Paths, model_slug: str) -> Path:
+def known_subset_name(model_slug: str, source: str = "counterfact") -> str:
+    """``counterfact_<model>_known.json`` (scanned from counterfact.json, the WilKE name), or with
+    ``_knowedit`` / ``_both`` for the subsets scanned from the flat KnowEdit records too."""
+    if source not in KNOWN_SOURCES:
+        raise ValueError(f"known-subset source must be one of {KNOWN_SOURCES}, not {source!r}")
+    return f"counterfact_{model_slug}_known.json" if source == "counterfact" else f"counterfact_{model_slug}_known_{source}.json"
+
+
+def known_subset_path(paths: Paths, model_slug: str, source: str = "counterfact") -> Path:
     """Where make_known writes (and the registry first looks for) a model's known subset: DATA_DIR."""
-    return paths.data_dir / known_subset_name(model_slug)
+    return paths.data_dir / known_subset_name(model_slug, source)
 
 
 def _from_loaded(loaded: LoadedRecords, size: Optional[int]) -> EditDataset:
@@ -62,11 +70,13 @@ def _from_loaded(loaded: LoadedRecords, size: Optional[int]) -> EditDataset:
     return EditDataset(loaded.records[:size], source, loaded.skipped_case_ids)
 
 
-def _known(paths: Paths, model_slug: str, size: Optional[int], on_bad: OnBadRecord, dl: bool) -> EditDataset:
-    found = paths.find_data_file(known_subset_name(model_slug))
+def _known(paths: Paths, model_slug: str, size: Optional[int], on_bad: OnBadRecord, dl: bool,
+           source: str = "counterfact") -> EditDataset:
+    found = paths.find_data_file(known_subset_name(model_slug, source))
     if found is None:
-        log.info("no known subset for %s; build it with python -m dsets.make_known", model_slug)
-        return EditDataset(None, known_subset_path(paths, model_slug))
+        log.info("no known subset of %s records for %s; build it with python -m dsets.make_known --source %s",
+                 source, model_slug, source)
+        return EditDataset(None, known_subset_path(paths, model_slug, source))
     return _from_loaded(load_counterfact_file(found, on_bad), size)
 
 
@@ -122,8 +132,12 @@ def resolve_edit_dataset(
     size: Optional[int] = None,
     on_bad_record: OnBadRecord = "raise",
     allow_download: bool = True,
+    known_source: str = "counterfact",
 ) -> EditDataset:
-    """Records for ``ds_name`` (first ``size`` of them); see the module docstring for the names."""
+    """Records for ``ds_name`` (first ``size`` of them); see the module docstring for the names.
+    ``known_source`` picks which known subset ``counterfact`` means (see ``known_subset_name``)."""
+    if ds_name in ("counterfact", "cf"):
+        return _known(paths, model_slug, size, on_bad_record, allow_download, known_source)
     if ds_name in DATASETS:
         return DATASETS[ds_name](paths, model_slug, size, on_bad_record, allow_download)
     path = _find_file(ds_name, paths)

@@ -132,7 +132,7 @@ def resolve_dataset(args: argparse.Namespace, paths: Paths, slug: str) -> tuple[
     from dsets.registry import resolve_edit_dataset
 
     with collecting_record_errors() as log:
-        ds = resolve_edit_dataset(args.ds_name, paths, slug, on_bad_record="skip")
+        ds = resolve_edit_dataset(args.ds_name, paths, slug, on_bad_record="skip", known_source=args.known_source)
     return ds, skipped_entries(ds, log.errors)
 
 
