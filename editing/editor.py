@@ -11,8 +11,9 @@ experiments/algorithms.py and its hparams files.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -50,6 +51,16 @@ class Editor:
     def rollback(self, requests: Sequence[dict], outcome: EditOutcome) -> EditOutcome:
         """Undo ``outcome`` the WilKE way: edit again with the targets swapped (weights never restored)."""
         return self.edit([swapped_request(r) for r in requests])
+
+    @contextlib.contextmanager
+    def for_evaluation(self) -> Iterator[None]:
+        """The model as the method delivers it, while the protocol evaluates it.
+
+        Most methods deliver the edited weights as they are. A method that post-processes the
+        accumulated edit before use (PRUNE restrains it once, after the last edit) applies that here
+        and undoes it on exit, so evaluating at several checkpoints equals post-processing after each.
+        """
+        yield
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """What the method keeps between edits (nothing, for most methods)."""

@@ -55,10 +55,11 @@ class RollbackProtocol(Protocol):
         request = record_request(record)
         outcome, edit_info = ctx.edit(lambda: ctx.editor.edit([request]), "edit")
         start = time.perf_counter()
-        post = ctx.metrics.rewrite_quality(ctx.model, ctx.tok, record, ctx.generation_for(n))
-        check_metrics(post, "evaluation")
-        eval_seconds = time.perf_counter() - start
-        locality = self.unedited.locality(record)
+        with ctx.editor.for_evaluation():
+            post = ctx.metrics.rewrite_quality(ctx.model, ctx.tok, record, ctx.generation_for(n))
+            check_metrics(post, "evaluation")
+            eval_seconds = time.perf_counter() - start
+            locality = self.unedited.locality(record)
         _, rollback_info = ctx.edit(lambda: ctx.editor.rollback([request], outcome), "rollback")
         ctx.write(edit_file_name(n, record["case_id"]), {
             "case_id": record["case_id"],
@@ -72,7 +73,8 @@ class RollbackProtocol(Protocol):
         })
         ctx.write(locality_file_name(n), {"edit_index": n, "case_id": record["case_id"], "post": locality})
         if n in self.retention_points:
-            self.write_retention(n)
+            with ctx.editor.for_evaluation():
+                self.write_retention(n)
 
     def write_retention(self, n: int) -> None:
         ctx = self.ctx

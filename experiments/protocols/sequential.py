@@ -90,7 +90,8 @@ class SequentialProtocol(Protocol):
             "edit": info,
         })
         if last in self.eval_points:
-            self.evaluate(last)
+            with ctx.editor.for_evaluation():
+                self.evaluate(last)
 
     def evaluate(self, n: int) -> None:
         """Every record edited so far, and the untouched half, on the current model."""
