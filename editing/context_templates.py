@@ -1,8 +1,12 @@
 """Context templates: short texts sampled from the model itself, prefixed to prompts.
 
 ROME averages keys and optimises values over these prefixes so that an edit generalises beyond
-the bare prompt. The reference samples them without a seed, so its runs differ; here sampling
-uses its own seeded generator and never touches the global RNG.
+the bare prompt. ROME's code samples them from the start token alone; MEMIT's (and AlphaEdit's)
+samples one continuation after each of the prompts "The", "Therefore", "Because", "I", "You",
+keeping the prompt in the text. ``length`` counts every token of the sampled sequence, the start
+token or prompt included, as the references' ``max_out_len`` does. The references sample without a
+seed, so their runs differ; here sampling uses its own seeded generator and never touches the
+global RNG.
 """
 from __future__ import annotations
 
@@ -25,21 +29,34 @@ def start_token_id(tok: PreTrainedTokenizerBase) -> int:
     raise ValueError("tokenizer has neither a BOS nor an EOS token to start context templates from")
 
 
+MEMIT_PROMPTS = ("The", "Therefore", "Because", "I", "You")
+
+
 @torch.no_grad()
 def sample_texts(
-    model: nn.Module, tok: PreTrainedTokenizerBase, n: int, length: int, generator: torch.Generator
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    n: int,
+    length: int,
+    generator: torch.Generator,
+    prompt: str | None = None,
 ) -> list[str]:
-    """``n`` texts of ``length`` tokens counting the start token, top-k sampled."""
+    """``n`` texts of ``length`` tokens, top-k sampled: after the start token (decoded without it),
+    or after ``prompt`` (tokenized with the tokenizer's special tokens, decoded with the prompt)."""
     device = model_device(model)
-    ids = torch.full((n, 1), start_token_id(tok), dtype=torch.long, device=device)
-    for _ in range(max(length - 1, 0)):
+    prefix = [start_token_id(tok)] if prompt is None else list(tok(prompt)["input_ids"])
+    ids = torch.tensor([prefix] * n, dtype=torch.long, device=device)
+    for _ in range(max(length - len(prefix), 0)):
         mask = torch.ones_like(ids)
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, -1, :].float()
         top = torch.topk(logits, TOP_K, dim=-1)
         probs = torch.softmax(top.values, dim=-1).cpu()
         choice = torch.multinomial(probs, 1, generator=generator).to(device)
         ids = torch.cat([ids, top.indices.gather(1, choice)], dim=1)
-    return [tok.decode(row[1:], skip_special_tokens=True) for row in ids.tolist()]
+    rows = ids.tolist()
+    if prompt is None:
+        return [tok.decode(row[1:], skip_special_tokens=True) for row in rows]
+    return [tok.decode(row, skip_special_tokens=True) for row in rows]
 
 
 def generate_context_templates(
@@ -47,11 +64,16 @@ def generate_context_templates(
     tok: PreTrainedTokenizerBase,
     length_params: Sequence[Sequence[int]],
     seed: int,
+    prompts: Sequence[str] | None = None,
 ) -> list[str]:
-    """``["{}"] + [text + ". {}" ...]`` for each (length, count) in ``length_params``."""
+    """``["{}"] + [text + ". {}" ...]`` for each (length, count) in ``length_params``: ``count``
+    samples from the start token (ROME), or ``count // len(prompts)`` after each prompt (MEMIT)."""
     generator = torch.Generator().manual_seed(seed)
     templates = ["{}"]
     for length, count in length_params:
-        for text in sample_texts(model, tok, int(count), int(length), generator):
-            templates.append(text.replace("{", " ").replace("}", " ") + ". {}")
+        if prompts:
+            texts = [t for p in prompts for t in sample_texts(model, tok, int(count) // len(prompts), int(length), generator, p)]
+        else:
+            texts = sample_texts(model, tok, int(count), int(length), generator)
+        templates += [text.replace("{", " ").replace("}", " ") + ". {}" for text in texts]
     return templates

@@ -58,14 +58,16 @@ class EditResources:
         self.stats_seconds = 0.0
 
     def context_templates(self, model: nn.Module, tok: PreTrainedTokenizerBase, hparams: Any) -> list[str]:
+        prompts = getattr(hparams, "context_template_prompts", None)
         key = (
             self.model_slug,
             tuple(tuple(p) for p in hparams.context_template_length_params),
             getattr(hparams, "context_template_seed", 0),
+            tuple(prompts) if prompts else None,
         )
         if key not in self._templates:
             self._templates[key] = generate_context_templates(
-                model, tok, hparams.context_template_length_params, key[2]
+                model, tok, hparams.context_template_length_params, key[2], prompts
             )
             LOG.info("context templates: %s", self._templates[key])
         return self._templates[key]

@@ -7,7 +7,7 @@ extraction itself is ROME's ``template_keys``.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -16,13 +16,17 @@ from transformers import PreTrainedTokenizerBase
 from editing.representations import template_keys
 
 
-def template_groups(templates: Sequence[str], length_params: Sequence[Sequence[int]]) -> list[list[str]]:
-    """Split ``["{}"] + generated`` back into the groups it was made from."""
+def template_groups(
+    templates: Sequence[str], length_params: Sequence[Sequence[int]], prompts: Optional[Sequence[str]] = None
+) -> list[list[str]]:
+    """Split ``["{}"] + generated`` back into the groups it was made from (with ``prompts``, each
+    length gave ``count // len(prompts)`` samples per prompt)."""
     groups = [list(templates[:1])]
     start = 1
     for _length, count in length_params:
-        groups.append(list(templates[start : start + int(count)]))
-        start += int(count)
+        size = (int(count) // len(prompts)) * len(prompts) if prompts else int(count)
+        groups.append(list(templates[start : start + size]))
+        start += size
     if start != len(templates):
         raise ValueError(f"{len(templates)} context templates do not match length params {list(length_params)}")
     return [g for g in groups if g]

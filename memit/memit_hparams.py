@@ -2,7 +2,9 @@
 
 MEMIT's reference JSON files are ROME's fields plus ``mom2_update_weight`` (lambda of the
 regularised least-squares update) and a ``layer_selection`` that its code never reads (left out).
-Its context templates are ``[[10, 5]]`` (5 samples of 10 tokens), set in the JSON like ROME's.
+Its context templates are not ROME's: one continuation of 10 tokens after each of "The",
+"Therefore", "Because", "I", "You" (``[[10, 5]]`` in the JSON: 5 samples of 10 tokens, 5 // 5 per
+prompt; ``context_template_prompts`` defaults to those five prompts here).
 
 lambda is not scale-free: with C = E[k k^T], a key's k^T C^{-1} k grows with the MLP width d, and
 the share of the residual one layer absorbs for a lone edit is m / (lambda + m), m = k^T C^{-1} k.
@@ -12,7 +14,9 @@ on SmolLM2 15000 absorbed too little (z error 93 -> 78 over six layers) and miss
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
+from editing.context_templates import MEMIT_PROMPTS
 from rome.rome_hparams import ROMEHyperParams
 from util.hparams import HParamsError
 
@@ -21,6 +25,7 @@ from util.hparams import HParamsError
 class MEMITHyperParams(ROMEHyperParams):
     # lambda in Delta = R K^T (lambda C + K K^T)^{-1}; gpt2-xl 20000, gpt-j 15000
     mom2_update_weight: float
+    context_template_prompts: Optional[tuple[str, ...]] = MEMIT_PROMPTS
 
     def validate(self) -> None:
         super().validate()

@@ -182,7 +182,7 @@ def execute_memit(
     requests = [normalise_request(r) for r in requests]
     resources = resources or default_resources(model)
     templates = resources.context_templates(model, tok, hparams)
-    groups = template_groups(templates, hparams.context_template_length_params)
+    groups = template_groups(templates, hparams.context_template_length_params, hparams.context_template_prompts)
     names = [hparams.rewrite_module_tmp.format(l) for l in hparams.layers]
     covs = resources.covariances(model, tok, hparams, names, keep_matrix=True) if hparams.mom2_adjustment else {}
     zs, z_steps, z_losses = compute_zs(model, tok, requests, hparams, resources, cache_template)

@@ -41,6 +41,8 @@ class ROMEHyperParams(HyperParams):
     consistent_keys: bool = False  # r-ROME: use the template-averaged key k* in the rank-one solve
     mom2_max_length: Optional[int] = None  # truncate statistics samples (None: the model's context)
     context_template_seed: int = 0  # the reference samples templates unseeded
+    # None: ROME's templates, sampled from the start token; MEMIT's hparams sample after its five prompts
+    context_template_prompts: Optional[tuple[str, ...]] = None
     v_early_stop_loss: float = 5e-2
     implementation: str = "fast"  # "reference" reruns every forward in full, as the paper's code
 

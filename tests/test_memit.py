@@ -148,3 +148,22 @@ def test_evaluate_cli_two_edits_with_rollback(tmp_path):
     retention = json.loads((run_dir / "retention_of_edit_2.json").read_text())
     assert retention["edit_retention_len"] == 2
     assert json.loads((run_dir / "run.json").read_text())["alg_name"] == "MEMIT"
+
+
+def test_memit_samples_its_own_context_templates_after_five_prompts(tmp_path):
+    """MEMIT's code: one 10-token continuation after each of "The", "Therefore", "Because", "I", "You",
+    the prompt kept in the text; ROME's start from the start token. Seeded, so runs repeat."""
+    from editing.context_templates import MEMIT_PROMPTS
+
+    hp, res = setup(tmp_path, "gpt2")
+    model, tok = make_model("gpt2"), make_tokenizer()
+    templates = res.context_templates(model, tok, hp)
+    groups = template_groups(templates, hp.context_template_length_params, hp.context_template_prompts)
+    assert groups[0] == ["{}"] and len(groups) == 2 and len(groups[1]) == 5
+    for prompt, template in zip(MEMIT_PROMPTS, groups[1]):
+        text = template[: -len(". {}")]
+        assert template.endswith(". {}") and text.startswith(prompt)
+    again = EditResources(load_paths(stats_dir=str(tmp_path)), "other", progress=False)
+    assert again.context_templates(model, tok, hp) == templates
+    rome_style = res.context_templates(model, tok, hp.replace(context_template_prompts=None))
+    assert rome_style != templates and len(rome_style) == 6
