@@ -52,6 +52,9 @@ def test_no_module_below_experiments_imports_it():
 # The roll-back protocol: what the code wrote before the restructuring, to the byte
 
 
+NOTEBOOK_KEYS = ("edit_length", "orig_length")  # added to retention files since, for the WilKE notebooks
+
+
 @pytest.mark.parametrize("alg", ["WilKE", "ROME"])
 def test_rollback_protocol_writes_the_files_of_the_code_before_the_restructuring(tmp_path, alg):
     torch.set_num_threads(1)
@@ -59,7 +62,31 @@ def test_rollback_protocol_writes_the_files_of_the_code_before_the_restructuring
     golden = {p.name: p.read_text() for p in sorted((GOLDEN_DIR / alg).glob("*.json"))}
     assert sorted(got) == sorted(golden)
     for name, obj in got.items():
+        if name.startswith("retention_"):
+            assert (obj.pop("edit_length"), obj.pop("orig_length")) == (obj["edit_retention_len"], obj["orig_retention_len"])
         assert json.dumps(obj, indent=1, sort_keys=True) + "\n" == golden[name], name
+
+
+def reference_split(records: list, seed: int = 9, size: int = 2048) -> tuple[list, list]:
+    """The WilKE reference's experiments/evaluate.py: the known file's first 2,048 records in file
+    order, random.seed(9), random.shuffle, then the first half edited and the second half kept."""
+    import random
+
+    data = list(records[:size])
+    random.seed(seed)
+    random.shuffle(data)
+    half = len(data) // 2 if len(data) == size else (len(data) + 1) // 2
+    return data[:half], data[half:]
+
+
+@pytest.mark.parametrize("n_known, limit", [(3000, 2048), (51, 64), (1300, 64)])
+def test_split_cuts_in_file_order_then_shuffles_as_the_reference_does(n_known, limit):
+    from experiments.protocols.split import split_records
+
+    records = [{"case_id": i} for i in range(n_known)]
+    split = split_records(records, 9, limit)
+    assert (split.edit_stream, split.orig_retention) == reference_split(records, 9, limit)
+    assert split.n_known == n_known and len(split.edit_stream) == (min(n_known, limit) + 1) // 2
 
 
 # --------------------------------------------------------------------------------------------

@@ -85,4 +85,7 @@ class RollbackProtocol(Protocol):
             "edit_retention_len": len(edited),
             "orig_retention": count_retained(ctx.model, ctx.tok, ctx.split.orig_retention),
             "orig_retention_len": len(ctx.split.orig_retention),
+            # the names the WilKE notebooks read
+            "edit_length": len(edited),
+            "orig_length": len(ctx.split.orig_retention),
         })

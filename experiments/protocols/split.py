@@ -31,11 +31,12 @@ class ProtocolSplit:
 
 
 def split_records(records: Sequence[dict], seed: int, size_limit: int | None) -> ProtocolSplit:
-    """Shuffle with a private RNG, keep ``size_limit`` records (the reference ignores it), halve."""
-    shuffled = list(records)
+    """The WilKE reference's split: the first ``size_limit`` records in file order (it always takes
+    2,048), shuffled as ``random.seed(seed); random.shuffle(...)`` does (a private RNG here, the same
+    permutation), then halved. Cutting first means the edit stream does not depend on how many more
+    facts a model knows beyond the limit."""
+    shuffled = list(records if size_limit is None else records[:size_limit])
     random.Random(seed).shuffle(shuffled)
-    if size_limit is not None:
-        shuffled = shuffled[:size_limit]
     half = (len(shuffled) + 1) // 2
     return ProtocolSplit(seed, len(records), shuffled[:half], shuffled[half:])
 
