@@ -21,6 +21,7 @@ from transformers import PreTrainedTokenizerBase
 
 from editing.requests import swapped_request
 from util import nethook
+from util.placement import HALF_DTYPES
 
 
 @dataclasses.dataclass
@@ -86,11 +87,13 @@ def snapshot_weights(model: nn.Module, weight_names: Sequence[str], into: dict[s
 @torch.no_grad()
 def update_norms(model: nn.Module, orig_weights: dict[str, torch.Tensor]) -> dict[str, Any]:
     """||W_new - W_old||_F per changed weight, their total, and the total relative to ||W_old||."""
-    params = dict(model.named_parameters())
     per = {}
     total_sq, base_sq = 0.0, 0.0
     for name, old in orig_weights.items():
-        diff = float((params[name].detach().to(old.device) - old).norm())
+        new = nethook.get_parameter(model, name).detach().to(old.device)
+        if old.dtype in HALF_DTYPES:  # norms of half-precision matrices are taken in float32
+            new, old = new.float(), old.float()
+        diff = float((new - old).norm())
         per[name] = diff
         total_sq += diff**2
         base_sq += float(old.norm()) ** 2

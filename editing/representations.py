@@ -11,6 +11,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from util import nethook
+from util.placement import as_working
 from util.scoring import model_device, pad_right, pad_token_id, prompt_ids
 
 
@@ -48,7 +49,8 @@ def reprs_at_tokens(
 
     All modules are read from one forward pass per batch, which stops after the last of them,
     so keys for every candidate layer of a WilKE scan cost a single partial pass.
-    Module names must be given in forward order.
+    Module names must be given in forward order. Each result stays on its module's device, in the
+    working precision (float32 for a half-precision model).
     """
     if track not in ("in", "out"):
         raise ValueError(f"track must be 'in' or 'out', got {track!r}")
@@ -66,7 +68,7 @@ def reprs_at_tokens(
             model(input_ids=ids, attention_mask=mask, use_cache=False)
         for m in module_names:
             t = traces[m].input if track == "in" else traces[m].first_output
-            chunks[m].append(t[rows, cols].detach())
+            chunks[m].append(as_working(t[rows.to(t.device), cols.to(t.device)].detach()))
     return {m: torch.cat(v, dim=0) for m, v in chunks.items()}
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from typing import Any, Optional, Sequence
 
@@ -17,8 +18,10 @@ from transformers import PreTrainedTokenizerBase
 
 from editing.context_templates import generate_context_templates
 from editing.covariance import FactorisedCovariance
-from editing.layer_stats import layer_stats
+from editing.layer_stats import DEFAULT_BATCH_TOKENS, ROME_SAMPLE_SEED, layer_stats
+from util import nethook
 from util.globals import Paths, load_paths
+from util.placement import module_device
 
 LOG = logging.getLogger(__name__)
 
@@ -31,6 +34,7 @@ class StatsKey:
     dtype: str
     max_length: Optional[int]
     layer_name: str
+    sample_seed: Optional[int] = ROME_SAMPLE_SEED
 
 
 def _stats_key(model_slug: str, hparams: Any, layer_name: str) -> StatsKey:
@@ -41,17 +45,28 @@ def _stats_key(model_slug: str, hparams: Any, layer_name: str) -> StatsKey:
         dtype=hparams.mom2_dtype,
         max_length=getattr(hparams, "mom2_max_length", None),
         layer_name=layer_name,
+        # ROME's seeded sample unless the hparams name another seed (None: the corpus's first texts)
+        sample_seed=getattr(hparams, "mom2_sample_seed", ROME_SAMPLE_SEED),
     )
+
+
+def default_stats_batch_tokens() -> int:
+    """The statistics' token budget per forward pass: WILKE_STATS_BATCH_TOKENS, else 4096. Raise it
+    on a large GPU for speed; out-of-memory batches are retried in halves either way."""
+    value = os.environ.get("WILKE_STATS_BATCH_TOKENS", "")
+    return int(value) if value.strip() else DEFAULT_BATCH_TOKENS
 
 
 class EditResources:
     """Everything a run's edits share: made once, keyed completely, never global."""
 
-    def __init__(self, paths: Paths, model_slug: str, one_pass_stats: bool = True, progress: bool = True):
+    def __init__(self, paths: Paths, model_slug: str, one_pass_stats: bool = True, progress: bool = True,
+                 stats_batch_tokens: Optional[int] = None):
         self.paths = paths
         self.model_slug = model_slug
         self.one_pass_stats = one_pass_stats
         self.progress = progress
+        self.stats_batch_tokens = stats_batch_tokens or default_stats_batch_tokens()
         self._templates: dict[tuple, list[str]] = {}
         self._covariances: dict[StatsKey, FactorisedCovariance] = {}
         self.forward_checked: dict[tuple[int, str], bool] = {}  # (model id, strategy) -> agrees with the full pass
@@ -98,13 +113,14 @@ class EditResources:
             paths=self.paths,
             model_slug=self.model_slug,
             dtype=hparams.mom2_dtype,
-            max_length=getattr(hparams, "mom2_max_length", None),
+            max_length=keys[names[0]].max_length,
+            batch_tokens=self.stats_batch_tokens,
             one_pass=self.one_pass_stats,
             progress=self.progress,
+            sample_seed=keys[names[0]].sample_seed,
         )
-        device = next(model.parameters()).device
-        for name in names:
-            mom2 = stats[name].mom2().to(device)
+        for name in names:  # each covariance on the device of its layer (models placed over several)
+            mom2 = stats[name].mom2().to(module_device(nethook.get_module(model, name)))
             self._covariances[keys[name]] = FactorisedCovariance(mom2, keep_matrix=keep_matrix, name=f"covariance of {name}")
         self.stats_seconds += time.perf_counter() - start
 

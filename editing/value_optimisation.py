@@ -23,6 +23,7 @@ from editing.forward import PromptBatch, Strategy, verified_forward
 from editing.representations import fact_token_index
 from util import nethook
 from util.architectures import num_layers, text_config, weight_out_in
+from util.placement import module_device, working_dtype
 from util.scoring import model_device, pad_right, pad_token_id, prompt_ids, target_ids
 
 LOG = logging.getLogger(__name__)
@@ -102,25 +103,31 @@ def optimise_value(
     hparams: Any,
     clamp_norm_factor: Optional[float] = None,
 ) -> ValueResult:
-    """Find the delta at ``inject_module``'s output (fact token of every prompt) that makes the target likely."""
-    device = model_device(model)
+    """Find the delta at ``inject_module``'s output (fact token of every prompt) that makes the target likely.
+
+    The delta lives on the injected module's device in the working precision (float32 for a
+    half-precision model, whose forward passes stay in its own dtype); the losses are float32.
+    """
+    module = nethook.get_module(model, inject_module)
     width = _output_width(model, inject_module)
-    delta = torch.zeros(width, device=device, dtype=next(model.parameters()).dtype, requires_grad=True)
+    dtype = working_dtype(next(model.parameters()).dtype)
+    delta = torch.zeros(width, device=module_device(module), dtype=dtype, requires_grad=True)
     state: dict[str, Any] = {"v0": None}
     rows, cols = forward.positions(problem.fact_rows, problem.fact_cols)
 
     def edit(out: Any, _name: str) -> Any:
         hidden = _main_tensor(out)
+        r, c = rows.to(hidden.device), cols.to(hidden.device)
         if state["v0"] is None:
-            state["v0"] = hidden[0, cols[0]].detach().clone()
+            state["v0"] = hidden[0, c[0]].detach().to(dtype).clone()
         hidden = hidden.clone()
-        hidden[rows, cols] = hidden[rows, cols] + delta
+        hidden[r, c] = hidden[r, c] + delta.to(hidden.device, hidden.dtype)
         if isinstance(out, tuple):
             return (hidden,) + tuple(out[1:])
         return hidden
 
     optimiser = torch.optim.Adam([delta], lr=hparams.v_lr)
-    tgt = torch.tensor(problem.target, device=device)
+    tgt = torch.tensor(problem.target)
     n_t = len(problem.target)
     clamp = hparams.clamp_norm_factor if clamp_norm_factor is None else clamp_norm_factor
     kl_init: Optional[torch.Tensor] = None
@@ -133,6 +140,7 @@ def optimise_value(
         logits = forward.logits(start_block, inject_module, edit)
         steps += 1
         logp = torch.log_softmax(logits.float(), dim=-1)
+        tgt = tgt.to(logp.device)
         rew = logp[: problem.n_read_rewrite].view(problem.n_rewrite, n_t, -1)
         nll = -rew.gather(2, tgt.expand(problem.n_rewrite, n_t)[..., None]).squeeze(2).sum(1) / n_t
         kl_logp = logp[problem.n_read_rewrite :]
@@ -140,13 +148,13 @@ def optimise_value(
             kl_init = kl_logp.detach().clone()
         kl = hparams.kl_factor * torch.nn.functional.kl_div(kl_init, kl_logp, log_target=True, reduction="batchmean")
         decay = hparams.v_weight_decay * (delta.norm() / state["v0"].norm() ** 2)
-        loss = nll.mean() + kl + decay
+        loss = nll.mean() + kl + decay.to(nll.device)
         losses.append(float(loss.detach()))
         if losses[-1] < hparams.v_early_stop_loss or it == hparams.v_num_grad_steps - 1:
             break
         loss.backward()
         optimiser.step()
-        max_norm = clamp * state["v0"].norm()
+        max_norm = clamp * state["v0"].norm().to(delta.device)
         with torch.no_grad():
             if delta.norm() > max_norm:
                 delta.mul_(max_norm / delta.norm())

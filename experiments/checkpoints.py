@@ -26,6 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from util import nethook
 from util.atomic_files import atomic_path
 
 LOG = logging.getLogger(__name__)
@@ -80,11 +81,10 @@ def save_checkpoint(path: Path, model: nn.Module, ledger: WeightLedger, step: in
                     editor_state: Optional[dict[str, torch.Tensor]] = None) -> None:
     """The deltas of every changed weight (and the editor's state) after ``step`` protocol steps
     (edits, or batches of edits), replacing any older checkpoint."""
-    params = dict(model.named_parameters())
     tensors: dict[str, torch.Tensor] = {}
     n_fixed = 0
     for name, base in sorted(ledger.base.items()):
-        parts = exact_delta(base, params[name].detach().to("cpu"))
+        parts = exact_delta(base, nethook.get_parameter(model, name).detach().to("cpu"))
         n_fixed += parts["fix_index"].numel() if "fix_index" in parts else 0
         tensors.update({f"{kind}/{name}": t for kind, t in parts.items()})
     state = {k: v.detach().to("cpu").contiguous() for k, v in (editor_state or {}).items()}
@@ -124,7 +124,7 @@ def load_checkpoint(path: Path, model: nn.Module, ledger: WeightLedger) -> int:
         for name in names:
             if name not in params:
                 raise CheckpointError(f"{path}: weight {name!r} is not a parameter of this model")
-            param = params[name]
+            param = nethook.get_parameter(model, name)  # offloaded weights: their storage
             ledger.note({name: param})
             parts = {kind: f.get_tensor(f"{kind}/{name}") for kind in ("delta", "fix_index", "fix_value") if f"{kind}/{name}" in keys}
             if parts["delta"].shape != param.shape:

@@ -73,6 +73,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="which known subset --ds_name counterfact means: facts known among counterfact.json (the "
                    "WilKE paper's), the flat KnowEdit records, or both (about 1,300 for SmolLM2); built when missing")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="the model's precision (the papers': float32); keys, optimisation and solves run in float32 or wider")
+    p.add_argument("--device_map", default=None,
+                   help="place a model larger than one GPU with accelerate: auto, balanced, sequential, or a JSON "
+                   "{module: device} map (inline or a .json file)")
     p.add_argument("--data_dir", default=None)
     p.add_argument("--stats_dir", default=None)
     p.add_argument("--results_dir", default=None)

@@ -19,6 +19,8 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 from torch import nn
 
+from util import nethook
+
 LOG = logging.getLogger(__name__)
 
 EXIT_BAD_INPUT = 2  # a file, flag or record that cannot be used; nothing was edited
@@ -61,10 +63,9 @@ class RunInterrupted(BaseException):
 @torch.no_grad()
 def nonfinite_weights(model: nn.Module, names: Sequence[str]) -> dict[str, int]:
     """Number of NaN/inf entries of each named parameter that has any."""
-    params = dict(model.named_parameters())
     bad = {}
     for name in names:
-        n = int((~torch.isfinite(params[name])).sum())
+        n = int((~torch.isfinite(nethook.get_parameter(model, name))).sum())
         if n:
             bad[name] = n
     return bad
@@ -92,6 +93,16 @@ def check_metrics(metrics: dict, stage: str = "evaluation") -> None:
     bad = nonfinite_numbers(metrics)
     if bad:
         raise NumericalFault(stage, f"non-finite metrics (NLL of NaN/inf logits): {', '.join(bad[:10])}", {"fields": bad})
+
+
+def precision_advice(model: nn.Module) -> str:
+    """For a fault in a half-precision model, the fix to try first: float32."""
+    dtype = next(model.parameters()).dtype
+    if dtype not in (torch.float16, torch.bfloat16):
+        return ""
+    name = str(dtype).replace("torch.", "")
+    return (f"; the model runs in {name}, where edits and activations overflow or round away sooner: "
+            "rerun with --dtype float32")
 
 
 def check_logits(logits: torch.Tensor, stage: str) -> None:

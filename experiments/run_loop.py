@@ -27,6 +27,7 @@ from experiments.faults import (
     RunInterrupted,
     RunStopped,
     StopRequest,
+    precision_advice,
     signal_exit_code,
 )
 from experiments.protocols.base import Protocol
@@ -73,8 +74,9 @@ class RunLoop:
         except RunStopped:
             raise
         except NumericalFault as fault:
-            self.record_failure(fault.stage, fault.problem, fault.details)
-            raise RunStopped(EXIT_NUMERICAL_FAULT, f"numerical fault at step {self.current_step} ({fault}); "
+            advice = precision_advice(self.ctx.model)
+            self.record_failure(fault.stage, fault.problem + advice, fault.details)
+            raise RunStopped(EXIT_NUMERICAL_FAULT, f"numerical fault at step {self.current_step} ({fault}{advice}); "
                              f"the {self.current_step - 1} finished step(s) are kept; see {self.run_dir / FAILURE_FILE}") from fault
         except RunInterrupted as e:
             self.meta.update(status="interrupted", stopped_during_step=self.current_step)

@@ -8,9 +8,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import json
 import logging
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
+
+import torch
 
 from dsets.records import RecordError
 from dsets.registry import EditDataset
@@ -188,6 +191,7 @@ class RunPlan:
             **self.protocol_settings(),
             "seed": a.seed,
             "num_threads": a.num_threads,
+            "dtype": a.dtype,
             "generation": self.generation_settings(),
         }
 
@@ -229,6 +233,7 @@ def prepare(args: argparse.Namespace) -> RunPlan:
         hparams, hparams_path = load_hparams(args, paths, algorithm, slug)
     check_statistics_corpus(hparams, hparams_path, paths)
     check_protocol_flags(args, algorithm)
+    parse_device_map(args.device_map)
     with bad_input("dataset", "fix the file, or choose another with --ds_name"):
         ds, skipped = resolve_dataset(args, paths, slug)
     generation = make_generation_tests(args, paths, metrics_for(ds.kind))
@@ -271,10 +276,27 @@ def offer_resume(plan: RunPlan) -> None:
                     run_dir, meta.get("status"), run_dir.name)
 
 
+def parse_device_map(value: Optional[str]) -> Any:
+    """--device_map: a name accelerate knows, or a {module: device} map inline or in a .json file."""
+    if value is None or value in ("auto", "balanced", "balanced_low_0", "sequential"):
+        return value
+    try:
+        text = Path(value).read_text() if value.endswith(".json") else value
+        device_map = json.loads(text)
+    except (OSError, json.JSONDecodeError) as e:
+        raise BadInputError("flag --device_map", f"{value!r} is not auto/balanced/sequential or a JSON map ({e})",
+                            "give auto, or a JSON object {module name: device} inline or as a .json file") from None
+    if not isinstance(device_map, dict):
+        raise BadInputError("flag --device_map", f"{value!r} is not a JSON object", 'give {"model.layers.0": 0, ...}')
+    return device_map
+
+
 def load_checked_model(plan: RunPlan) -> tuple[Any, Any]:
     """The model, then every check that needs it (architecture, layers, known subset)."""
+    args = plan.args
     with bad_input("--model_name", "use smollm2-135m, gemma-3-270m, a local model folder or a Hugging Face id"):
-        model, tok = models.load_model(plan.args.model_name, plan.paths, device=models.pick_device(plan.args.device))
+        model, tok = models.load_model(args.model_name, plan.paths, device=models.pick_device(args.device),
+                                       dtype=getattr(torch, args.dtype), device_map=parse_device_map(args.device_map))
     with bad_input("hyperparameters for this model", "use the hparams file made for this model's architecture and size"):
         check_hparams_against_model(plan.hparams, model, source=str(plan.hparams_path))
     if plan.split is None:

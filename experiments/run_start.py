@@ -60,6 +60,8 @@ def new_run_meta(plan: RunPlan, model, protocol: Protocol, templates: Optional[l
         "edit_times": plan.edit_times,
         **protocol.run_fields(),
         "device": str(next(model.parameters()).device),
+        "dtype": plan.args.dtype,
+        "device_map": {k: str(v) for k, v in (getattr(model, "hf_device_map", None) or {}).items()} or None,
         "checkpoint_every": plan.args.checkpoint_every,
         "checkpoint_file": CHECKPOINT_FILE,
         "generation": plan.generation_settings(full=True),

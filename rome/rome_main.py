@@ -30,6 +30,7 @@ from rome.rome_hparams import ROMEHyperParams
 from util import nethook
 from util.architectures import update_to_weight_shape
 from util.atomic_files import atomic_path
+from util.placement import stored_tensor
 from util.scoring import model_device
 
 LOG = logging.getLogger(__name__)
@@ -116,8 +117,9 @@ def execute_rome(
 @torch.no_grad()
 def apply_update(model: nn.Module, update: RankOneUpdate) -> None:
     module = nethook.get_module(model, update.module_name)
-    delta = update.delta_out_in().to(module.weight.dtype)
-    module.weight.add_(update_to_weight_shape(delta, module))
+    weight = stored_tensor(module, "weight")
+    delta = update.delta_out_in().to(weight.device, weight.dtype)  # the one cast of a half-precision edit
+    weight.add_(update_to_weight_shape(delta, module))
 
 
 def _cached_update(cache_template: Optional[str], layer: int, case_id) -> Optional[Path]:

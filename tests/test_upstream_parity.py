@@ -93,6 +93,8 @@ def rel(a, b) -> float:
 def harness_hparams(cls, case: dict, implementation: str):
     hp = {k: v for k, v in case["hparams"].items() if k not in case["upstream_only"]}
     hp.update(case["harness_extra"], implementation=implementation)
+    if cls is MEMITHyperParams:  # the fixed templates stand for the sampled ones, grouped by their count
+        hp["context_template_prompts"] = None
     return cls.from_dict(hp)
 
 

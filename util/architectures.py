@@ -130,8 +130,11 @@ def is_transposed(module: nn.Module) -> bool:
 
 
 def weight_out_in(module: nn.Module) -> torch.Tensor:
-    """The module's weight viewed as (out_features, in_features), sharing storage."""
-    w = module.weight
+    """The module's weight viewed as (out_features, in_features), sharing storage (offloaded
+    weights included: util/placement.py)."""
+    from util.placement import stored_tensor
+
+    w = stored_tensor(module, "weight")
     return w.T if is_transposed(module) else w
 
 

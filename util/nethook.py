@@ -157,12 +157,20 @@ def get_module(model: nn.Module, name: str) -> nn.Module:
     raise LookupError(f"model has no module named {name!r}; modules under {prefix!r}: {near}")
 
 
-def get_parameter(model: nn.Module, name: str) -> nn.Parameter:
-    """The parameter with this dotted name (e.g. 'model.layers.3.mlp.down_proj.weight')."""
-    for n, p in model.named_parameters():
-        if n == name:
-            return p
-    raise LookupError(f"model has no parameter named {name!r}")
+def get_parameter(model: nn.Module, name: str) -> torch.Tensor:
+    """The tensor holding the values of the parameter with this dotted name (e.g.
+    'model.layers.3.mlp.down_proj.weight'): the parameter itself, or its offloaded storage when
+    accelerate keeps it off the module (util/placement.py)."""
+    from util.placement import stored_tensor
+
+    module_name, _, attr = name.rpartition(".")
+    try:
+        module = get_module(model, module_name) if module_name else model
+    except LookupError:
+        module = None
+    if module is None or not isinstance(getattr(module, attr, None), torch.Tensor):
+        raise LookupError(f"model has no parameter named {name!r}")
+    return stored_tensor(module, attr)
 
 
 def set_requires_grad(requires_grad: bool, *models: nn.Module | torch.Tensor) -> None:

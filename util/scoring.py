@@ -31,7 +31,14 @@ def prompt_ids(tok: PreTrainedTokenizerBase, prompt: str) -> list[int]:
 
 
 def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    """Where a model's inputs go: its first parameter's device (the embedding), or, when accelerate
+    has offloaded that parameter, the device its hook computes on."""
+    first = next(model.parameters()).device
+    if first.type != "meta":
+        return first
+    from util.placement import module_device
+
+    return next((module_device(m) for m in model.modules() if getattr(m, "_hf_hook", None) is not None), first)
 
 
 def lm_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:

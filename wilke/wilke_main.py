@@ -58,7 +58,7 @@ class WilKEResult:
 
 
 def weight_norm(model: nn.Module, module_name: str) -> float:
-    return float(weight_out_in(nethook.get_module(model, module_name)).norm())
+    return float(weight_out_in(nethook.get_module(model, module_name)).float().norm())
 
 
 def layer_adaptability(model: nn.Module, update: RankOneUpdate) -> float:
