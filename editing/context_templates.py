@@ -10,6 +10,7 @@ global RNG.
 """
 from __future__ import annotations
 
+import unicodedata
 from typing import Sequence
 
 import torch
@@ -54,9 +55,10 @@ def sample_texts(
         choice = torch.multinomial(probs, 1, generator=generator).to(device)
         ids = torch.cat([ids, top.indices.gather(1, choice)], dim=1)
     rows = ids.tolist()
-    if prompt is None:
+    if prompt is None:  # ROME's templates, as this harness has always made them (see README, Differences)
         return [tok.decode(row[1:], skip_special_tokens=True) for row in rows]
-    return [tok.decode(row, skip_special_tokens=True) for row in rows]
+    # what MEMIT's generate_fast does to every sampled text
+    return [unicodedata.normalize("NFKD", tok.decode(row, skip_special_tokens=True)).replace("\n\n", " ") for row in rows]
 
 
 def generate_context_templates(
