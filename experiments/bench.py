@@ -18,11 +18,9 @@ scans) resumes after a stop. The 16-edit fast/reference comparison of two whole 
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import logging
-import os
 import resource
 import sys
 import tempfile
@@ -33,13 +31,17 @@ from typing import Any, Optional, Sequence
 import torch
 
 from editing.layer_stats import layer_stats
-from editing.requests import normalise_request, record_request, swapped_request
+from editing.requests import record_request, swapped_request
 from editing.resources import EditResources
+from experiments.bench_agreement import AgreementStore, agreement_config, bench_approximate
+from experiments.bench_models import load_bench_model
 from rome.rome_hparams import ROMEHyperParams
 from rome.rome_main import apply_rome_to_model
+from util import nethook
+from util.architectures import num_layers
 from util.globals import load_paths
 from wilke.wilke_hparams import WilKEHyperParams
-from wilke.wilke_main import adaptabilities, apply_wilke_to_model, approximate_choice, choose_layer, scan_layers
+from wilke.wilke_main import apply_wilke_to_model
 
 LOG = logging.getLogger("experiments.bench")
 
@@ -53,26 +55,6 @@ class WilKETrace:
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def load_bench_model(name: str, tmp: Path):
-    """(model, tok, hparams_dir, slug, stats_dir): the tiny model is built here, real ones are loaded."""
-    if name == "tiny":
-        from tests.tiny import TinyWorld, rank_one_hparams
-
-        world = TinyWorld(tmp / "tiny", "llama", n_layer=6)
-        base = rank_one_hparams("llama", 6, mom2_n_samples=200)
-        world.write_hparams("ROME", base)
-        world.write_hparams("WilKE", {**base, "scanning_ceiling": 5})
-        from util.models import load_model
-
-        model, tok = load_model(str(world.model_dir), device="cpu")
-        return model, tok, world.hparams_dir, "tiny-llama", world.stats_dir
-    from util.models import load_model, model_slug
-
-    model, tok = load_model(name)
-    paths = load_paths()
-    return model, tok, paths.hparams_dir, model_slug(name), paths.stats_dir
 
 
 def bench_records(n: int) -> list[dict]:
@@ -91,11 +73,26 @@ def time_stats(model, tok, hp, slug: str, stats_dir: Path, one_pass: bool, n_sam
     """Collect the candidate layers' statistics from scratch into ``stats_dir`` and time it."""
     names = [hp.rewrite_module_tmp.format(l) for l in range(hp.scanning_ceiling)]
     paths = load_paths(stats_dir=str(stats_dir))
+    _synchronize(model)
     start = time.perf_counter()
     stats = layer_stats(model, tok, names, hp.mom2_dataset, n_samples, paths, slug,
                         dtype=hp.mom2_dtype, max_length=hp.mom2_max_length, one_pass=one_pass, progress=False)
-    return {"seconds": time.perf_counter() - start, "forward_tokens": stats.run.forward_tokens,
-            "corpus_passes": stats.run.corpus_passes, "layers": len(names), "samples": n_samples}
+    _synchronize(model)
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "forward_tokens": stats.run.forward_tokens, "real_tokens": stats.run.real_tokens,
+            "real_tokens_per_second": stats.run.real_tokens / seconds, "corpus_passes": stats.run.corpus_passes,
+            "layers": len(names), "samples": n_samples}
+
+
+def _synchronize(model) -> None:
+    """Wait for queued GPU work, so wall-clock timings measure it."""
+    if next(model.parameters()).device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _device_name(model) -> str:
+    device = next(model.parameters()).device
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def run_wilke(model, tok, hp, records, resources) -> WilKETrace:
@@ -106,8 +103,9 @@ def run_wilke(model, tok, hp, records, resources) -> WilKETrace:
         _, orig, result = apply_wilke_to_model(model, tok, [request], hp, return_orig_weights=True, resources=resources)
         layer = result.edits[0].layer
         name = next(iter(orig))
-        delta = dict(model.named_parameters())[name].detach() - orig[name]
+        delta = nethook.get_parameter(model, name).detach() - orig[name]
         apply_wilke_to_model(model, tok, [swapped_request(request)], hp, edited_layer=layer, resources=resources)
+        _synchronize(model)
         trace.seconds.append(time.perf_counter() - start)
         trace.layers.append(layer)
         trace.deltas.append(delta)
@@ -120,6 +118,7 @@ def run_rome(model, tok, hp, records, resources) -> list[float]:
         request = record_request(record)
         start = time.perf_counter()
         apply_rome_to_model(model, tok, [request], hp, resources=resources)
+        _synchronize(model)
         seconds.append(time.perf_counter() - start)
     return seconds
 
@@ -137,8 +136,9 @@ PARTS = ("stats", "wilke", "approximate", "rome", "agreement")
 
 def bench_model(name: str, n_edits: int, n_approx: int, skip_reference: bool, stats_samples: int, tmp: Path,
                 parts: Sequence[str] = PARTS, agreement_file: Optional[Path] = None,
-                shard: tuple[int, int] = (0, 1), edit_stats_samples: Optional[int] = None) -> dict:
-    model, tok, hp_dir, slug, stats_dir = load_bench_model(name, tmp)
+                shard: tuple[int, int] = (0, 1), edit_stats_samples: Optional[int] = None,
+                dtype: str = "float32", device: Optional[str] = None) -> dict:
+    model, tok, hp_dir, slug, stats_dir = load_bench_model(name, tmp, getattr(torch, dtype), device)
     fname = f"{'tiny-llama' if name == 'tiny' else slug}.json"
     wh = WilKEHyperParams.from_json(hp_dir / "WilKE" / fname)
     rh = ROMEHyperParams.from_json(hp_dir / "ROME" / fname)
@@ -146,7 +146,8 @@ def bench_model(name: str, n_edits: int, n_approx: int, skip_reference: bool, st
         # edit timings do not depend on how many samples the covariances came from
         wh, rh = wh.replace(mom2_n_samples=edit_stats_samples), rh.replace(mom2_n_samples=edit_stats_samples)
     out: dict[str, Any] = {"model": name, "candidate_layers": wh.scanning_ceiling, "edits": n_edits,
-                           "edit_stats_samples": wh.mom2_n_samples}
+                           "edit_stats_samples": wh.mom2_n_samples, "dtype": dtype,
+                           "device": str(next(model.parameters()).device), "device_name": _device_name(model)}
     n_stats = min(stats_samples, wh.mom2_n_samples)
     if "stats" in parts:
         if not skip_reference:
@@ -155,10 +156,13 @@ def bench_model(name: str, n_edits: int, n_approx: int, skip_reference: bool, st
     # edits use the statistics of the hparams (from the run cache when already collected)
     paths = load_paths(stats_dir=str(stats_dir))
     records = bench_records(max(n_edits, n_approx))
-    start_state = copy.deepcopy(model.state_dict())
+    editable = {f"{wh.rewrite_module_tmp.format(l)}.weight" for l in range(num_layers(model))}
+    start_state = {n: p.detach().clone() for n, p in model.named_parameters() if n in editable}
 
     def fresh_resources(one_pass: bool = True) -> EditResources:
-        model.load_state_dict(start_state)
+        with torch.no_grad():
+            for n, value in start_state.items():
+                nethook.get_parameter(model, n).copy_(value)
         return EditResources(paths, slug, one_pass_stats=one_pass, progress=False)
 
     # statistics missing from the cache are collected here, outside every timed edit
@@ -198,113 +202,6 @@ def _covariance_bytes(model, tok, wh, paths, slug) -> int:
     res = EditResources(paths, slug, progress=False)
     res.covariances(model, tok, wh, [wh.rewrite_module_tmp.format(l) for l in range(wh.scanning_ceiling)])
     return res.covariance_bytes
-
-
-def agreement_config(wh: WilKEHyperParams) -> dict:
-    """What an exact scan depends on; stored lines with another config are not reused."""
-    return {"scanning_ceiling": wh.scanning_ceiling, "v_num_grad_steps": wh.v_num_grad_steps, "v_lr": wh.v_lr,
-            "layers_of": wh.rewrite_module_tmp, "context_template_length_params": wh.context_template_length_params,
-            "mom2_n_samples": wh.mom2_n_samples, "mom2_adjustment": wh.mom2_adjustment}
-
-
-class AgreementStore:
-    """Per-edit agreement results, one JSON line each, so a long measurement resumes where it stopped.
-
-    Each line is flushed and fsynced as soon as its edit is measured; a line cut short by a kill
-    is ignored on reading (and logged), as are lines measured under another configuration.
-    """
-
-    def __init__(self, path: Path, config: dict):
-        self.path = Path(path)
-        self.config = json.loads(json.dumps(config))  # normalised as it will read back
-        self.done: dict[str, dict] = {}
-        if self.path.exists():
-            for n, line in enumerate(self.path.read_text().splitlines(), 1):
-                try:
-                    entry = json.loads(line)
-                except json.JSONDecodeError:
-                    LOG.warning("%s line %d is not JSON (cut short by a kill?); ignored", self.path, n)
-                    continue
-                if isinstance(entry, dict) and entry.get("config") == self.config and "case_id" in entry:
-                    self.done[str(entry["case_id"])] = entry
-
-    def get(self, case_id: Any) -> Optional[dict]:
-        return self.done.get(str(case_id))
-
-    def add(self, entry: dict) -> None:
-        entry = {**entry, "config": self.config}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(entry) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        self.done[str(entry["case_id"])] = entry
-
-
-APPROX_GRID = [(steps, top_k) for steps in (1, 2, 3, 5, 8) for top_k in (1, 2, 3)]
-
-
-def bench_approximate(model, tok, wh, records, fresh_resources, store: Optional[AgreementStore] = None,
-                      n_timed: int = 4, shard: tuple[int, int] = (0, 1)) -> dict:
-    """Agreement of the approximate scan with the exact one, each edit from the unedited weights.
-
-    Each edit gets one exact scan; the approximate choice for every (grad_steps, top_k) of
-    APPROX_GRID is read off it (wilke_main.approximate_choice, equal by construction and tested).
-    On the first ``n_timed`` edits the approximate scan is also run for real, to time it and to
-    confirm the read-off choice. ``shard`` (i, n) measures only edits i, i+n, i+2n, ... so n
-    processes can share one store; a later unsharded call reads all of them back.
-    """
-    res = fresh_resources()
-    approx_hp = wh.replace(scan="approximate")
-    entries, reused = [], 0
-    for i, record in enumerate(records):
-        request = normalise_request(record_request(record))
-        entry = store.get(request.get("case_id")) if store else None
-        if i % shard[1] != shard[0]:
-            if entry is not None:
-                entries.append(entry)
-            continue
-        if entry is None:
-            t0 = time.perf_counter()
-            la, la_by_pass = adaptabilities(model, scan_layers(model, tok, request, wh, wh.candidate_layers, res))
-            entry = {"case_id": request.get("case_id"), "exact_layer": min(la, key=la.get),
-                     "exact_seconds": time.perf_counter() - t0,
-                     "la": {str(l): v for l, v in la.items()}, "la_by_pass": {str(l): v for l, v in la_by_pass.items()}}
-            if store:
-                store.add(entry)
-        else:
-            reused += 1
-        if i < n_timed and entry.get("approx_setting") != [wh.approx_grad_steps, wh.approx_top_k]:
-            t0 = time.perf_counter()
-            approx, _ = choose_layer(model, tok, request, approx_hp, res)
-            entry = {**entry, "approx_layer": approx.layer, "approx_seconds": time.perf_counter() - t0,
-                     "approx_setting": [wh.approx_grad_steps, wh.approx_top_k]}
-            if store:
-                store.add(entry)
-        LOG.info("agreement %d/%d: case %s exact layer %s", i + 1, len(records), entry["case_id"], entry["exact_layer"])
-        entries.append(entry)
-    if not entries:
-        return {"edits": 0}
-    grid = {f"{s}x{k}": sum(_read_off(e, s, k) == e["exact_layer"] for e in entries) / len(entries) for s, k in APPROX_GRID}
-    setting = (wh.approx_grad_steps, wh.approx_top_k)
-    timed = [e for e in entries if e.get("approx_setting") == list(setting)]
-    return {
-        "edits": len(entries), "reused_from_file": reused,
-        "approx_grad_steps": setting[0], "approx_top_k": setting[1],
-        "agreement": sum(_read_off(e, *setting) == e["exact_layer"] for e in entries) / len(entries),
-        "agreement_by_setting": grid,
-        "exact_scan_seconds": mean([e["exact_seconds"] for e in entries]),
-        "approx_scan_seconds": mean([e["approx_seconds"] for e in timed]) if timed else None,
-        "approx_runs_matching_read_off": f"{sum(e['approx_layer'] == _read_off(e, *setting) for e in timed)}/{len(timed)}",
-        "disagreements": [(e["case_id"], e["exact_layer"], _read_off(e, *setting)) for e in entries
-                          if _read_off(e, *setting) != e["exact_layer"]],
-    }
-
-
-def _read_off(entry: dict, steps: int, top_k: int) -> int:
-    """The approximate scan's choice for a stored entry (JSON keys are strings)."""
-    la_by_pass = {int(l): v for l, v in entry["la_by_pass"].items()}
-    return approximate_choice(la_by_pass, {int(l): v for l, v in entry["la"].items()}, steps, top_k)
 
 
 def _seconds(r: dict, key: str) -> Optional[float]:
@@ -374,6 +271,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         "reused by the next run, so a long agreement measurement resumes")
     p.add_argument("--agreement_shard", default="0/1",
                    help="i/n: measure only agreement edits i, i+n, ... (run n processes on one --agreement_file)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="the models' precision")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
     try:
@@ -399,7 +298,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
         for name in [m for m in args.models.split(",") if m]:
             r = bench_model(name, args.edits, args.approx_edits, args.skip_reference, args.stats_samples, Path(tmp),
                             parts=parts, agreement_file=Path(args.agreement_file) if args.agreement_file else None,
-                            shard=args.shard, edit_stats_samples=args.edit_stats_samples)
+                            shard=args.shard, edit_stats_samples=args.edit_stats_samples, dtype=args.dtype,
+                            device=args.device)
             r["ratios"] = ratios(r)
             results.append(r)
             print(json.dumps(r), flush=True)
