@@ -95,3 +95,31 @@ def test_dispatched_model_gets_the_same_memit_update(tmp_path, arch):
         assert torch.allclose(stored(dispatched, name), stored(plain, name), rtol=0, atol=1e-5), name
     assert not torch.equal(stored(plain, f"{hp.rewrite_module_tmp.format(1)}.weight"),
                            stored(make_model(arch), f"{hp.rewrite_module_tmp.format(1)}.weight"))
+
+
+def test_half_precision_overflow_stops_the_run_and_names_float32_as_the_fix(tmp_path, monkeypatch, caplog):
+    """An edit that overflows float16 (simulated: the edited weight gets an inf, as a too-large
+    update cast to float16 does) is caught by the numerical-fault checks, whose message says to
+    rerun in float32."""
+    import json
+
+    from experiments.evaluate import cli
+    from rome.editor import ROMEEditor
+
+    world = TinyWorld(tmp_path, "llama")
+    hp = world.write_hparams("ROME", rank_one_hparams("llama", 4))
+    real_edit = ROMEEditor.edit
+
+    def overflowing_edit(editor, requests):
+        outcome = real_edit(editor, requests)
+        weight = nethook.get_parameter(editor.model, next(iter(outcome.orig_weights)))
+        assert weight.dtype == torch.float16
+        with torch.no_grad():
+            weight[0, 0] = weight[0, 0] * 1e5  # beyond float16's range: inf
+        return outcome
+
+    monkeypatch.setattr(ROMEEditor, "edit", overflowing_edit)
+    assert cli(world.cli_args("ROME", hp, edit_times=1, dtype="float16", num_threads=1)) == 3
+    failure = json.loads((world.results_dir / "ROME" / "run_000" / "failure.json").read_text())
+    assert "non-finite" in failure["problem"] and "--dtype float32" in failure["problem"]
+    assert "rerun with --dtype float32" in caplog.text
