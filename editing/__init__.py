@@ -6,6 +6,9 @@
 - ``value_optimisation``: the v*/z optimisation (ROME's v*, MEMIT's z);
 - ``forward``: the forward strategies that optimisation runs (full, suffix, prefix-cached);
 - ``context_templates``: seeded prefixes sampled from the model;
-- ``corpus`` and ``layer_stats``: second-moment statistics of layer keys, collected in one pass;
+- ``corpus`` and ``corpus_sample``: the texts of the statistics, drawn as ROME draws them;
+- ``layer_stats`` (with ``stats_plan``, ``stats_collection``, ``stats_moments``, ``stats_cache``,
+  ``stats_checkpoint``, ``stats_distributed``): second-moment statistics of layer keys, collected in
+  one pass for every layer, in token-budget batches, resumable, and sharded over processes;
 - ``covariance``: factorised covariances; ``resources``: what a run's edits share.
 """

@@ -82,9 +82,10 @@ def load_hparams(args: argparse.Namespace, paths: Paths, algorithm: Algorithm, s
     return hparams, path
 
 
-def check_statistics_corpus(hparams: Any, hparams_path: Path, paths: Paths) -> None:
-    """The corpus of the second-moment statistics must be reachable before hours of editing start."""
-    from editing.corpus import CorpusNotFoundError, open_corpus
+def check_statistics_corpus(hparams: Any, hparams_path: Path, paths: Paths, slug: str, model_name: str) -> None:
+    """The corpus of the second-moment statistics must be reachable before hours of editing start,
+    unless every statistics file the run needs is already cached (ROME's official files, say)."""
+    from editing.corpus import CorpusNotFoundError, corpus_slug, open_corpus
 
     name = getattr(hparams, "mom2_dataset", None)
     if name is None or not getattr(hparams, "mom2_adjustment", True):
@@ -92,8 +93,28 @@ def check_statistics_corpus(hparams: Any, hparams_path: Path, paths: Paths) -> N
     try:
         open_corpus(name, paths)
     except CorpusNotFoundError as e:
-        raise BadInputError("statistics corpus", f"{hparams_path}: field 'mom2_dataset': {e}",
-                            "install or point 'mom2_dataset' at an existing corpus (see editing/corpus.py for the names)") from None
+        try:
+            missing = missing_statistics(hparams, paths, slug, model_name, corpus_slug(name, paths))
+        except CorpusNotFoundError:  # a corpus file that does not exist has no cache name either
+            missing = ["<no cache name>"]
+        if missing:
+            raise BadInputError("statistics corpus", f"{hparams_path}: field 'mom2_dataset': {e}; and no cached "
+                                f"statistics at {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""),
+                                "install or point 'mom2_dataset' at an existing corpus (see editing/corpus.py for the "
+                                "names), or put the statistics files there") from None
+        LOG.warning("statistics corpus %r is not reachable (%s); every statistics file this run needs is cached, so "
+                    "it is not needed", name, e)
+
+
+def missing_statistics(hparams: Any, paths: Paths, slug: str, model_name: str, corpus: str) -> list[Path]:
+    """The cached statistics files this run would need and that do not exist."""
+    from editing.stats_cache import find_stats_file, model_dir_names
+
+    layers = getattr(hparams, "candidate_layers", None) or getattr(hparams, "layers", ())
+    dirs = model_dir_names(paths.stats_dir, slug, model_name)
+    files = [find_stats_file(paths.stats_dir, dirs, corpus, hparams.rewrite_module_tmp.format(l), hparams.mom2_dtype,
+                             hparams.mom2_n_samples) for l in layers]
+    return [f for f in files if not f.is_file()]
 
 
 class _RecordErrorLog(logging.Handler):
@@ -231,7 +252,7 @@ def prepare(args: argparse.Namespace) -> RunPlan:
         slug = models.model_slug(args.model_name)
     with bad_input("hyperparameters", f"fix the file, or pass another with --hparams_fname (see hparams/{algorithm.name}/)"):
         hparams, hparams_path = load_hparams(args, paths, algorithm, slug)
-    check_statistics_corpus(hparams, hparams_path, paths)
+    check_statistics_corpus(hparams, hparams_path, paths, slug, args.model_name)
     check_protocol_flags(args, algorithm)
     parse_device_map(args.device_map)
     with bad_input("dataset", "fix the file, or choose another with --ds_name"):
