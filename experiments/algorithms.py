@@ -42,6 +42,9 @@ ALGORITHMS: dict[str, Algorithm] = {
         Algorithm("KN", "baselines.kn.kn_hparams:KNHyperParams", "baselines.kn.editor:KNEditor"),
         Algorithm("MEND", "baselines.mend.mend_hparams:MENDHyperParams", "baselines.mend.editor:MENDEditor"),
         Algorithm("KE", "baselines.efk.efk_hparams:KEHyperParams", "baselines.efk.editor:KEEditor"),
+        Algorithm("AlphaEdit", "alphaedit.alphaedit_hparams:AlphaEditHyperParams", "alphaedit.editor:AlphaEditEditor"),
+        Algorithm("RECT", "baselines.rect.rect_hparams:RECTHyperParams", "baselines.rect.editor:RECTEditor"),
+        Algorithm("PRUNE", "baselines.prune.prune_hparams:PRUNEHyperParams", "baselines.prune.editor:PRUNEEditor"),
     )
 }
 

@@ -10,6 +10,10 @@ current block output spread over the layers still to edit:
 
 solved in float64, applied before the next layer's keys and residuals are read. ``execute_memit``
 leaves the model as it found it and returns the deltas; ``apply_memit_to_model`` adds them.
+
+Every layer's update is Delta = R A^T with A = solve(K) the "adjusted keys"; MEMIT's solve is
+(lambda C + K K^T)^{-1} K. A method that keeps MEMIT's z, keys and residual spread and changes only
+that solve (AlphaEdit's null-space projection) passes its own ``key_solver`` to ``execute_memit``.
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ import copy as copy_module
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -35,6 +39,7 @@ from memit.memit_hparams import MEMITHyperParams
 from util import nethook
 from util.architectures import update_to_weight_shape
 from util.atomic_files import atomic_path
+from util.placement import stored_tensor
 from util.scoring import model_device
 
 LOG = logging.getLogger(__name__)
@@ -61,6 +66,10 @@ class LayerDelta:
     @property
     def norm(self) -> float:
         return float(self.delta_out_in().norm())
+
+
+# (module name, keys K: in_features x n) -> adjusted keys A (in_features x n, float64); Delta = R A^T
+KeySolver = Callable[[str, torch.Tensor], torch.Tensor]
 
 
 @dataclasses.dataclass
@@ -137,18 +146,22 @@ def adjusted_keys(keys: torch.Tensor, covariance: Optional[FactorisedCovariance]
     return torch.linalg.solve(lam * c + k @ k.T, k)
 
 
+def memit_key_solver(covariances: dict[str, FactorisedCovariance], lam: float) -> KeySolver:
+    """MEMIT's solve at each layer: (lambda C + K K^T)^{-1} K (C = I for a layer without statistics)."""
+    return lambda module_name, keys: adjusted_keys(keys, covariances.get(module_name), lam)
+
+
 def layer_delta(
     layer: int,
     module_name: str,
     keys: torch.Tensor,
     targets: torch.Tensor,
     layers_left: int,
-    covariance: Optional[FactorisedCovariance],
-    lam: float,
+    solve: KeySolver,
 ) -> LayerDelta:
     """The update at one layer: the remaining residual ``targets`` spread over ``layers_left`` layers."""
     resid = targets.to(torch.float64) / layers_left
-    adj = adjusted_keys(keys, covariance, lam)
+    adj = solve(module_name, keys)
     z_error = float(targets.norm(dim=0).mean())
     return LayerDelta(layer, module_name, keys.to(torch.float64), resid, adj, z_error)
 
@@ -156,8 +169,9 @@ def layer_delta(
 @torch.no_grad()
 def add_delta(model: nn.Module, delta: LayerDelta) -> None:
     module = nethook.get_module(model, delta.module_name)
-    upd = delta.delta_out_in().to(device=module.weight.device, dtype=module.weight.dtype)
-    module.weight.add_(update_to_weight_shape(upd, module))
+    weight = stored_tensor(module, "weight")  # offloaded weights: their storage (util/placement.py)
+    upd = delta.delta_out_in().to(device=weight.device, dtype=weight.dtype)
+    weight.add_(update_to_weight_shape(upd, module))
 
 
 @torch.no_grad()
@@ -173,18 +187,22 @@ def execute_memit(
     hparams: MEMITHyperParams,
     resources: Optional[EditResources] = None,
     cache_template: Optional[str] = None,
+    key_solver: Optional[KeySolver] = None,
 ) -> MEMITUpdate:
     """The MEMIT deltas for a batch of requests; the model is left unchanged.
 
     Each layer's update is applied to the model while the next layer's keys and residuals are
     read (they depend on it), and every touched weight is restored before returning.
+    ``key_solver`` replaces MEMIT's solve (its covariances are then not loaded).
     """
     requests = [normalise_request(r) for r in requests]
     resources = resources or default_resources(model)
     templates = resources.context_templates(model, tok, hparams)
     groups = template_groups(templates, hparams.context_template_length_params, hparams.context_template_prompts)
     names = [hparams.rewrite_module_tmp.format(l) for l in hparams.layers]
-    covs = resources.covariances(model, tok, hparams, names, keep_matrix=True) if hparams.mom2_adjustment else {}
+    if key_solver is None:
+        covs = resources.covariances(model, tok, hparams, names, keep_matrix=True) if hparams.mom2_adjustment else {}
+        key_solver = memit_key_solver(covs, hparams.mom2_update_weight)
     zs, z_steps, z_losses = compute_zs(model, tok, requests, hparams, resources, cache_template)
     block = hparams.layer_module_tmp.format(hparams.z_layer)
     saved: dict[str, torch.Tensor] = {}
@@ -193,9 +211,7 @@ def execute_memit(
         for i, (layer, name) in enumerate(zip(hparams.layers, names)):
             keys = compute_keys(model, tok, requests, groups, name, hparams.fact_token)
             targets = zs - current_zs(model, tok, requests, block, hparams.fact_token)
-            delta = layer_delta(
-                layer, name, keys, targets, len(hparams.layers) - i, covs.get(name), hparams.mom2_update_weight
-            )
+            delta = layer_delta(layer, name, keys, targets, len(hparams.layers) - i, key_solver)
             LOG.info("MEMIT layer %d: %d key(s), z error %.4f, ||Delta|| %.4f", layer, keys.shape[1], delta.z_error, delta.norm)
             snapshot_weights(model, [delta.weight_name], saved)
             add_delta(model, delta)

@@ -1,4 +1,10 @@
-"""WilKE hyperparameters: ROME's, plus the scan."""
+"""WilKE hyperparameters: ROME's, plus the scan.
+
+ROME's ``consistent_keys`` chooses the rank-one rule of every candidate (wilke/wilke_main.py): false,
+as in every shipped file, is the paper's algorithm; true (``hparams/WilKE/*_rrome.json``) makes WilKE
+choose and apply r-ROME updates (Gupta et al. 2024), the layer choice for a rank-one editor without
+ROME's disabling edits.
+"""
 from __future__ import annotations
 
 import dataclasses

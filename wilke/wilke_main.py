@@ -9,6 +9,15 @@ Fast mode shares the layer-independent work across candidates: templates and pro
 once, keys for every candidate come from one partial forward pass, block inputs are captured once
 and each optimisation step runs only the blocks above the candidate. Reference mode recomputes
 everything per candidate and recomputes the chosen update after the scan, as the paper's code does.
+
+The rank-one rule is ROME's hparams field ``consistent_keys``, which WilKE inherits. Off (every
+shipped WilKE file but the ``*_rrome.json`` ones) it is the paper's algorithm: each candidate's update
+solves with the bare prompt's key and value. On, it is r-ROME's (Gupta et al. 2024): the solve uses
+k*, the key averaged over the context templates (the very vector u is made from), and the mean value
+over the same prompts, so (W + Delta) k* = v*. Both scans hand the flag to ``rome_update_at``: the fast
+one with each candidate's k* from its shared pass, the reference one through ``execute_rome``. So the
+LA that is scored, the update that is applied and the roll-back at the pinned layer all follow the
+same rule (``WilKEEdit.rule`` says which).
 """
 from __future__ import annotations
 
@@ -46,6 +55,7 @@ class WilKEEdit:
     weight_norm: float
     seconds: float
     scan: str  # "exact", "approximate" or "pinned"
+    rule: str = "ROME"  # the rank-one update scored and applied: "ROME", or "r-ROME" with consistent_keys
 
 
 @dataclasses.dataclass
@@ -59,6 +69,11 @@ class WilKEResult:
 
 def weight_norm(model: nn.Module, module_name: str) -> float:
     return float(weight_out_in(nethook.get_module(model, module_name)).float().norm())
+
+
+def rank_one_rule(hparams: WilKEHyperParams) -> str:
+    """Which rank-one update every candidate gets: r-ROME's (``consistent_keys``) or ROME's."""
+    return "r-ROME" if hparams.consistent_keys else "ROME"
 
 
 def layer_adaptability(model: nn.Module, update: RankOneUpdate) -> float:
@@ -209,7 +224,9 @@ def apply_wilke_to_model(
         if return_orig_weights:
             snapshot_weights(model, [update.weight_name], weights_copy)
         apply_update(model, update)
-        edit = WilKEEdit(request.get("case_id"), update.layer, la, update.norm, w_norm, time.perf_counter() - start, scan)
+        edit = WilKEEdit(request.get("case_id"), update.layer, la, update.norm, w_norm, time.perf_counter() - start,
+                         scan, rank_one_rule(hparams))
         result.edits.append(edit)
-        LOG.info("WilKE edit of case %s at layer %d (LA %.4f)", edit.case_id, edit.layer, update.norm / w_norm)
+        LOG.info("WilKE edit of case %s at layer %d (LA %.4f, %s update)", edit.case_id, edit.layer,
+                 update.norm / w_norm, edit.rule)
     return model, weights_copy, result

@@ -1,0 +1,140 @@
+"""AlphaEdit (Fang et al., ICLR 2025): MEMIT's update projected onto the null space of preserved knowledge.
+
+z, keys and the residual spread over the layers are MEMIT's (``memit.execute_memit``); only the
+solve at each layer differs. With P the layer's null-space projector (alphaedit/projection.py), K the
+batch's keys, R the layer's share of the residual and K_p K_p^T the sum of k k^T over the keys of
+every earlier edit, the update solves
+
+    (P (K_p K_p^T + K K^T) + L2 I) X = P K R^T,    Delta = X^T,
+
+as upstream's ``AlphaEdit_main.py`` does (the paper's Delta = R K^T P (K_p K_p^T P + K K^T P + L2 I)^{-1}).
+Here X = A R^T with A = (P (K_p K_p^T + K K^T) + L2 I)^{-1} P K, so Delta = R A^T is MEMIT's
+``LayerDelta`` with other adjusted keys; it is laid out as the weight (transposed for GPT-2's Conv1D)
+by ``util.architectures.update_to_weight_shape``. From the system, X = P (K R^T - (...) X) / L2, so
+Delta P = Delta and Delta C0 ~ 0: preserved keys' outputs do not move.
+
+After each batch, K K^T of every edited layer is added to K_p K_p^T (upstream's ``cache_c``). Upstream
+recomputes the keys on the edited model for that; they equal the keys of the layer's solve (a layer's
+input depends only on the layers below it, already edited when its keys were read), so those are
+reused. Upstream solves in float32 and keeps ``cache_c`` in float32 on the CPU; here both are float64
+on the edited layer's device (the sum of thousands of outer products, and a system whose condition
+grows with it).
+"""
+from __future__ import annotations
+
+import copy as copy_module
+import logging
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from alphaedit.alphaedit_hparams import AlphaEditHyperParams
+from alphaedit.projection import NullSpace, ProjectorCache
+from editing.resources import EditResources, default_resources
+from memit.memit_main import KeySolver, MEMITUpdate, apply_deltas, execute_memit
+
+LOG = logging.getLogger(__name__)
+
+STATE_PREFIX = "key_moment/"
+
+
+class KeyMoments:
+    """K_p K_p^T per edited module: the sum of k k^T over the keys of every earlier edit (float64)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.n_keys = 0  # keys (requests) accumulated, the same at every layer
+
+    def get(self, module_name: str, dim: int, device: torch.device) -> torch.Tensor:
+        """The layer's sum, zeros before its first edit."""
+        if module_name not in self.sums:
+            return torch.zeros(dim, dim, dtype=torch.float64, device=device)
+        return self.sums[module_name].to(device)
+
+    @torch.no_grad()
+    def add(self, update: MEMITUpdate) -> None:
+        """Accumulate one batch's keys at every layer it edited."""
+        n = 0
+        for delta in update.deltas.values():
+            k = delta.keys.to(torch.float64)
+            self.sums[delta.module_name] = self.get(delta.module_name, k.shape[0], k.device) + k @ k.T
+            n = k.shape[1]
+        self.n_keys += n
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {f"{STATE_PREFIX}{name}": s for name, s in self.sums.items()}
+        state["n_keys"] = torch.tensor(self.n_keys, dtype=torch.int64)
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], devices: dict[str, torch.device]) -> None:
+        """Restore what ``state_dict`` saved; ``devices`` maps each edited module to the device it computes on."""
+        sums = {k[len(STATE_PREFIX):]: v for k, v in state.items() if k.startswith(STATE_PREFIX)}
+        unknown = sorted(set(sums) - set(devices))
+        if unknown or "n_keys" not in state:
+            raise ValueError(f"AlphaEdit state does not fit this run's layers {sorted(devices)}: "
+                             f"it holds {sorted(state)}")
+        self.sums = {name: s.to(device=devices[name], dtype=torch.float64) for name, s in sums.items()}
+        self.n_keys = int(state["n_keys"])
+
+
+def alphaedit_key_solver(null_spaces: dict[str, NullSpace], moments: KeyMoments, l2: float) -> KeySolver:
+    """A = (P (K_p K_p^T + K K^T) + L2 I)^{-1} P K per layer, so that Delta = R A^T (float64 LU solve)."""
+
+    def solve(module_name: str, keys: torch.Tensor) -> torch.Tensor:
+        p = null_spaces[module_name].projector
+        k = keys.to(device=p.device, dtype=torch.float64)
+        prior = moments.get(module_name, k.shape[0], p.device)
+        eye = torch.eye(k.shape[0], dtype=torch.float64, device=p.device)
+        return torch.linalg.solve(p @ (prior + k @ k.T) + l2 * eye, p @ k)
+
+    return solve
+
+
+def execute_alphaedit(
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    requests: Sequence[dict],
+    hparams: AlphaEditHyperParams,
+    null_spaces: dict[str, NullSpace],
+    moments: KeyMoments,
+    resources: Optional[EditResources] = None,
+    cache_template: Optional[str] = None,
+) -> MEMITUpdate:
+    """The AlphaEdit deltas for a batch (the model is left unchanged; ``moments`` is not updated)."""
+    solver = alphaedit_key_solver(null_spaces, moments, hparams.L2)
+    return execute_memit(model, tok, requests, hparams, resources, cache_template, key_solver=solver)
+
+
+def apply_alphaedit_to_model(
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    requests: Sequence[dict],
+    hparams: AlphaEditHyperParams,
+    copy: bool = False,
+    return_orig_weights: bool = False,
+    cache_template: Optional[str] = None,
+    resources: Optional[EditResources] = None,
+    moments: Optional[KeyMoments] = None,
+    projectors: Optional[ProjectorCache] = None,
+) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """Edit ``model`` with all ``requests`` as one AlphaEdit batch; returns (model, original weights if asked).
+
+    ``moments`` carries K_p K_p^T from one call to the next (upstream returns and takes ``cache_c``):
+    pass the same object to every call of a sequence; it is updated in place. Without it the batch
+    is edited as the first of its run. ``projectors`` (a ProjectorCache) spares re-reading the cached
+    null spaces; the null spaces come from the statistics of the unedited model, so a first call on
+    an already edited model must find them cached. ``cache_template`` reuses MEMIT's z cache.
+    """
+    if copy:
+        model = copy_module.deepcopy(model)
+    resources = resources or default_resources(model)
+    projectors = projectors or ProjectorCache(resources)
+    moments = moments if moments is not None else KeyMoments()
+    null_spaces = projectors.null_spaces(model, tok, hparams)
+    update = execute_alphaedit(model, tok, requests, hparams, null_spaces, moments, resources, cache_template)
+    weights_copy: dict[str, torch.Tensor] = {}
+    apply_deltas(model, update, weights_copy if return_orig_weights else None)
+    moments.add(update)
+    return model, weights_copy

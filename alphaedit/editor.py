@@ -1,0 +1,50 @@
+"""AlphaEdit as a run's editor: MEMIT's batches, projected updates, and the keys of earlier edits as state.
+
+The null spaces are cut once, when the editor is built: the run builds it on the freshly loaded
+model, before any edit or restored checkpoint changes it, so a resumed run projects with the same P
+(read back from the cache beside the statistics). K_p K_p^T is the editor's state: the run saves it
+with every weight checkpoint (``state_dict``) and restores it on resume (``load_state_dict``).
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from alphaedit.alphaedit_main import KeyMoments, execute_alphaedit
+from alphaedit.projection import ProjectorCache
+from editing.editor import EditOutcome
+from editing.resources import default_resources
+from memit.editor import MEMITEditor
+from memit.memit_main import apply_deltas
+from util import nethook
+from util.placement import module_device
+
+
+class AlphaEditEditor(MEMITEditor):
+    batch_edits = True
+
+    def __init__(self, model: nn.Module, tok: PreTrainedTokenizerBase, hparams: Any, resources: Any):
+        super().__init__(model, tok, hparams, resources or default_resources(model))
+        self.module_names = [hparams.rewrite_module_tmp.format(l) for l in hparams.layers]
+        self.null_spaces = ProjectorCache(self.resources).null_spaces(model, tok, hparams, self.module_names)
+        self.moments = KeyMoments()
+
+    def edit(self, requests: Sequence[dict]) -> EditOutcome:
+        update = execute_alphaedit(self.model, self.tok, list(requests), self.hparams, self.null_spaces,
+                                   self.moments, self.resources)
+        weights: dict = {}
+        apply_deltas(self.model, update, weights)
+        self.moments.add(update)
+        dims = {str(l): self.null_spaces[n].dim for l, n in zip(self.hparams.layers, self.module_names)}
+        details = {**self.details(update), "null_space_dims": dims, "accumulated_keys": self.moments.n_keys}
+        return EditOutcome(weights, details)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.moments.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        devices = {n: module_device(nethook.get_module(self.model, n)) for n in self.module_names}
+        self.moments.load_state_dict(state, devices)

@@ -1,0 +1,5 @@
+"""RECT (Gu et al. 2024): MEMIT's update with only the entries of largest relative change kept."""
+from baselines.rect.rect_hparams import RECTHyperParams
+from baselines.rect.rect_main import apply_rect_to_model, top_relative_change_mask
+
+__all__ = ["RECTHyperParams", "apply_rect_to_model", "top_relative_change_mask"]
