@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from util import nethook
+from util.placement import HALF_DTYPES
 from util.scoring import lm_logits
 
 LOG = logging.getLogger(__name__)
@@ -379,7 +380,9 @@ def verified_forward(
             continue
         strategy = build()
         if ok is None:
-            ok = agrees_with_full(strategy, full, first_block, probe_module, probe)
+            # a misplaced delta changes logits by O(1); half precision reorders rounding at ~1e-2
+            rtol = 3e-2 if next(model.parameters()).dtype in HALF_DTYPES else 1e-4
+            ok = agrees_with_full(strategy, full, first_block, probe_module, probe, rtol)
             if checked is not None:
                 checked[key] = ok
             if not ok:

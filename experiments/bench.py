@@ -123,6 +123,27 @@ def run_rome(model, tok, hp, records, resources) -> list[float]:
     return seconds
 
 
+def time_alphaedit(model, tok, hparams_file: Path, records: list[dict], resources: EditResources) -> dict:
+    """One AlphaEdit edit of a batch, timed after its statistics and null spaces were made."""
+    from alphaedit.alphaedit_hparams import AlphaEditHyperParams
+    from alphaedit.alphaedit_main import apply_alphaedit_to_model
+    from alphaedit.projection import ProjectorCache
+
+    hp = AlphaEditHyperParams.from_json(hparams_file)
+    projectors = ProjectorCache(resources)
+    start = time.perf_counter()
+    projectors.null_spaces(model, tok, hp)
+    _synchronize(model)
+    setup = time.perf_counter() - start
+    start = time.perf_counter()
+    apply_alphaedit_to_model(model, tok, [record_request(r) for r in records], hp, resources=resources,
+                             projectors=projectors)
+    _synchronize(model)
+    seconds = time.perf_counter() - start
+    return {"batch": len(records), "seconds_per_batch": seconds, "seconds_per_edit": seconds / len(records),
+            "layers": list(hp.layers), "statistics_and_null_spaces_seconds": setup}
+
+
 def mean(xs: Sequence[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
@@ -131,7 +152,8 @@ def relative_difference(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) ->
     return max(float((x - y).norm() / x.norm()) if x.shape == y.shape else float("inf") for x, y in zip(a, b))
 
 
-PARTS = ("stats", "wilke", "approximate", "rome", "agreement")
+PARTS = ("stats", "wilke", "approximate", "rome", "alphaedit", "agreement")
+ALPHAEDIT_BATCH = 4  # requests per timed AlphaEdit edit
 
 
 def bench_model(name: str, n_edits: int, n_approx: int, skip_reference: bool, stats_samples: int, tmp: Path,
@@ -155,7 +177,7 @@ def bench_model(name: str, n_edits: int, n_approx: int, skip_reference: bool, st
         out["stats_fast"] = time_stats(model, tok, wh, slug, tmp / f"stats-one-{slug}", True, n_stats)
     # edits use the statistics of the hparams (from the run cache when already collected)
     paths = load_paths(stats_dir=str(stats_dir))
-    records = bench_records(max(n_edits, n_approx))
+    records = bench_records(max(n_edits, n_approx, ALPHAEDIT_BATCH if "alphaedit" in parts else 0))
     editable = {f"{wh.rewrite_module_tmp.format(l)}.weight" for l in range(num_layers(model))}
     start_state = {n: p.detach().clone() for n, p in model.named_parameters() if n in editable}
 
@@ -184,6 +206,10 @@ def bench_model(name: str, n_edits: int, n_approx: int, skip_reference: bool, st
         _progress(out)
     if "rome" in parts:
         out["rome_fast"] = {"seconds_per_edit": mean(run_rome(model, tok, rh, records[:n_edits], fresh_resources()))}
+        _progress(out)
+    if "alphaedit" in parts:
+        out["alphaedit"] = time_alphaedit(model, tok, hp_dir / "AlphaEdit" / fname, records[:ALPHAEDIT_BATCH],
+                                          fresh_resources())
         _progress(out)
     if "agreement" in parts and n_approx:
         store = AgreementStore(agreement_file, {"model": name, **agreement_config(wh)}) if agreement_file else None
@@ -234,7 +260,7 @@ def table(results: list[dict]) -> str:
         return f"{value * scale:{spec}}{suffix}" if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
 
     rows = [("model", "WilKE fast s/edit", "WilKE ref s/edit", "ratio", "same layers", "approx s/edit", "ROME s/edit",
-             "stats 1-pass s", "stats ref s", "approx agree", "cov MB", "peak MB")]
+             "AlphaEdit s/edit", "stats 1-pass s", "stats ref s", "approx agree", "cov MB", "peak MB")]
     for r in results:
         rows.append((
             r["model"],
@@ -244,6 +270,7 @@ def table(results: list[dict]) -> str:
             cell(r, "same_layers"),
             cell(r, "wilke_approximate", "seconds_per_edit"),
             cell(r, "rome_fast", "seconds_per_edit"),
+            cell(r, "alphaedit", "seconds_per_edit"),
             cell(r, "stats_fast", "seconds", spec=".1f"),
             cell(r, "stats_reference", "seconds", spec=".1f"),
             cell(r, "approximate_agreement", "agreement", spec=".0%"),

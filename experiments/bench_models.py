@@ -50,17 +50,27 @@ def random_model(shape: str, dtype: torch.dtype, device: torch.device) -> torch.
     return model
 
 
+# the AlphaEdit paper's file of each shape family, and its edited layers on the tiny shapes
+ALPHAEDIT_FILES = {"gpt2": "gpt2-xl.json", "llama": "meta-llama_Meta-Llama-3-8B.json"}
+
+
 def random_shape_hparams(shape: str, corpus: Path, n_samples: int) -> dict[str, dict]:
-    """ROME's paper hparams (GPT2-XL's file) on the shape's modules, never stopping early."""
+    """The papers' hparams (ROME's GPT2-XL file; AlphaEdit's GPT2-XL or Llama-3-8B file) on the
+    shape's modules, with the synthetic corpus, never stopping early."""
     arch, fields, layer, ceiling = RANDOM_SHAPES[shape]
     n_layers = fields.get("n_layer") or fields["num_hidden_layers"]
     spec = ARCHITECTURES[arch]
+    modules = {name: getattr(spec, name) for name in ("rewrite_module_tmp", "layer_module_tmp", "mlp_module_tmp",
+                                                      "attn_module_tmp", "ln_f_module", "lm_head_module")}
+    common = dict(v_loss_layer=n_layers - 1, mom2_dataset=str(corpus), mom2_n_samples=n_samples,
+                  v_early_stop_loss=0.0, mom2_max_length=256)
     rome = json.loads((load_paths().hparams_dir / "ROME" / "gpt2-xl.json").read_text())
-    rome.update({name: getattr(spec, name) for name in ("rewrite_module_tmp", "layer_module_tmp", "mlp_module_tmp",
-                                                        "attn_module_tmp", "ln_f_module", "lm_head_module")})
-    rome.update(layers=[layer], v_loss_layer=n_layers - 1, mom2_dataset=str(corpus), mom2_n_samples=n_samples,
-                v_early_stop_loss=0.0, mom2_max_length=256)
-    return {"ROME": rome, "WilKE": {**rome, "scanning_ceiling": ceiling}}
+    rome.update(**modules, **common, layers=[layer])
+    alpha = json.loads((load_paths().hparams_dir / "AlphaEdit" / ALPHAEDIT_FILES[arch]).read_text())
+    alpha.update(**modules, **common)
+    if n_layers < 12:  # the tiny shapes: two MLPs below the top
+        alpha["layers"] = [1, 2]
+    return {"ROME": rome, "WilKE": {**rome, "scanning_ceiling": ceiling}, "AlphaEdit": alpha}
 
 
 def synthetic_corpus(path: Path, n_texts: int = 400) -> Path:

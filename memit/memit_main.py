@@ -160,7 +160,7 @@ def layer_delta(
     solve: KeySolver,
 ) -> LayerDelta:
     """The update at one layer: the remaining residual ``targets`` spread over ``layers_left`` layers."""
-    resid = targets.to(torch.float64) / layers_left
+    resid = targets.to(device=keys.device, dtype=torch.float64) / layers_left  # on the layer's device
     adj = solve(module_name, keys)
     z_error = float(targets.norm(dim=0).mean())
     return LayerDelta(layer, module_name, keys.to(torch.float64), resid, adj, z_error)
