@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -126,3 +127,19 @@ def _incomplete_reason(path: Path, meta: dict[str, Any], n_edits: int) -> Option
     if isinstance(planned, int) and n_edits < planned:
         return f"incomplete: {n_edits} of {planned} edits"
     return None
+
+
+def checkpoint_files(path: Path, pattern: "re.Pattern[str]", n_edits: int, planned: Any, last_ok: int,
+                     file_name: str) -> dict[int, Path]:
+    """The checkpoint files of a run (``pattern`` captures the edit count), checked: none beyond the
+    last edit, none of the ``planned`` checkpoints up to ``last_ok`` missing (``file_name`` has
+    ``{n}`` for the message)."""
+    found = {int(m.group(1)): f for f in path.iterdir() if (m := pattern.match(f.name))}
+    late = sorted(n for n in found if n > n_edits)
+    if late:
+        raise RunFolderError(f"{file_name.format(n='*')} for checkpoint(s) {_short_list(late)} beyond the last edit {n_edits}")
+    planned = planned if isinstance(planned, list) else list(found)
+    missing = sorted(n for n in planned if isinstance(n, int) and n <= last_ok and n not in found)
+    if missing:
+        raise RunFolderError(f"missing {file_name.format(n=missing[0])}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+    return found

@@ -40,6 +40,7 @@ from experiments.summary.run_types import (
     _incomplete_reason,
     _read_object,
     _short_list,
+    checkpoint_files,
 )
 from experiments.summary.sequential_runs import load_sequential_run
 
@@ -127,17 +128,10 @@ def load_run(path: Path, algorithm: str, allow_partial: bool = False) -> Run:
     unfinished = _incomplete_reason(path, meta, n_edits)
     if unfinished and not allow_partial:
         raise RunFolderError(f"{unfinished} (summarise its finished edits with --include_partial)")
-    retention_files = {int(m.group(1)): f for f in path.iterdir() if (m := RETENTION_FILE_RE.match(f.name))}
-    late = sorted(n for n in retention_files if n > n_edits)
-    if late:
-        raise RunFolderError(f"retention file(s) for checkpoint(s) {_short_list(late)} beyond the last edit {n_edits}")
-    planned = meta.get("retention_checkpoints")
-    planned = retention_files.keys() if not isinstance(planned, list) else planned
     # an unfinished run may have been stopped between its last edit file and that edit's retention file
     last_ok = n_edits - 1 if unfinished else n_edits
-    missing = sorted(n for n in planned if isinstance(n, int) and n <= last_ok and n not in retention_files)
-    if missing:
-        raise RunFolderError(f"missing retention_of_edit_{missing[0]}.json" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+    retention_files = checkpoint_files(path, RETENTION_FILE_RE, n_edits, meta.get("retention_checkpoints"), last_ok,
+                                       "retention_of_edit_{n}.json")
     retention = {n: _read_retention(f, n) for n, f in sorted(retention_files.items())}
     if not retention:
         raise RunFolderError("no retention_of_edit_*.json files")

@@ -21,6 +21,7 @@ from experiments.summary.run_types import (
     _incomplete_reason,
     _read_object,
     _short_list,
+    checkpoint_files,
 )
 
 BATCH_FILE_RE = re.compile(r"^batch_(\d+)\.json$")
@@ -74,16 +75,10 @@ def load_sequential_run(path: Path, algorithm: str, meta: dict[str, Any], params
     unfinished = _incomplete_reason(path, meta, n_edits)
     if unfinished and not allow_partial:
         raise RunFolderError(f"{unfinished} (summarise its finished edits with --include_partial)")
-    found = {int(m.group(1)): f for f in path.iterdir() if (m := EVALUATION_FILE_RE.match(f.name))}
-    late = sorted(n for n in found if n > n_edits)
-    if late:
-        raise RunFolderError(f"evaluation file(s) for checkpoint(s) {_short_list(late)} beyond the last edit {n_edits}")
-    planned = meta.get("eval_checkpoints") if isinstance(meta.get("eval_checkpoints"), list) else list(found)
+    # an unfinished run may have been stopped between its last batch file and that batch's evaluation
     last_ok = ends[-2] if unfinished and len(ends) > 1 else (0 if unfinished else n_edits)
-    missing = sorted(n for n in planned if isinstance(n, int) and n <= last_ok and n not in found)
-    if missing:
-        raise RunFolderError(f"missing evaluation_after_edit_{missing[0]}.json"
-                             + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+    found = checkpoint_files(path, EVALUATION_FILE_RE, n_edits, meta.get("eval_checkpoints"), last_ok,
+                             "evaluation_after_edit_{n}.json")
     evaluations = {n: _read_evaluation(f, n) for n, f in sorted(found.items())}
     if not evaluations and not unfinished:
         raise RunFolderError("no evaluation_after_edit_*.json files")
