@@ -57,11 +57,17 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def bench_records(n: int) -> list[dict]:
-    """The first n valid CounterFact records (edits need not be known facts to be timed)."""
+def bench_records(n: int, run_dir: Optional[Path] = None) -> list[dict]:
+    """The first n valid CounterFact records (edits need not be known facts to be timed), or the first
+    n records of an evaluate run's edit stream (to measure on the edits that run made)."""
     from dsets.counterfact import CounterFactDataset
+    from dsets.records import load_counterfact_file
     from tests.tiny import tiny_records
 
+    if run_dir is not None:
+        meta = json.loads((Path(run_dir) / "run.json").read_text())
+        by_id = {r["case_id"]: r for r in load_counterfact_file(meta["dataset_file"], "skip").records}
+        return [by_id[c] for c in meta["edit_stream_case_ids"][:n]]
     try:
         records = CounterFactDataset(load_paths(), allow_download=False).records
     except FileNotFoundError:
@@ -159,7 +165,7 @@ ALPHAEDIT_BATCH = 4  # requests per timed AlphaEdit edit
 def bench_model(name: str, n_edits: int, n_approx: int, skip_reference: bool, stats_samples: int, tmp: Path,
                 parts: Sequence[str] = PARTS, agreement_file: Optional[Path] = None,
                 shard: tuple[int, int] = (0, 1), edit_stats_samples: Optional[int] = None,
-                dtype: str = "float32", device: Optional[str] = None) -> dict:
+                dtype: str = "float32", device: Optional[str] = None, records_from_run: Optional[Path] = None) -> dict:
     model, tok, hp_dir, slug, stats_dir = load_bench_model(name, tmp, getattr(torch, dtype), device)
     fname = f"{'tiny-llama' if name == 'tiny' else slug}.json"
     wh = WilKEHyperParams.from_json(hp_dir / "WilKE" / fname)
@@ -177,7 +183,7 @@ def bench_model(name: str, n_edits: int, n_approx: int, skip_reference: bool, st
         out["stats_fast"] = time_stats(model, tok, wh, slug, tmp / f"stats-one-{slug}", True, n_stats)
     # edits use the statistics of the hparams (from the run cache when already collected)
     paths = load_paths(stats_dir=str(stats_dir))
-    records = bench_records(max(n_edits, n_approx, ALPHAEDIT_BATCH if "alphaedit" in parts else 0))
+    records = bench_records(max(n_edits, n_approx, ALPHAEDIT_BATCH if "alphaedit" in parts else 0), records_from_run)
     editable = {f"{wh.rewrite_module_tmp.format(l)}.weight" for l in range(num_layers(model))}
     start_state = {n: p.detach().clone() for n, p in model.named_parameters() if n in editable}
 
@@ -300,6 +306,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="i/n: measure only agreement edits i, i+n, ... (run n processes on one --agreement_file)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="the models' precision")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--records_from_run", default=None,
+                   help="edit the first records of this evaluate run's edit stream (e.g. to measure the approximate "
+                   "scan's agreement on the edits a run made) instead of the first CounterFact records")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
     try:
@@ -326,7 +335,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
             r = bench_model(name, args.edits, args.approx_edits, args.skip_reference, args.stats_samples, Path(tmp),
                             parts=parts, agreement_file=Path(args.agreement_file) if args.agreement_file else None,
                             shard=args.shard, edit_stats_samples=args.edit_stats_samples, dtype=args.dtype,
-                            device=args.device)
+                            device=args.device,
+                            records_from_run=Path(args.records_from_run) if args.records_from_run else None)
             r["ratios"] = ratios(r)
             results.append(r)
             print(json.dumps(r), flush=True)

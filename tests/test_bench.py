@@ -71,3 +71,6 @@ def test_compare_runs_of_fast_and_reference_evaluations(tmp_path, capsys):
     other = evaluate(world.cli_args("WilKE", hp, dataset_size_limit=6, edit_times=1, seed=1, dir_name="other"))
     with pytest.raises(compare_runs.RunFolderError, match="same edit stream"):
         compare_runs.compare(runs["fast"], other)
+    # the bench can edit the records a run edited, in the run's order
+    records = bench.bench_records(2, runs["fast"])
+    assert [r["case_id"] for r in records] == json.loads((runs["fast"] / "run.json").read_text())["edit_stream_case_ids"][:2]
