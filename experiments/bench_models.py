@@ -115,6 +115,9 @@ def load_bench_model(name: str, tmp: Path, dtype: torch.dtype = torch.float32, d
         base = rank_one_hparams("llama", 6, mom2_n_samples=200)
         world.write_hparams("ROME", base)
         world.write_hparams("WilKE", {**base, "scanning_ceiling": 5})
+        world.write_hparams("AlphaEdit", {**base, "layers": [1, 2], "mom2_update_weight": 100.0, "clamp_norm_factor": 0.75,
+                                          "context_template_length_params": [[10, 5]], "nullspace_threshold": 2e-2,
+                                          "L2": 10.0})
         model, tok = load_model(str(world.model_dir), device=device or "cpu", dtype=dtype)
         return model, tok, world.hparams_dir, "tiny-llama", world.stats_dir
     model, tok = load_model(name, device=device, dtype=dtype)
