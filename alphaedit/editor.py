@@ -30,6 +30,7 @@ class AlphaEditEditor(MEMITEditor):
         super().__init__(model, tok, hparams, resources or default_resources(model))
         self.module_names = [hparams.rewrite_module_tmp.format(l) for l in hparams.layers]
         self.null_spaces = ProjectorCache(self.resources).null_spaces(model, tok, hparams, self.module_names)
+        self.resources.release(hparams, self.module_names)  # the solve reads P, never C0 again
         self.moments = KeyMoments()
 
     def edit(self, requests: Sequence[dict]) -> EditOutcome:

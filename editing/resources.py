@@ -124,6 +124,12 @@ class EditResources:
             self._covariances[keys[name]] = FactorisedCovariance(mom2, keep_matrix=keep_matrix, name=f"covariance of {name}")
         self.stats_seconds += time.perf_counter() - start
 
+    def release(self, hparams: Any, layer_names: Sequence[str]) -> None:
+        """Drop these layers' covariances (a method that keeps only what it derived from them, as
+        AlphaEdit keeps its projectors: on a large model each is gigabytes)."""
+        for name in layer_names:
+            self._covariances.pop(_stats_key(self.model_slug, hparams, name), None)
+
     @property
     def covariance_bytes(self) -> int:
         return sum(c.nbytes for c in self._covariances.values())

@@ -301,3 +301,13 @@ def test_sequential_run_killed_and_resumed_keeps_the_accumulated_keys(tmp_path, 
     assert lost["batch_1.json"] == whole["batch_1.json"]
     assert lost["batch_2.json"]["edit"]["layer_update_norms"] != whole["batch_2.json"]["edit"]["layer_update_norms"]
     assert lost["evaluation_after_edit_4.json"] != whole["evaluation_after_edit_4.json"]
+
+
+def test_the_editor_keeps_its_projectors_and_releases_the_covariances(tmp_path):
+    """On a large model each covariance is gigabytes; the solve reads P only, so C0 is let go."""
+    hp, res = setup(tmp_path, "llama")
+    model, tok = make_model("llama"), make_tokenizer()
+    editor = AlphaEditEditor(model, tok, hp, res)
+    assert res.covariance_bytes == 0 and len(editor.null_spaces) == len(hp.layers)
+    editor.edit(requests()[:2])
+    assert res.covariance_bytes == 0 and editor.moments.n_keys == 2
