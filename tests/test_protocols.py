@@ -219,3 +219,10 @@ def test_stateful_editor_killed_and_resumed_matches_an_uninterrupted_run(tmp_pat
     assert cli(toy_args(world, hp, "lost") + ["--continue_from_run=run_000"]) == 0
     lost = result_files(world.results_dir / "lost" / "run_000")
     assert lost["batch_1.json"] == whole["batch_1.json"] and lost["batch_2.json"] != whole["batch_2.json"]
+
+
+def test_no_rollback_is_the_sequential_protocol():
+    from experiments.evaluate import parse_args
+
+    assert parse_args(["--no_rollback"]).protocol == "sequential"
+    assert parse_args([]).protocol == "rollback"
