@@ -34,7 +34,7 @@ from experiments.faults import EXIT_BAD_INPUT, RunStopped, interrupt_handlers
 from experiments.py.generation_metrics import DEFAULT_MAX_OUT_LEN, DEFAULT_N_GEN_PER_PROMPT
 from experiments.run_files import reproducible_torch
 from experiments.run_loop import DEFAULT_CHECKPOINT_EVERY
-from experiments.run_setup import BadInputError, load_checked_model, prepare
+from experiments.run_setup import BadInputError, RunPlan, load_checked_model, prepare
 from experiments.run_start import open_new_run, open_resumed_run
 
 LOG = logging.getLogger("experiments.evaluate")
@@ -56,7 +56,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--generation_n_per_prompt", type=int, default=DEFAULT_N_GEN_PER_PROMPT, help="texts per generation prompt (ROME: 1)")
     p.add_argument("--conserve_memory", action="store_true", help="keep weight snapshots on the CPU")
     p.add_argument("--dir_name", default=None, help="results/<dir_name>/run_NNN (default: alg_name)")
-    p.add_argument("--continue_from_run", default=None, help="resume the unfinished run_NNN of results/<dir_name> (same command)")
+    p.add_argument("--continue_from_run", default=None, help="resume the unfinished run_NNN of results/<dir_name> (same command); 'auto': do nothing if this "
+                   "configuration has finished, resume its newest unfinished run, else start one (for plans of many runs)")
     p.add_argument("--checkpoint_every", type=int, default=DEFAULT_CHECKPOINT_EVERY,
                    help="checkpoint the edited weights every K edits (also at every retention checkpoint)")
     p.add_argument("--protocol", default="rollback", help="rollback (the WilKE paper's: edit, evaluate, roll back) or "
@@ -107,15 +108,23 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     configure_logging(args.verbose)
     argv = list(sys.argv[1:] if argv is None else argv)
     plan = prepare(args)
-    with reproducible_torch(args.seed, args.num_threads):
-        model, tok = load_checked_model(plan)
+    run_dir = plan.finished_dir or execute(plan, argv)
+    LOG.info("results are in %s", run_dir)
+    print(f"Results: {run_dir}")
+    return run_dir
+
+
+def execute(plan: RunPlan, argv: list[str]) -> Path:
+    """Load the model, then run or resume the plan's run (or nothing, when auto finds it finished)."""
+    with reproducible_torch(plan.args.seed, plan.args.num_threads):
+        model, tok = load_checked_model(plan)  # may finish the plan (a known subset built just now)
+        if plan.finished_dir is not None:
+            return plan.finished_dir
         resources = EditResources(plan.paths, plan.slug)
         opener = open_resumed_run if plan.resume_dir is not None else open_new_run
         run, start = opener(plan, model, tok, resources, argv)
         with interrupt_handlers(run.stop):
             run.execute(start)
-    LOG.info("results are in %s", run.run_dir)
-    print(f"Results: {run.run_dir}")
     return run.run_dir
 
 

@@ -5,6 +5,10 @@ A run folder is resumed only when asked (``--continue_from_run run_NNN``) and on
 hparams, dataset file, seed, number of edits, generation settings). When a new run starts and
 the newest run of the same ``dir_name`` is an unfinished run of the same configuration, the log
 says so and names the flag; it is never reused silently.
+
+``--continue_from_run auto`` makes a command idempotent, for plans of many runs that outlive a
+session: it does nothing when a run of the same configuration has finished, resumes the newest
+unfinished one, and starts a new run only when there is none.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from experiments.run_files import RUN_META_FILE, edit_file_name, existing_runs, 
 LOG = logging.getLogger(__name__)
 
 FINISHED = "finished"
+AUTO = "auto"
 
 
 class ResumeError(ValueError):
@@ -103,6 +108,39 @@ def newest_unfinished_run(alg_dir: Path, config: dict) -> Optional[tuple[Path, d
     if meta.get("status") == FINISHED or config_differences(meta["config"], normalised(config)):
         return None
     return runs[-1], meta
+
+
+def runs_of_config(alg_dir: Path, config: dict) -> list[tuple[Path, dict]]:
+    """Every run folder in ``alg_dir`` whose run.json has this configuration, oldest first."""
+    found = []
+    for run_dir in existing_runs(alg_dir):
+        try:
+            meta = read_meta(run_dir)
+        except ResumeError:
+            continue
+        if not config_differences(meta["config"], normalised(config)):
+            found.append((run_dir, meta))
+    return found
+
+
+def choose_auto(alg_dir: Path, config: dict) -> tuple[Optional[Path], Optional[Path]]:
+    """``--continue_from_run auto``: (a finished run of this configuration, None), or (None, the newest
+    unfinished one to resume), or (None, None) to start a new run.
+
+    An unfinished run that another process on this host is still writing is neither resumed nor
+    duplicated: that is a ResumeError, so two workers of one plan never run the same command twice.
+    """
+    matching = runs_of_config(alg_dir, config)
+    finished = [run_dir for run_dir, meta in matching if meta.get("status") == FINISHED]
+    if finished:
+        return finished[-1], None
+    if not matching:
+        return None, None
+    run_dir, meta = matching[-1]
+    if still_running(meta):
+        raise ResumeError(f"{run_dir} (this configuration, unfinished) is being written by process {meta['pid']}; "
+                          "--continue_from_run auto leaves it to that process")
+    return None, run_dir
 
 
 def first_unfinished_edit(run_dir: Path, case_ids: Sequence[Any]) -> int:

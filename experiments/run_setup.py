@@ -23,7 +23,7 @@ from experiments.protocols.sequential import check_eval_checkpoints, default_eva
 from experiments.protocols.split import ProtocolSplit, split_records
 from experiments.py.dataset_metrics import DatasetMetrics, metrics_for
 from experiments.py.generation_metrics import GenerationTests, load_consistency_reference
-from experiments.resume import check_resumable, newest_unfinished_run, resolve_run_ref
+from experiments.resume import AUTO, check_resumable, choose_auto, newest_unfinished_run, resolve_run_ref
 from util import models
 from util.architectures import check_hparams_against_model
 from util.globals import Paths, load_paths
@@ -190,6 +190,7 @@ class RunPlan:
     edit_times: Optional[int] = None
     eval_checkpoints: Optional[list[int]] = None  # sequential protocol only
     resume_dir: Optional[Path] = None
+    finished_dir: Optional[Path] = None  # --continue_from_run auto found this configuration finished
 
     @property
     def metrics(self) -> DatasetMetrics:
@@ -281,7 +282,11 @@ def finish_plan(plan: RunPlan, ds: EditDataset) -> None:
             points = args.eval_checkpoints or default_eval_checkpoints(plan.edit_times, args.num_edits)
             plan.eval_checkpoints = check_eval_checkpoints(points, plan.edit_times, args.num_edits)
     with bad_input("--continue_from_run", "name an unfinished run of this same command, or drop the flag"):
-        if args.continue_from_run:
+        if args.continue_from_run == AUTO:
+            plan.finished_dir, plan.resume_dir = choose_auto(plan.alg_dir, plan.config())
+            LOG.info("--continue_from_run auto: %s", f"{plan.finished_dir} has finished this configuration; nothing to do"
+                     if plan.finished_dir else f"resuming {plan.resume_dir}" if plan.resume_dir else "no run yet; a new one")
+        elif args.continue_from_run:
             plan.resume_dir = resolve_run_ref(plan.alg_dir, args.continue_from_run)
             check_resumable(plan.resume_dir, plan.config())
         else:

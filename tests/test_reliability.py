@@ -338,6 +338,49 @@ def test_bad_hparams_for_the_model_fail_right_after_loading(world, caplog, case)
     assert message in caplog.text and "how to fix:" in caplog.text
 
 
+def test_auto_starts_resumes_then_skips_the_finished_run(world, reference, patched_edit, monkeypatch, caplog):
+    args = args_for(world, "auto", checkpoint_every=100, continue_from_run="auto")
+    patched_edit(crash_call=7)  # killed in the edit of step 4; weight checkpoint after step 2
+    with pytest.raises(SimulatedKill):
+        cli(args)
+    run_dir = world.results_dir / "auto" / "run_000"
+    assert len(edit_files(run_dir)) == 3
+    caplog.set_level(logging.INFO)
+    patched_edit()
+    assert cli(args) == 0
+    assert f"resuming {run_dir}" in caplog.text
+    assert_same_results(run_dir, reference[0])
+    caplog.clear()
+    no_model_load(monkeypatch)
+    assert cli(args) == 0  # nothing to do, and the model is not even loaded
+    assert "has finished this configuration; nothing to do" in caplog.text
+    assert [p.name for p in (world.results_dir / "auto").iterdir()] == ["run_000"]
+
+
+def test_auto_leaves_a_run_another_process_writes_and_ignores_other_configurations(world, reference, tmp_path):
+    from experiments.resume import ResumeError, choose_auto
+
+    meta = json.loads((reference[0] / "run.json").read_text())
+    config = meta["config"]
+    alg_dir = tmp_path / "plan"
+    for name, seed, status in (("run_000", 10, "finished"), ("run_001", 9, "interrupted"), ("run_002", 10, "running")):
+        (alg_dir / name).mkdir(parents=True)
+        (alg_dir / name / "run.json").write_text(json.dumps({**meta, "status": status, "config": {**config, "seed": seed}}))
+    assert choose_auto(alg_dir, config) == (None, alg_dir / "run_001")
+    assert choose_auto(alg_dir, {**config, "seed": 10}) == (alg_dir / "run_000", None)
+    assert choose_auto(alg_dir, {**config, "seed": 11}) == (None, None)
+    writer = subprocess.Popen(["sleep", "60"])
+    try:
+        live = {**meta, "status": "running", "pid": writer.pid, "config": config}
+        (alg_dir / "run_003").mkdir()
+        (alg_dir / "run_003" / "run.json").write_text(json.dumps(live))
+        with pytest.raises(ResumeError, match=f"being written by process {writer.pid}"):
+            choose_auto(alg_dir, config)
+    finally:
+        writer.kill()
+        writer.wait()
+
+
 def test_unknown_model_fails_with_a_message(world, caplog):
     assert cli(args_for(world, "bad_model", model_name=str(world.root / "no_such_model"))) == 2
     assert "no such folder" in caplog.text and "--model_name" in caplog.text

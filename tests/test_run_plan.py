@@ -1,0 +1,46 @@
+"""scripts/run_plan.sh: every line of a plan runs once, by one worker, and a rerun goes on where it stopped."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from util.globals import REPO_ROOT
+
+SCRIPT = REPO_ROOT / "scripts" / "run_plan.sh"
+pytestmark = pytest.mark.skipif(shutil.which("flock") is None, reason="run_plan.sh needs flock (util-linux)")
+
+
+def run_plan(plan: Path, state: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PLAN_STATE_DIR": str(state)}
+    return subprocess.run(["bash", str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_each_line_runs_once_and_a_rerun_retries_only_what_failed(tmp_path):
+    out, flag = tmp_path / "ran.txt", tmp_path / "may_pass"
+    lines = [f"sleep 0.3; echo {name} >> {out}" for name in ("a", "b", "c", "d")]
+    lines.insert(2, f"echo e >> {out}; test -e {flag}")  # fails until the flag exists
+    plan = tmp_path / "plan.txt"
+    plan.write_text("# a comment\n\n" + "\n".join(lines) + "\n")
+    state = tmp_path / "state"
+
+    first = run_plan(plan, state, str(plan), "2")
+    assert first.returncode == 0, first.stderr
+    assert sorted(out.read_text().split()) == ["a", "b", "c", "d", "e"]  # two workers, no line twice
+    assert "4 of 5 lines done" in first.stdout
+    status = run_plan(plan, state, "--status", str(plan)).stdout.splitlines()
+    assert [row.split()[0] for row in status] == ["done", "done", "failed", "done", "done"]
+    assert status[2].endswith(f"test -e {flag}")  # a long line shows its end, where commands differ
+
+    flag.touch()
+    second = run_plan(plan, state, str(plan))
+    assert second.returncode == 0 and "5 of 5 lines done" in second.stdout
+    assert sorted(out.read_text().split()) == ["a", "b", "c", "d", "e", "e"]  # only the failed line again
+
+
+def test_a_missing_plan_is_an_error(tmp_path):
+    result = run_plan(tmp_path / "none.txt", tmp_path, str(tmp_path / "none.txt"))
+    assert result.returncode == 2 and "no plan file" in result.stderr
