@@ -58,10 +58,15 @@ class NullSpace:
         return self.dim / self.eigenvalues.numel()
 
 
+def spectrum(c0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(eigenvalues ascending, eigenvectors as columns) of the symmetric C0, in float64."""
+    c = c0.to(torch.float64)
+    return torch.linalg.eigh((c + c.T) / 2)
+
+
 def null_space_basis(c0: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(U0, eigenvalues): the eigenvectors of the symmetric C0 with eigenvalue < threshold, in float64."""
-    c = c0.to(torch.float64)
-    eigenvalues, vectors = torch.linalg.eigh((c + c.T) / 2)
+    eigenvalues, vectors = spectrum(c0)
     return vectors[:, eigenvalues < threshold].contiguous(), eigenvalues
 
 
