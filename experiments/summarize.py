@@ -57,6 +57,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--flash_factor", type=float, default=DEFAULT_FLASH_FACTOR,
                    help="a toxicity flash is an update norm above this many times the median of earlier edits")
     p.add_argument("--include_partial", action="store_true", help="also summarise runs that stopped before edit_times")
+    p.add_argument("--markdown", action="store_true", help="print the table as Markdown too (for a README or a paper)")
+    p.add_argument("--metrics", default=None, help="--markdown: these columns only, comma-separated (default: all)")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     if args.flash_factor <= 0:
@@ -113,6 +115,23 @@ def format_table(summary: Summary, digits: int = 3) -> str:
     return "\n".join("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths))) for line in lines)
 
 
+def format_markdown(summary: Summary, metrics: Optional[Sequence[str]] = None, digits: int = 3) -> str:
+    """The table as Markdown: 'mean ± std (population)' where several runs were averaged, the value alone for one."""
+    present = summary.present_metrics()
+    metrics = list(metrics or present)
+    unknown = [m for m in metrics if m not in present]
+    if unknown:
+        raise ValueError(f"--metrics: {', '.join(unknown)} not in these runs (they have {', '.join(present)})")
+    lines = ["| " + " | ".join(["algorithm", "after n edits", "runs", *metrics]) + " |", "|" + "---|" * (3 + len(metrics))]
+    for row in summary.rows:
+        cells = [row["algorithm"], str(row["checkpoint"]), str(row["n_runs"])]
+        for m in metrics:
+            mean, std = _plain(row[f"{m}_mean"]), _plain(row[f"{m}_std"])
+            cells.append("-" if mean is None else f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if row["n_runs"] > 1 else ""))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def output_paths(out: Optional[str], results_dir: Path, dir_names: Sequence[str]) -> tuple[Path, Path]:
     """(csv, json) paths: ``--out`` with either suffix, or a default under the results folder."""
     base = Path(out) if out else results_dir / f"summary_{'+'.join(dir_names)}.csv"
@@ -141,6 +160,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     loaded = load_runs(results_dir, dir_names, _csv_list(args.runs), args.include_partial)
     summary = summarize(loaded, args.checkpoints, args.flash_factor)
     _report(summary)
+    if args.markdown and summary.runs:
+        try:
+            print("\n" + format_markdown(summary, _csv_list(args.metrics)))
+        except ValueError as e:
+            print(e, file=sys.stderr)
+            return EXIT_NO_RUNS
     if not summary.runs:
         print(f"no usable runs of {', '.join(dir_names)} under {results_dir}", file=sys.stderr)
         return EXIT_NO_RUNS

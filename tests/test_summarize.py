@@ -148,6 +148,22 @@ def test_cli_table_matches_direct_computation(results, cli):
     assert "fluency" not in table["metrics"] and "fluency_mean" not in csv_rows[0]
 
 
+def test_markdown_table_holds_the_same_numbers(results, tmp_path):
+    proc = run_cli("--dir_name", "ROME,WilKE", "--results_dir", str(results), "--out", str(tmp_path / "t.csv"),
+                   "--checkpoints", "4", "--markdown", "--metrics", "ES,S")
+    assert proc.returncode == 0, proc.stderr
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("|")]
+    assert lines[0] == "| algorithm | after n edits | runs | ES | S |" and lines[1] == "|---|---|---|---|---|"
+    expected = expected_rows(results)
+    for line, alg in zip(lines[2:], ("ROME", "WilKE")):
+        want = expected[alg, 4]
+        assert line == (f"| {alg} | 4 | {len(SEEDS)} | {want['ES_mean']:.3f} ± {want['ES_std']:.3f} | "
+                        f"{want['S_mean']:.3f} ± {want['S_std']:.3f} |")
+    bad = run_cli("--dir_name", "ROME", "--results_dir", str(results), "--out", str(tmp_path / "u.csv"),
+                  "--markdown", "--metrics", "ES,fluency")
+    assert bad.returncode == 2 and "fluency not in these runs" in bad.stderr
+
+
 def _is_informative_png(path: Path) -> bool:
     from matplotlib import image
 
