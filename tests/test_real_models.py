@@ -74,3 +74,35 @@ def test_rome_edit_moves_the_eiffel_tower_and_keeps_unrelated_facts(smollm2):
         assert new_answer.correct
         assert kept >= 8
     assert score_targets(model, tok, [EIFFEL_PROMPT], ["Paris"])[0].correct
+
+
+ISRAEL = {  # edit 18 of the seed-9 known-both stream: ROME's toxicity flash in both protocols (README)
+    "case_id": 17674,
+    "prompt": "{}'s capital city is",
+    "subject": "Israel",
+    "target_new": {"str": "Damascus"},
+    "target_true": {"str": "Jerusalem"},
+}
+
+
+def test_r_rome_consistent_keys_remove_the_update_blow_up_rome_makes(smollm2):
+    """The subject opens the prompt (no BOS token with SmolLM2), so the bare prompt's key is far from
+    the context templates' mean. ROME's update blows up there (norm 446 against 10-40 for ordinary
+    edits; the toxicity flash at edit 18 of both protocols in the README) and breaks the subject's
+    other prompts; r-ROME's consistent keys give an ordinary update. Neither makes this edit on the
+    bare prompt (measured: Damascus's NLL 4.53 unedited, 9.73 ROME, 4.46 r-ROME)."""
+    model, tok = smollm2
+    resources = EditResources(load_paths(), "smollm2-135m")
+    other_prompt = "The capital of Israel is"
+    assert score_targets(model, tok, [other_prompt], ["Jerusalem"])[0].correct
+    outcome = {}
+    for name in ("smollm2-135m.json", "smollm2-135m_rrome.json"):
+        hp = ROMEHyperParams.from_json(REPO_ROOT / "hparams" / "ROME" / name)
+        _, orig = apply_rome_to_model(model, tok, [ISRAEL], hp, return_orig_weights=True, resources=resources)
+        with restored(model, orig):
+            (weight_name, w0), = orig.items()
+            norm = float((dict(model.named_parameters())[weight_name] - w0).norm())
+            outcome[name] = norm, score_targets(model, tok, [other_prompt], ["Jerusalem"])[0].correct
+        print(f"SmolLM2 {name} on case 17674: update norm {norm:.1f}, '{other_prompt}' still Jerusalem: {outcome[name][1]}")
+    assert outcome["smollm2-135m.json"][0] > 200 and not outcome["smollm2-135m.json"][1]
+    assert outcome["smollm2-135m_rrome.json"][0] < 40 and outcome["smollm2-135m_rrome.json"][1]
