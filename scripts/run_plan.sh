@@ -14,10 +14,15 @@
 # Lines: one shell command each, run from the repository root; blank lines and # comments skipped.
 set -euo pipefail
 
+usage="usage: run_plan.sh [--status] PLAN [WORKERS]"
 status_only=0
-if [[ "${1:-}" == "--status" ]]; then status_only=1; shift; fi
-PLAN=${1:?usage: run_plan.sh [--status] PLAN [WORKERS]}
-WORKERS=${2:-1}
+args=()
+for a in "$@"; do
+    if [[ "$a" == "--status" ]]; then status_only=1; else args+=("$a"); fi
+done
+PLAN=${args[0]:?$usage}
+WORKERS=${args[1]:-1}
+[[ "$WORKERS" =~ ^[1-9][0-9]*$ ]] || { echo "run_plan.sh: WORKERS must be a positive integer, got '$WORKERS'; $usage" >&2; exit 2; }
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 [[ -f "$PLAN" ]] || { echo "run_plan.sh: no plan file $PLAN" >&2; exit 2; }
 PLAN=$(cd "$(dirname "$PLAN")" && pwd)/$(basename "$PLAN")
