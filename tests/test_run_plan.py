@@ -32,6 +32,7 @@ def test_each_line_runs_once_and_a_rerun_retries_only_what_failed(tmp_path):
     assert sorted(out.read_text().split()) == ["a", "b", "c", "d", "e"]  # two workers, no line twice
     assert "4 of 5 lines done" in first.stdout
     status = run_plan(plan, state, "--status", str(plan)).stdout.splitlines()
+    assert run_plan(plan, state, str(plan), "--status").stdout.splitlines() == status  # the flag anywhere
     assert [row.split()[0] for row in status] == ["done", "done", "failed", "done", "done"]
     assert status[2].endswith(f"test -e {flag}")  # a long line shows its end, where commands differ
 
@@ -44,3 +45,13 @@ def test_each_line_runs_once_and_a_rerun_retries_only_what_failed(tmp_path):
 def test_a_missing_plan_is_an_error(tmp_path):
     result = run_plan(tmp_path / "none.txt", tmp_path, str(tmp_path / "none.txt"))
     assert result.returncode == 2 and "no plan file" in result.stderr
+
+
+def test_workers_must_be_a_positive_integer(tmp_path):
+    out = tmp_path / "ran.txt"
+    plan = tmp_path / "plan.txt"
+    plan.write_text(f"echo a >> {out}\n")
+    for bad in ("0", "two", "--stauts"):
+        result = run_plan(plan, tmp_path / "state", str(plan), bad)
+        assert result.returncode == 2 and "WORKERS must be a positive integer" in result.stderr
+    assert not out.exists()  # nothing ran
