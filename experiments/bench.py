@@ -92,8 +92,9 @@ def time_stats(model, tok, hp, slug: str, stats_dir: Path, one_pass: bool, n_sam
 
 def _synchronize(model) -> None:
     """Wait for queued GPU work, so wall-clock timings measure it."""
-    if next(model.parameters()).device.type == "cuda":
-        torch.cuda.synchronize()
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _device_name(model) -> str:

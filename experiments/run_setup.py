@@ -11,7 +11,7 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -243,8 +243,19 @@ def make_generation_tests(args: argparse.Namespace, paths: Paths, metrics: Datas
     return GenerationTests(args.seed, args.generation_max_out_len, args.generation_n_per_prompt, reference, reason)
 
 
-def prepare(args: argparse.Namespace) -> RunPlan:
-    """Every check that needs no model: flags, algorithm, hparams, corpus, dataset, resume target."""
+class CheckedCommand(NamedTuple):
+    algorithm: Algorithm
+    paths: Paths
+    slug: str
+    hparams: Any
+    hparams_path: Path
+
+
+def check_command(args: argparse.Namespace) -> CheckedCommand:
+    """The checks that read only the command and the repository's files (no model, corpus or data).
+
+    ``prepare`` starts with them; tests run them on every line of the shipped plans.
+    """
     check_flags(args)
     with bad_input("--alg_name", f"use one of {', '.join(ALGORITHMS)} (experiments/algorithms.py)"):
         algorithm = get_algorithm(args.alg_name)
@@ -253,9 +264,15 @@ def prepare(args: argparse.Namespace) -> RunPlan:
         slug = models.model_slug(args.model_name)
     with bad_input("hyperparameters", f"fix the file, or pass another with --hparams_fname (see hparams/{algorithm.name}/)"):
         hparams, hparams_path = load_hparams(args, paths, algorithm, slug)
-    check_statistics_corpus(hparams, hparams_path, paths, slug, args.model_name)
     check_protocol_flags(args, algorithm)
     parse_device_map(args.device_map)
+    return CheckedCommand(algorithm, paths, slug, hparams, hparams_path)
+
+
+def prepare(args: argparse.Namespace) -> RunPlan:
+    """Every check that needs no model: flags, algorithm, hparams, corpus, dataset, resume target."""
+    algorithm, paths, slug, hparams, hparams_path = check_command(args)
+    check_statistics_corpus(hparams, hparams_path, paths, slug, args.model_name)
     with bad_input("dataset", "fix the file, or choose another with --ds_name"):
         ds, skipped = resolve_dataset(args, paths, slug)
     generation = make_generation_tests(args, paths, metrics_for(ds.kind))

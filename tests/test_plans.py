@@ -1,7 +1,8 @@
 """The shipped plans (scripts/plans/*.txt) are runnable: a typo there costs a session of runs.
 
-Each evaluate line is parsed and checked the way ``experiments.evaluate`` checks its flags before
-loading a model (algorithm, hyperparameter file, protocol flags); each bench line parses. Every
+Each evaluate line is parsed and goes through ``check_command``, the checks ``experiments.evaluate``
+makes before it opens the corpus, the data or the model (flags, algorithm, hyperparameter file,
+protocol flags); each bench line parses. Every
 evaluate line resumes (``--continue_from_run auto``), so a plan restarted after a kill goes on from
 the killed run's last checkpoint instead of starting it again, and no two lines are the same (a plan
 runs each distinct line once).
@@ -14,10 +15,8 @@ from pathlib import Path
 import pytest
 
 from experiments import bench, evaluate
-from experiments.algorithms import get_algorithm
-from experiments.run_setup import check_flags, check_protocol_flags, load_hparams
-from util import models
-from util.globals import REPO_ROOT, load_paths
+from experiments.run_setup import check_command
+from util.globals import REPO_ROOT
 
 PLANS = sorted((REPO_ROOT / "scripts" / "plans").glob("*.txt"))
 
@@ -50,15 +49,10 @@ def test_plan_lines_are_distinct_and_resumable(plan):
 
 @pytest.mark.parametrize("plan", PLANS, ids=lambda p: p.name)
 def test_plan_commands_pass_the_checks_made_before_a_model_loads(plan):
-    paths = load_paths()
     for command in plan_commands(plan):
         module, argv = python_module_args(command)
         if module == "experiments.bench":
             bench.parse_args(argv)
             continue
         assert module == "experiments.evaluate", f"{plan.name}: unexpected command {command}"
-        args = evaluate.parse_args(argv)
-        check_flags(args)
-        algorithm = get_algorithm(args.alg_name)
-        load_hparams(args, paths, algorithm, models.model_slug(args.model_name))
-        check_protocol_flags(args, algorithm)
+        check_command(evaluate.parse_args(argv))
