@@ -1,13 +1,14 @@
 """Summarise lifelong-editing runs: ES, GS, LS, ERS, ORS and S per algorithm and checkpoint.
 
     python -m experiments.summarize --dir_name WilKE,ROME [--runs run_000,run_001] \
-        [--checkpoints 1,2,4] [--results_dir R] [--plots DIR] [--out FILE]
+        [--checkpoints 1,2,4] [--results_dir R] [--plots DIR] [--out FILE] [--paired_with ROME]
 
 Reads the run folders of ``experiments.evaluate`` (see ``experiments.summary.runs``), prints mean
 and std over runs of every score (definitions in ``experiments.summary.metrics``), writes the table
 as CSV and JSON (``--out``; default ``<results_dir>/summary_<dir names>.csv`` and ``.json``) and,
 with ``--plots``, the figures of ``experiments.plots`` as PNG. Run folders that are incomplete or
-damaged are reported and left out; they never stop the summary.
+damaged are reported and left out; they never stop the summary. ``--paired_with B`` adds every other
+algorithm's difference from B seed by seed on the same edit stream (``experiments.summary.paired``).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from typing import Any, Optional, Sequence
 
 from experiments.run_files import write_json_atomic
 from experiments.summary.metrics import DEFAULT_FLASH_FACTOR, Summary, summarize
+from experiments.summary.paired import format_paired_markdown, paired_differences, paired_json
 from experiments.summary.runs import available_dir_names, load_runs
 from util.atomic_files import write_text_atomic
 from util.globals import load_paths
@@ -59,6 +61,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--include_partial", action="store_true", help="also summarise runs that stopped before edit_times")
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown too (for a README or a paper)")
     p.add_argument("--metrics", default=None, help="--markdown: these columns only, comma-separated (default: all)")
+    p.add_argument("--paired_with", default=None,
+                   help="a --dir_name to pair against: each other algorithm minus it, per seed on the same "
+                        "edit stream, mean ± std and sign count over the seeds")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     if args.flash_factor <= 0:
@@ -149,6 +154,20 @@ def _report(summary: Summary) -> None:
             print(f"  {s.path}: {s.reason}")
 
 
+def _report_paired(summary: Summary, baseline: str, metrics: Optional[Sequence[str]]) -> dict[str, Any]:
+    """Print the paired differences from ``baseline`` as Markdown; return them for the JSON file."""
+    present = summary.present_metrics()
+    unknown = [m for m in metrics or () if m not in present]
+    if unknown:
+        raise ValueError(f"--metrics: {', '.join(unknown)} not in these runs (they have {', '.join(present)})")
+    rows, notes = paired_differences(summary, baseline)
+    print(f"\nPaired differences from {baseline} (same seed, same edit stream; ↑/↓: seeds above/below):")
+    print(format_paired_markdown(rows, metrics or present))
+    for note in notes:
+        print(f"note: {note}")
+    return paired_json(rows, notes)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -169,9 +188,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not summary.runs:
         print(f"no usable runs of {', '.join(dir_names)} under {results_dir}", file=sys.stderr)
         return EXIT_NO_RUNS
+    data = summary_json(summary, results_dir)
+    if args.paired_with:
+        try:
+            data["paired"] = _report_paired(summary, args.paired_with, _csv_list(args.metrics))
+        except ValueError as e:
+            print(e, file=sys.stderr)
+            return EXIT_NO_RUNS
     csv_path, json_path = output_paths(args.out, results_dir, dir_names)
     write_text_atomic(csv_path, table_csv(summary))
-    write_json_atomic(json_path, summary_json(summary, results_dir))
+    write_json_atomic(json_path, data)
     print(f"\nTable: {csv_path} and {json_path}")
     if args.plots:
         from experiments.plots import save_figures

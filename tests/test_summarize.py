@@ -252,6 +252,56 @@ def test_runs_and_checkpoints_select_the_rows(results, tmp_path):
     assert (tmp_path / "one.csv").is_file()
 
 
+def _seed_of(run_dir: Path) -> int:
+    return json.loads((run_dir / "run.json").read_text())["seed"]
+
+
+def test_paired_differences_are_per_seed_differences_of_the_direct_scores(results):
+    from experiments.summary.metrics import summarize
+    from experiments.summary.paired import paired_differences
+    from experiments.summary.runs import load_runs
+
+    summary = summarize(load_runs(results, ["ROME", "WilKE"], None, False), CHECKPOINTS)
+    rows, notes = paired_differences(summary, "ROME")
+    assert notes == [] and [(r.algorithm, r.baseline, r.checkpoint) for r in rows] == [("WilKE", "ROME", n) for n in CHECKPOINTS]
+    runs = {alg: {_seed_of(d): d for d in sorted((results / alg).glob("run_*"))} for alg in ALGORITHMS}
+    assert set(runs["ROME"]) == set(runs["WilKE"]) == set(SEEDS)
+    for row in rows:
+        assert row.seeds == SEEDS
+        diffs = {m: np.array([direct_scores(runs["WilKE"][s], row.checkpoint)[m] - direct_scores(runs["ROME"][s], row.checkpoint)[m]
+                              for s in SEEDS]) for m in ("ES", "ORS", "S", "LU", "efficacy_score")}
+        for m, d in diffs.items():
+            assert row.mean[m] == pytest.approx(d.mean(), abs=1e-12) and row.std[m] == pytest.approx(d.std(), abs=1e-12)
+            assert (row.above[m], row.below[m]) == (int((d > 0).sum()), int((d < 0).sum()))
+    with pytest.raises(ValueError, match="--paired_with MEMIT: not among"):
+        paired_differences(summary, "MEMIT")
+
+
+def test_runs_of_other_streams_or_repeated_seeds_are_not_paired(results, tmp_path, capsys):
+    from experiments.summarize import main
+
+    root = tmp_path / "results"
+    shutil.copytree(results, root)
+    other = next(d for d in (root / "WilKE").glob("run_*") if _seed_of(d) == SEEDS[1])
+    third = next(other.glob("edit_3_on_case_*.json"))
+    third.rename(third.with_name("edit_3_on_case_999999.json"))  # the same seed, another record at edit 3
+    repeat = _copy_run(next(d for d in (root / "ROME").glob("run_*") if _seed_of(d) == SEEDS[0]), root / "ROME" / "run_009")
+
+    out_file = tmp_path / "paired.csv"
+    assert main(["--dir_name", "ROME,WilKE", "--results_dir", str(root), "--paired_with", "ROME", "--out", str(out_file)]) == 0
+    paired = json.loads(out_file.with_suffix(".json").read_text())["paired"]
+    # seed 1 has two ROME runs: never paired; seed 2 pairs until its streams part at edit 3
+    assert [(r["checkpoint"], r["seeds"]) for r in paired["rows"]] == [(1, [SEEDS[1]]), (2, [SEEDS[1]])]
+    notes = " ".join(paired["notes"])
+    assert f"same seed {SEEDS[0]}" in notes and repeat.name in notes
+    assert "different edit streams (edit 3: case 999999" in notes and "no run pair" in notes
+    assert "Paired differences from ROME" in capsys.readouterr().out
+
+    assert main(["--dir_name", "ROME,WilKE", "--results_dir", str(root), "--paired_with", "FT",
+                 "--out", str(tmp_path / "x.csv")]) == 2
+    assert "--paired_with FT: not among the summarised runs (ROME, WilKE)" in capsys.readouterr().err
+
+
 def test_nothing_to_summarise_is_an_error_not_a_crash(tmp_path, capsys):
     from experiments.summarize import main
 
@@ -336,7 +386,7 @@ def test_notebook_runs_headless(results, tmp_path):
     import nbformat
 
     env = {**os.environ, "WILKE_RESULTS_DIR": str(results), "WILKE_SUMMARY_DIR_NAMES": "ROME,WilKE",
-           "WILKE_FLASH_FACTOR": "5"}
+           "WILKE_FLASH_FACTOR": "5", "WILKE_SUMMARY_PAIRED_WITH": "ROME"}
     proc = subprocess.run(
         [sys.executable, "-m", "nbconvert", "--execute", "--to", "notebook", "--ExecutePreprocessor.kernel_name=python3",
          "--ExecutePreprocessor.timeout=300", "--output-dir", str(tmp_path), "--output", "executed", str(NOTEBOOK)],
@@ -350,6 +400,8 @@ def test_notebook_runs_headless(results, tmp_path):
     assert len(images) >= 5  # scores, ROME scores, WilKE histogram and heat map, update norms
     text = "".join(o.get("text", "") for o in outputs)
     assert "4 run(s) of ROME, WilKE" in text and "WilKE/run_001" in text and "skipped" not in text
+    paired = "".join(o.get("data", {}).get("text/markdown", "") for o in outputs)
+    assert "| WilKE - ROME | 4 | 1,2 |" in paired
 
 
 # ------------------------------------------------------------------------------------------------
