@@ -120,13 +120,18 @@ def format_table(summary: Summary, digits: int = 3) -> str:
     return "\n".join("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths))) for line in lines)
 
 
-def format_markdown(summary: Summary, metrics: Optional[Sequence[str]] = None, digits: int = 3) -> str:
-    """The table as Markdown: 'mean ± std (population)' where several runs were averaged, the value alone for one."""
+def checked_metrics(summary: Summary, metrics: Optional[Sequence[str]]) -> list[str]:
+    """``--metrics`` (default: every metric the runs have); ValueError naming any the runs lack."""
     present = summary.present_metrics()
-    metrics = list(metrics or present)
-    unknown = [m for m in metrics if m not in present]
+    unknown = [m for m in metrics or () if m not in present]
     if unknown:
         raise ValueError(f"--metrics: {', '.join(unknown)} not in these runs (they have {', '.join(present)})")
+    return list(metrics or present)
+
+
+def format_markdown(summary: Summary, metrics: Optional[Sequence[str]] = None, digits: int = 3) -> str:
+    """The table as Markdown: 'mean ± std (population)' where several runs were averaged, the value alone for one."""
+    metrics = checked_metrics(summary, metrics)
     lines = ["| " + " | ".join(["algorithm", "after n edits", "runs", *metrics]) + " |", "|" + "---|" * (3 + len(metrics))]
     for row in summary.rows:
         cells = [row["algorithm"], str(row["checkpoint"]), str(row["n_runs"])]
@@ -156,13 +161,10 @@ def _report(summary: Summary) -> None:
 
 def _report_paired(summary: Summary, baseline: str, metrics: Optional[Sequence[str]]) -> dict[str, Any]:
     """Print the paired differences from ``baseline`` as Markdown; return them for the JSON file."""
-    present = summary.present_metrics()
-    unknown = [m for m in metrics or () if m not in present]
-    if unknown:
-        raise ValueError(f"--metrics: {', '.join(unknown)} not in these runs (they have {', '.join(present)})")
+    metrics = checked_metrics(summary, metrics)
     rows, notes = paired_differences(summary, baseline)
     print(f"\nPaired differences from {baseline} (same seed, same edit stream; ↑/↓: seeds above/below):")
-    print(format_paired_markdown(rows, metrics or present))
+    print(format_paired_markdown(rows, metrics))
     for note in notes:
         print(f"note: {note}")
     return paired_json(rows, notes)
