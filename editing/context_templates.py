@@ -10,8 +10,9 @@ global RNG.
 """
 from __future__ import annotations
 
+import dataclasses
 import unicodedata
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -31,6 +32,16 @@ def start_token_id(tok: PreTrainedTokenizerBase) -> int:
 
 
 MEMIT_PROMPTS = ("The", "Therefore", "Because", "I", "You")
+
+
+@dataclasses.dataclass(frozen=True)
+class TemplateSpec:
+    """How a method's context templates are sampled (read from its hparams): ``[[length, n], ...]``
+    groups, the sampling seed, and the prompts to continue (None: ROME's start token alone)."""
+
+    length_params: tuple[tuple[int, int], ...]
+    seed: int = 0
+    prompts: Optional[tuple[str, ...]] = None
 
 
 @torch.no_grad()

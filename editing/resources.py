@@ -11,13 +11,14 @@ import dataclasses
 import logging
 import os
 import time
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from editing.context_templates import generate_context_templates
+from editing.context_templates import TemplateSpec, generate_context_templates
 from editing.covariance import FactorisedCovariance
+from editing.hparams import LocateEditHyperParams
 from editing.layer_stats import DEFAULT_BATCH_TOKENS, ROME_SAMPLE_SEED, layer_stats
 from util import nethook
 from util.globals import Paths, load_paths
@@ -37,16 +38,15 @@ class StatsKey:
     sample_seed: Optional[int] = ROME_SAMPLE_SEED
 
 
-def _stats_key(model_slug: str, hparams: Any, layer_name: str) -> StatsKey:
+def _stats_key(model_slug: str, hparams: LocateEditHyperParams, layer_name: str) -> StatsKey:
     return StatsKey(
         model_slug=model_slug,
         corpus=hparams.mom2_dataset,
         n_samples=hparams.mom2_n_samples,
         dtype=hparams.mom2_dtype,
-        max_length=getattr(hparams, "mom2_max_length", None),
+        max_length=hparams.mom2_max_length,
         layer_name=layer_name,
-        # ROME's seeded sample unless the hparams name another seed (None: the corpus's first texts)
-        sample_seed=getattr(hparams, "mom2_sample_seed", ROME_SAMPLE_SEED),
+        sample_seed=hparams.mom2_sample_seed,
     )
 
 
@@ -72,18 +72,11 @@ class EditResources:
         self.forward_checked: dict[tuple[int, str], bool] = {}  # (model id, strategy) -> agrees with the full pass
         self.stats_seconds = 0.0
 
-    def context_templates(self, model: nn.Module, tok: PreTrainedTokenizerBase, hparams: Any) -> list[str]:
-        prompts = getattr(hparams, "context_template_prompts", None)
-        key = (
-            self.model_slug,
-            tuple(tuple(p) for p in hparams.context_template_length_params),
-            getattr(hparams, "context_template_seed", 0),
-            tuple(prompts) if prompts else None,
-        )
+    def context_templates(self, model: nn.Module, tok: PreTrainedTokenizerBase, spec: TemplateSpec) -> list[str]:
+        """The templates of ``spec`` for this run's model, sampled once and kept for the run."""
+        key = (self.model_slug, spec)
         if key not in self._templates:
-            self._templates[key] = generate_context_templates(
-                model, tok, hparams.context_template_length_params, key[2], prompts
-            )
+            self._templates[key] = generate_context_templates(model, tok, spec.length_params, spec.seed, spec.prompts)
             LOG.info("context templates: %s", self._templates[key])
         return self._templates[key]
 
@@ -91,7 +84,7 @@ class EditResources:
         self,
         model: nn.Module,
         tok: PreTrainedTokenizerBase,
-        hparams: Any,
+        hparams: LocateEditHyperParams,
         layer_names: Sequence[str],
         keep_matrix: bool = False,
     ) -> dict[str, FactorisedCovariance]:
@@ -124,7 +117,7 @@ class EditResources:
             self._covariances[keys[name]] = FactorisedCovariance(mom2, keep_matrix=keep_matrix, name=f"covariance of {name}")
         self.stats_seconds += time.perf_counter() - start
 
-    def release(self, hparams: Any, layer_names: Sequence[str]) -> None:
+    def release(self, hparams: LocateEditHyperParams, layer_names: Sequence[str]) -> None:
         """Drop these layers' covariances (a method that keeps only what it derived from them, as
         AlphaEdit keeps its projectors: on a large model each is gigabytes)."""
         for name in layer_names:

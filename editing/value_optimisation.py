@@ -20,6 +20,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from editing.forward import PromptBatch, Strategy, verified_forward
+from editing.hparams import LocateEditHyperParams
 from editing.representations import fact_token_index
 from util import nethook
 from util.architectures import num_layers, text_config, weight_out_in
@@ -100,7 +101,7 @@ def optimise_value(
     forward: Strategy,
     inject_module: str,
     start_block: int,
-    hparams: Any,
+    hparams: LocateEditHyperParams,
     clamp_norm_factor: Optional[float] = None,
 ) -> ValueResult:
     """Find the delta at ``inject_module``'s output (fact token of every prompt) that makes the target likely.
@@ -186,12 +187,12 @@ def prepare_request(
     model: nn.Module,
     tok: PreTrainedTokenizerBase,
     request: dict,
-    hparams: Any,
+    hparams: LocateEditHyperParams,
     resources: Any,
     first_layer: int,
 ) -> PreparedRequest:
     """Templates, tokenized prompts and the fastest verified forward from block ``first_layer`` up."""
-    templates = resources.context_templates(model, tok, hparams)
+    templates = resources.context_templates(model, tok, hparams.template_spec)
     problem = build_value_problem(tok, request, templates, hparams.fact_token, model_device(model))
     forward = verified_forward(
         hparams.implementation,

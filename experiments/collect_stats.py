@@ -108,10 +108,10 @@ def resolve_job(args: argparse.Namespace, hparams: Any, hparams_path: Optional[P
     if args.modules:
         modules = [m.strip() for m in args.modules.split(",") if m.strip()]
     else:
-        layers = args.layers or list(getattr(hparams, "candidate_layers", None) or hparams.layers)
+        layers = args.layers or hparams.statistics_layers
         template = hparams.rewrite_module_tmp if hparams is not None else arch_of(model).rewrite_module_tmp
         modules = [template.format(layer) for layer in layers]
-    seed = getattr(hparams, "mom2_sample_seed", ROME_SAMPLE_SEED)
+    seed = hparams.mom2_sample_seed if hparams is not None else ROME_SAMPLE_SEED
     if args.sample_seed is not None:
         seed = None if args.sample_seed.strip().lower() == "none" else int(args.sample_seed)
     return StatsJob(modules, pick(args.corpus, "mom2_dataset"), pick(args.n_samples, "mom2_n_samples"),

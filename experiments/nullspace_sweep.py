@@ -63,7 +63,7 @@ def sweep(model, tok, requests: Sequence[dict], hparams: AlphaEditHyperParams, t
     """``layer_row`` for every layer of ``hparams`` (statistics of all layers in one corpus pass)."""
     names = [hparams.rewrite_module_tmp.format(layer) for layer in hparams.layers]
     covariances = resources.covariances(model, tok, hparams, names, keep_matrix=True)
-    groups = template_groups(resources.context_templates(model, tok, hparams), hparams.context_template_length_params,
+    groups = template_groups(resources.context_templates(model, tok, hparams.template_spec), hparams.context_template_length_params,
                              hparams.context_template_prompts)
     edits = [normalise_request(r) for r in requests]
     table = {}

@@ -110,7 +110,7 @@ def missing_statistics(hparams: Any, paths: Paths, slug: str, model_name: str, c
     """The cached statistics files this run would need and that do not exist."""
     from editing.stats_cache import find_stats_file, model_dir_names
 
-    layers = getattr(hparams, "candidate_layers", None) or getattr(hparams, "layers", ())
+    layers = hparams.statistics_layers
     dirs = model_dir_names(paths.stats_dir, slug, model_name)
     files = [find_stats_file(paths.stats_dir, dirs, corpus, hparams.rewrite_module_tmp.format(l), hparams.mom2_dtype,
                              hparams.mom2_n_samples) for l in layers]

@@ -79,9 +79,8 @@ def new_run_meta(plan: RunPlan, model, protocol: Protocol, templates: Optional[l
 
 def context_templates(plan: RunPlan, resources: EditResources, model, tok) -> Optional[list[str]]:
     """Made on the freshly loaded model, before any edit (or restored checkpoint) changes it."""
-    if not hasattr(plan.hparams, "context_template_length_params"):
-        return None
-    return resources.context_templates(model, tok, plan.hparams)
+    spec = getattr(plan.hparams, "template_spec", None)  # methods without templates (FT, MEND, KE) have none
+    return None if spec is None else resources.context_templates(model, tok, spec)
 
 
 def open_new_run(plan: RunPlan, model, tok, resources: EditResources, argv) -> tuple[RunLoop, int]:

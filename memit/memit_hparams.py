@@ -1,4 +1,5 @@
-"""MEMIT hyperparameters: ROME's (same z optimisation, key and statistics fields) plus the update weight.
+"""MEMIT hyperparameters: the shared locate-then-edit fields (editing/hparams.py: ROME's z optimisation,
+key and statistics fields) plus the update weight.
 
 MEMIT's reference JSON files are ROME's fields plus ``mom2_update_weight`` (lambda of the
 regularised least-squares update) and a ``layer_selection`` that its code never reads (left out).
@@ -17,12 +18,12 @@ import dataclasses
 from typing import Optional
 
 from editing.context_templates import MEMIT_PROMPTS
-from rome.rome_hparams import ROMEHyperParams
+from editing.hparams import LocateEditHyperParams
 from util.hparams import HParamsError
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class MEMITHyperParams(ROMEHyperParams):
+class MEMITHyperParams(LocateEditHyperParams):
     # lambda in Delta = R K^T (lambda C + K K^T)^{-1}; gpt2-xl 20000, gpt-j 15000
     mom2_update_weight: float
     context_template_prompts: Optional[tuple[str, ...]] = MEMIT_PROMPTS
@@ -37,8 +38,6 @@ class MEMITHyperParams(ROMEHyperParams):
             raise HParamsError(
                 f"field 'v_loss_layer' is {self.v_loss_layer}, below the last edited layer {self.layers[-1]}"
             )
-        if self.consistent_keys:
-            raise HParamsError("field 'consistent_keys' is ROME's rank-one option; MEMIT has no rank-one solve")
 
     @property
     def z_layer(self) -> int:

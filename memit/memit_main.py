@@ -197,7 +197,7 @@ def execute_memit(
     """
     requests = [normalise_request(r) for r in requests]
     resources = resources or default_resources(model)
-    templates = resources.context_templates(model, tok, hparams)
+    templates = resources.context_templates(model, tok, hparams.template_spec)
     groups = template_groups(templates, hparams.context_template_length_params, hparams.context_template_prompts)
     names = [hparams.rewrite_module_tmp.format(l) for l in hparams.layers]
     if key_solver is None:

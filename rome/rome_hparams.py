@@ -1,62 +1,12 @@
-"""ROME hyperparameters, field for field as in ROME's JSON files, plus a few documented extras."""
+"""ROME hyperparameters: the shared locate-then-edit fields (editing/hparams.py), field for field as in
+ROME's JSON files, plus r-ROME's choice of key in the rank-one solve."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
 
-from util.hparams import HParamsError, HyperParams
-
-FACT_TOKEN_STRATEGIES = ("subject_last", "subject_first", "last")
-IMPLEMENTATIONS = ("fast", "reference")
+from editing.hparams import LocateEditHyperParams
 
 
-@dataclasses.dataclass(frozen=True)
-class ROMEHyperParams(HyperParams):
-    # Method
-    layers: tuple[int, ...]
-    fact_token: str
-    v_num_grad_steps: int
-    v_lr: float
-    v_loss_layer: int
-    v_weight_decay: float
-    clamp_norm_factor: float
-    kl_factor: float
-    mom2_adjustment: bool
-    context_template_length_params: tuple[tuple[int, int], ...]
-
-    # Module templates (checked against util/architectures.py when the model is known)
-    rewrite_module_tmp: str
-    layer_module_tmp: str
-    mlp_module_tmp: str
-    attn_module_tmp: str
-    ln_f_module: str
-    lm_head_module: str
-
-    # Statistics
-    mom2_dataset: str
-    mom2_n_samples: int
-    mom2_dtype: str
-
-    # Beyond the reference (defaults keep the reference behaviour)
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ROMEHyperParams(LocateEditHyperParams):
     consistent_keys: bool = False  # r-ROME: use the template-averaged key k* in the rank-one solve
-    mom2_max_length: Optional[int] = None  # truncate statistics samples (None: the model's context)
-    context_template_seed: int = 0  # the reference samples templates unseeded
-    # None: ROME's templates, sampled from the start token; MEMIT's hparams sample after its five prompts
-    context_template_prompts: Optional[tuple[str, ...]] = None
-    v_early_stop_loss: float = 5e-2
-    implementation: str = "fast"  # "reference" reruns every forward in full, as the paper's code
-
-    def validate(self) -> None:
-        if not self.layers:
-            raise HParamsError("field 'layers' must name at least one layer")
-        if self.fact_token not in FACT_TOKEN_STRATEGIES:
-            raise HParamsError(f"field 'fact_token' is {self.fact_token!r}; expected one of {FACT_TOKEN_STRATEGIES}")
-        if self.mom2_dtype not in ("float32", "float64"):
-            raise HParamsError(f"field 'mom2_dtype' is {self.mom2_dtype!r}; expected 'float32' or 'float64'")
-        if self.implementation not in IMPLEMENTATIONS:
-            raise HParamsError(f"field 'implementation' is {self.implementation!r}; expected one of {IMPLEMENTATIONS}")
-        if self.v_num_grad_steps < 1:
-            raise HParamsError("field 'v_num_grad_steps' must be at least 1")
-        for name in ("rewrite_module_tmp", "layer_module_tmp", "mlp_module_tmp", "attn_module_tmp"):
-            if "{}" not in getattr(self, name):
-                raise HParamsError(f"field {name!r} must contain '{{}}' for the layer index")

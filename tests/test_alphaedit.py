@@ -103,7 +103,7 @@ def test_accumulated_keys_are_the_keys_recomputed_on_the_edited_model(tmp_path):
     model, tok = make_model("llama"), make_tokenizer()
     moments = KeyMoments()
     apply_alphaedit_to_model(model, tok, requests(), hp, resources=res, moments=moments)
-    groups = template_groups(res.context_templates(model, tok, hp), hp.context_template_length_params,
+    groups = template_groups(res.context_templates(model, tok, hp.template_spec), hp.context_template_length_params,
                              hp.context_template_prompts)
     for layer in hp.layers:
         name = hp.rewrite_module_tmp.format(layer)
@@ -154,7 +154,7 @@ def test_an_earlier_edit_survives_later_edits_better_than_under_memit(tmp_path, 
 
 
 def layer_keys(model, tok, hp, res, reqs) -> dict[str, torch.Tensor]:
-    groups = template_groups(res.context_templates(model, tok, hp), hp.context_template_length_params,
+    groups = template_groups(res.context_templates(model, tok, hp.template_spec), hp.context_template_length_params,
                              hp.context_template_prompts)
     reqs = [normalise_request(r) for r in reqs]
     return {n: compute_keys(model, tok, reqs, groups, n, hp.fact_token).double()

@@ -80,3 +80,16 @@ def test_hparams_for_another_architecture_fail_on_check():
         check_hparams_against_model(hp, make_model("llama", n_layer=2), source="gpt2-xl.json")
     with pytest.raises(HParamsError, match="'layers'"):
         check_hparams_against_model(hp, make_model("gpt2", n_layer=2), source="gpt2-xl.json")
+
+
+def test_statistics_sample_seed_is_a_field_the_statistics_key_reads(tmp_path):
+    """mom2_sample_seed is declared by the shared base (editing/hparams.py) and reaches the cache key:
+    a file may pick another seed, or null for the corpus's first texts."""
+    from editing.resources import _stats_key
+
+    default = ROMEHyperParams.from_dict(GOOD)
+    first_texts = ROMEHyperParams.from_json(_write(tmp_path, {**GOOD, "mom2_sample_seed": None}))
+    assert _stats_key("m", default, "w").sample_seed == 1  # ROME's tally(..., random_sample=1)
+    assert _stats_key("m", first_texts, "w").sample_seed is None
+    with pytest.raises(HParamsError, match="mom2_sample_seed"):
+        ROMEHyperParams.from_json(_write(tmp_path, {**GOOD, "mom2_sample_seed": "one"}))

@@ -157,13 +157,13 @@ def test_memit_samples_its_own_context_templates_after_five_prompts(tmp_path):
 
     hp, res = setup(tmp_path, "gpt2")
     model, tok = make_model("gpt2"), make_tokenizer()
-    templates = res.context_templates(model, tok, hp)
+    templates = res.context_templates(model, tok, hp.template_spec)
     groups = template_groups(templates, hp.context_template_length_params, hp.context_template_prompts)
     assert groups[0] == ["{}"] and len(groups) == 2 and len(groups[1]) == 5
     for prompt, template in zip(MEMIT_PROMPTS, groups[1]):
         text = template[: -len(". {}")]
         assert template.endswith(". {}") and text.startswith(prompt)
     again = EditResources(load_paths(stats_dir=str(tmp_path)), "other", progress=False)
-    assert again.context_templates(model, tok, hp) == templates
-    rome_style = res.context_templates(model, tok, hp.replace(context_template_prompts=None))
+    assert again.context_templates(model, tok, hp.template_spec) == templates
+    rome_style = res.context_templates(model, tok, hp.replace(context_template_prompts=None).template_spec)
     assert rome_style != templates and len(rome_style) == 6

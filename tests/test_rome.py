@@ -62,7 +62,7 @@ def test_consistent_keys_flag_changes_the_key_used():
     res = resources()
     plain = execute_rome(model, tok, REQUEST, hparams("llama"), res)
     consistent = execute_rome(model, tok, REQUEST, hparams("llama", consistent_keys=True), res)
-    templates = res.context_templates(model, tok, hparams("llama"))
+    templates = res.context_templates(model, tok, hparams("llama").template_spec)
     name = plain.module_name
     req = dict(REQUEST, target_new={"str": " Rome"}, target_true={"str": " Paris"})
     k_star = template_keys(model, tok, req, templates, [name], "last")[name]
@@ -105,7 +105,7 @@ def test_mom2_adjustment_uses_the_covariance(tmp_path):
     name = update.module_name
     cov = res.covariances(model, tok, hp, [name], keep_matrix=True)[name].matrix
     req = dict(REQUEST, target_new={"str": " Rome"}, target_true={"str": " Paris"})
-    k_star = template_keys(model, tok, req, res.context_templates(model, tok, hp), [name], "last")[name]
+    k_star = template_keys(model, tok, req, res.context_templates(model, tok, hp.template_spec), [name], "last")[name]
     u = torch.linalg.solve(cov, k_star.double()).float()
     assert torch.allclose(update.u, u / u.norm(), atol=1e-5)
     assert any(world.stats_dir.rglob("*.npz"))

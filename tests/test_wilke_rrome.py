@@ -50,9 +50,9 @@ def test_consistent_keys_choose_the_argmin_among_rrome_updates_and_apply_that_up
     expected = {l: execute_rome(model, tok, request, hp.replace(layers=[l]), res, layer=l) for l in hp.candidate_layers}
     la = {l: u.norm / float(out_in(model, l).norm()) for l, u in expected.items()}
     best = min(la, key=la.get)
-    templates = template_prompts(request, res.context_templates(model, tok, hp))
+    templates = template_prompts(request, res.context_templates(model, tok, hp.template_spec))
     name = hp.rewrite_module_tmp.format(best)
-    k_star = template_keys(model, tok, request, res.context_templates(model, tok, hp), [name], hp.fact_token)[name]
+    k_star = template_keys(model, tok, request, res.context_templates(model, tok, hp.template_spec), [name], hp.fact_token)[name]
     before = [out_in(model, l) for l in range(4)]
 
     _, _, result = apply_wilke_to_model(model, tok, [REQUEST], hp, resources=res)
@@ -76,7 +76,7 @@ def test_consistent_keys_change_the_solve_key_from_the_bare_prompt_to_k_star():
     request = normalise_request(REQUEST)
     layer, name = 1, "model.layers.1.mlp.down_proj"
     bare_key = keys_and_values(model, tok, request, [request["prompt"]], [name], "last")[0][name]
-    templates = res.context_templates(model, tok, hparams())
+    templates = res.context_templates(model, tok, hparams().template_spec)
     k_star = template_keys(model, tok, request, templates, [name], "last")[name]
     assert not torch.allclose(bare_key, k_star)
     for consistent, key in ((False, bare_key), (True, k_star)):

@@ -38,3 +38,7 @@ class WilKEHyperParams(ROMEHyperParams):
     @property
     def candidate_layers(self) -> list[int]:
         return list(range(self.scanning_ceiling))
+
+    @property
+    def statistics_layers(self) -> list[int]:
+        return self.candidate_layers

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+from editing.context_templates import TemplateSpec
 from util.hparams import HParamsError, HyperParams
 
 OLD_TOKENS = ("target_true", "argmax")
@@ -34,6 +35,10 @@ class KNHyperParams(HyperParams):
 
     layers: Optional[tuple[int, ...]] = None  # attributed layers (None: every layer)
     implementation: str = "fast"  # "reference": every attribution pass runs the whole model
+
+    @property
+    def template_spec(self) -> TemplateSpec:
+        return TemplateSpec(self.context_template_length_params, self.context_template_seed)
 
     def validate(self) -> None:
         if self.steps < 2:

@@ -71,7 +71,7 @@ def find_neurons(
 ) -> tuple[list[Neuron], list[int], int]:
     """(refined neurons, coarse count per prompt, number of prompts) for the request's true target."""
     layers = list(hparams.layers) if hparams.layers is not None else list(range(num_layers(model)))
-    templates = resources.context_templates(model, tok, hparams)
+    templates = resources.context_templates(model, tok, hparams.template_spec)
     prompts = [t.format(request["subject"]) for t in template_prompts(request, templates)]
     truth = target_ids(tok, request["target_true"]["str"])
     coarse = [
