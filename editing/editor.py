@@ -19,7 +19,9 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from editing.norm_reference import prepare_norm_anchors
 from editing.requests import swapped_request
+from editing.resources import default_resources
 from util import nethook
 from util.placement import HALF_DTYPES
 
@@ -75,6 +77,16 @@ class Editor:
         if len(requests) != 1:
             raise ValueError(f"{type(self).__name__} edits one fact at a time; got a batch of {len(requests)}")
         return requests[0]
+
+
+class LocateEditEditor(Editor):
+    """The editor of a locate-then-edit method (ROME, WilKE, MEMIT and the methods built on it): run
+    resources of its own when none are given, and NAS's reference norms (``value_norm_anchor``) made when
+    it is built, which the run does on the freshly loaded model, before any edit or restored checkpoint."""
+
+    def __init__(self, model: nn.Module, tok: PreTrainedTokenizerBase, hparams: Any, resources: Any):
+        super().__init__(model, tok, hparams, resources or default_resources(model))
+        prepare_norm_anchors(model, tok, hparams, self.resources)
 
 
 def snapshot_weights(model: nn.Module, weight_names: Sequence[str], into: dict[str, torch.Tensor]) -> None:

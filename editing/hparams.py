@@ -58,6 +58,14 @@ class LocateEditHyperParams(HyperParams):
     v_early_stop_loss: float = 5e-2
     implementation: str = "fast"  # "reference" reruns every forward in full, as the papers' code
 
+    # NAS (Liu et al. 2026, "Norm Anchors Make Model Edits Last"; editing/norm_anchor.py): rescale each
+    # solved value vector to the unedited model's mean ||v*||. Off by default: the reference methods.
+    value_norm_anchor: bool = False
+    value_norm_anchor_samples: int = 1000  # upstream nas_restart: the rewrites the mean ||v*|| is taken over
+    value_norm_anchor_seed: int = 0  # upstream _NAS_SEED: random.Random(seed).sample of the rewrites
+    # the rewrites' dataset (dsets/registry.py name); upstream multi_counterfact, which is not offline here
+    value_norm_anchor_dataset: str = "counterfact_full"
+
     def validate(self) -> None:
         if not self.layers:
             raise HParamsError("field 'layers' must name at least one layer")
@@ -72,6 +80,8 @@ class LocateEditHyperParams(HyperParams):
         for name in MODULE_TEMPLATES:
             if "{}" not in getattr(self, name):
                 raise HParamsError(f"field {name!r} must contain '{{}}' for the layer index")
+        if self.value_norm_anchor_samples < 1:
+            raise HParamsError("field 'value_norm_anchor_samples' must be at least 1")
 
     @property
     def template_spec(self) -> TemplateSpec:
@@ -81,3 +91,13 @@ class LocateEditHyperParams(HyperParams):
     def statistics_layers(self) -> list[int]:
         """The layers whose key statistics a run of this method loads (WilKE: every candidate)."""
         return list(self.layers)
+
+    @property
+    def norm_anchor_layers(self) -> list[int]:
+        """The layers whose value vectors NAS rescales (MEMIT: the z layer; WilKE: every candidate)."""
+        return list(self.layers)
+
+    @property
+    def norm_anchor_variants(self) -> list["LocateEditHyperParams"]:
+        """The optimisation settings those values are solved with (WilKE's approximate scan: two)."""
+        return [self]

@@ -1,4 +1,4 @@
-"""Per-run resources every editor shares: context templates and factorised covariances.
+"""Per-run resources every editor shares: context templates, factorised covariances, NAS's reference norms.
 
 The reference keeps these in module-level caches keyed incompletely (its template cache ignores
 which model made the templates, its inverse-covariance cache ignores corpus and sample count).
@@ -20,6 +20,7 @@ from editing.context_templates import TemplateSpec, generate_context_templates
 from editing.covariance import FactorisedCovariance
 from editing.hparams import LocateEditHyperParams
 from editing.layer_stats import DEFAULT_BATCH_TOKENS, ROME_SAMPLE_SEED, layer_stats
+from editing.norm_reference import NormReferences
 from util import nethook
 from util.globals import Paths, load_paths
 from util.placement import module_device
@@ -71,6 +72,7 @@ class EditResources:
         self._covariances: dict[StatsKey, FactorisedCovariance] = {}
         self.forward_checked: dict[tuple[int, str], bool] = {}  # (model id, strategy) -> agrees with the full pass
         self.stats_seconds = 0.0
+        self._norm_references = NormReferences(paths, model_slug)
 
     def context_templates(self, model: nn.Module, tok: PreTrainedTokenizerBase, spec: TemplateSpec) -> list[str]:
         """The templates of ``spec`` for this run's model, sampled once and kept for the run."""
@@ -116,6 +118,16 @@ class EditResources:
             mom2 = stats[name].mom2().to(module_device(nethook.get_module(model, name)))
             self._covariances[keys[name]] = FactorisedCovariance(mom2, keep_matrix=keep_matrix, name=f"covariance of {name}")
         self.stats_seconds += time.perf_counter() - start
+
+    def norm_reference(self, model: nn.Module, tok: PreTrainedTokenizerBase, hparams: LocateEditHyperParams,
+                       layer: int) -> float:
+        """NAS's reference norm r of ``layer`` (editing/norm_reference.py): made on first use, so the first
+        use must be on the unedited model (``prepare_norm_anchors``, when an editor is built)."""
+        return self._norm_references.get(model, tok, hparams, layer, self)
+
+    def seal_norm_references(self) -> None:
+        """From now on a reference norm that was not made (or cached) is an error, not a computation."""
+        self._norm_references.sealed = True
 
     def release(self, hparams: LocateEditHyperParams, layer_names: Sequence[str]) -> None:
         """Drop these layers' covariances (a method that keeps only what it derived from them, as

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from editing.editor import Editor, EditOutcome
+from editing.editor import EditOutcome, LocateEditEditor
 from memit.memit_main import apply_deltas, execute_memit
 
 
-class MEMITEditor(Editor):
+class MEMITEditor(LocateEditEditor):
     batch_edits = True
 
     def edit(self, requests: Sequence[dict]) -> EditOutcome:

@@ -43,3 +43,7 @@ class MEMITHyperParams(LocateEditHyperParams):
     def z_layer(self) -> int:
         """The layer whose block output z is optimised: the last of the range."""
         return self.layers[-1]
+
+    @property
+    def norm_anchor_layers(self) -> list[int]:
+        return [self.z_layer]  # upstream NAS calls compute_z(..., layer=z_layer)

@@ -30,6 +30,7 @@ from transformers import PreTrainedTokenizerBase
 
 from editing.covariance import FactorisedCovariance
 from editing.editor import snapshot_weights
+from editing.norm_anchor import anchored_block_value
 from editing.representations import fact_token_index, reprs_at_tokens
 from editing.requests import normalise_request
 from editing.resources import EditResources, default_resources
@@ -112,6 +113,9 @@ def compute_zs(
         value = optimise_value(
             model, prepared.problem, prepared.forward, block, z_layer, hparams, clamp_norm_factor=hparams.clamp_norm_factor
         )
+        if hparams.value_norm_anchor:  # NAS: the z's MLP share rescaled to the reference norm
+            reference = resources.norm_reference(model, tok, hparams, z_layer)
+            value = anchored_block_value(model, prepared.problem, value, hparams.mlp_module_tmp.format(z_layer), reference)
         zs.append(value.v_star)
         steps.append(value.steps)
         losses.append(value.losses[-1])

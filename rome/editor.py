@@ -3,11 +3,11 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from editing.editor import Editor, EditOutcome
+from editing.editor import EditOutcome, LocateEditEditor
 from rome.rome_main import apply_rome_to_model
 
 
-class ROMEEditor(Editor):
+class ROMEEditor(LocateEditEditor):
     def edit(self, requests: Sequence[dict]) -> EditOutcome:
         request = self._one_request(requests)
         _, weights = apply_rome_to_model(

@@ -20,6 +20,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from editing.editor import snapshot_weights
+from editing.norm_anchor import anchored_rome_value
 from editing.representations import keys_and_values, template_keys, template_prompts
 from editing.requests import normalise_request
 from editing.resources import EditResources, default_resources
@@ -90,9 +91,12 @@ def rome_update_at(
         templates = [request["prompt"]]
     keys, values = keys_and_values(model, tok, request, templates, [module_name], hparams.fact_token)
     key, cur_value = keys[module_name], values[module_name]
-    r = right_vector(value.v_star, key, cur_value, u)
-    by_pass = torch.stack([right_vector(value.v0 + d, key, cur_value, u) for d in value.deltas]).norm(dim=1) * u.norm()
-    return RankOneUpdate(layer, module_name, u, r, key, value.v_star, value.steps, value.losses[-1],
+    reference = resources.norm_reference(model, tok, hparams, layer) if hparams.value_norm_anchor else None
+    v_star = anchored_rome_value(value.v_star, cur_value, reference)  # NAS; v* itself when it is off
+    r = right_vector(v_star, key, cur_value, u)
+    by_pass = torch.stack([right_vector(anchored_rome_value(value.v0 + d, cur_value, reference), key, cur_value, u)
+                           for d in value.deltas]).norm(dim=1) * u.norm()
+    return RankOneUpdate(layer, module_name, u, r, key, v_star, value.steps, value.losses[-1],
                          tuple(float(n) for n in by_pass))
 
 

@@ -11,9 +11,18 @@ import dataclasses
 import json
 import typing
 from pathlib import Path
-from typing import Any, Type, TypeVar
+from types import MappingProxyType
+from typing import Any, Mapping, Type, TypeVar
 
 T = TypeVar("T", bound="HyperParams")
+
+# Fields (by prefix) that only one family of methods has, and why: a file that sets one for a method
+# outside the family gets the reason in its "unknown field" error, not just the list of known fields.
+FAMILY_FIELDS: Mapping[str, str] = MappingProxyType({
+    "value_norm_anchor": "NAS (the norm anchor) applies only to the locate-then-edit methods (ROME, r-ROME, "
+                         "MEMIT, AlphaEdit, RECT, PRUNE, WilKE): it rescales the value vector they solve for, "
+                         "which this method does not have",
+})
 
 
 class HParamsError(ValueError):
@@ -75,9 +84,10 @@ class HyperParams:
         hints = typing.get_type_hints(cls)
         unknown = sorted(set(data) - set(fields))
         if unknown:
+            why = next((reason for prefix, reason in FAMILY_FIELDS.items() if unknown[0].startswith(prefix)), None)
             raise HParamsError(
                 f"{source}: unknown field {unknown[0]!r} for {cls.__name__} "
-                f"(known fields: {', '.join(sorted(fields))})"
+                + (f"({why})" if why else f"(known fields: {', '.join(sorted(fields))})")
             )
         missing = [
             n

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from editing.editor import Editor, EditOutcome
+from editing.editor import EditOutcome, LocateEditEditor
 from editing.requests import swapped_request
 from wilke.wilke_main import apply_wilke_to_model
 
 
-class WilKEEditor(Editor):
+class WilKEEditor(LocateEditEditor):
     def edit(self, requests: Sequence[dict], layer: Optional[int] = None) -> EditOutcome:
         """Scan the candidate layers and edit the chosen one (or edit ``layer``, scanning nothing)."""
         request = self._one_request(requests)

@@ -42,3 +42,16 @@ class WilKEHyperParams(ROMEHyperParams):
     @property
     def statistics_layers(self) -> list[int]:
         return self.candidate_layers
+
+    @property
+    def rough(self) -> "WilKEHyperParams":
+        """The approximate scan's settings: ``approx_grad_steps`` optimisation passes."""
+        return self.replace(v_num_grad_steps=self.approx_grad_steps)
+
+    @property
+    def norm_anchor_layers(self) -> list[int]:
+        return self.candidate_layers  # the scan solves a value at every candidate
+
+    @property
+    def norm_anchor_variants(self) -> list["WilKEHyperParams"]:
+        return [self.rough, self] if self.scan == "approximate" else [self]

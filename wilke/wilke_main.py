@@ -144,8 +144,7 @@ def choose_layer(
     if hparams.scan == "approximate":
         if hparams.implementation != "reference":
             inputs = prepare_scan(model, tok, request, hparams, candidates, resources)
-        rough_hp = hparams.replace(v_num_grad_steps=hparams.approx_grad_steps)
-        rough = scan_layers(model, tok, request, rough_hp, candidates, resources, inputs)
+        rough = scan_layers(model, tok, request, hparams.rough, candidates, resources, inputs)
         rough_la = {l: layer_adaptability(model, u) for l, u in rough.items()}
         candidates = sorted(rough_la, key=rough_la.get)[: hparams.approx_top_k]
     updates = scan_layers(model, tok, request, hparams, candidates, resources, inputs)
