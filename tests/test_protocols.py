@@ -25,7 +25,7 @@ from tests.tiny import TinyWorld, make_model, make_tokenizer, rank_one_hparams, 
 from tests.toy_editor import ToyEditor, register
 from util.globals import REPO_ROOT, load_paths
 
-BELOW_EXPERIMENTS = ("editing", "rome", "wilke", "memit", "baselines", "dsets", "util")
+BELOW_EXPERIMENTS = ("editing", "rome", "wilke", "memit", "baselines", "dsets", "util", "ultraedit")
 
 
 def imported_modules(path: Path) -> set[str]:
