@@ -10,7 +10,7 @@
 checkpoints. ``--protocol sequential`` (AlphaEdit's): records edited in order in batches of
 ``--num_edits``, never rolled back; every record edited so far evaluated at ``--eval_checkpoints``.
 Metrics are chosen by dataset (CounterFact or zsRE), both with unchanged-prediction locality.
-Everything needed to reproduce the run is saved in its folder (experiments/run_files.py).
+Everything needed to reproduce the run is saved in its folder (experiments/store/files.py).
 
 Reliability: inputs are checked before the model loads (exit code 2 with what, where and how to
 fix); bad records are skipped and listed in ``skipped_records.json``; weights and editor state are
@@ -30,12 +30,12 @@ from typing import Optional, Sequence
 
 from editing.resources import EditResources
 from experiments.algorithms import ALGORITHMS
-from experiments.faults import EXIT_BAD_INPUT, RunStopped, interrupt_handlers
+from experiments.run.faults import EXIT_BAD_INPUT, RunStopped, interrupt_handlers
 from experiments.py.generation_metrics import DEFAULT_MAX_OUT_LEN, DEFAULT_N_GEN_PER_PROMPT
-from experiments.run_files import reproducible_torch
-from experiments.run_loop import DEFAULT_CHECKPOINT_EVERY
-from experiments.run_setup import BadInputError, RunPlan, load_checked_model, prepare
-from experiments.run_start import open_new_run, open_resumed_run
+from experiments.store.files import reproducible_torch
+from experiments.run.loop import DEFAULT_CHECKPOINT_EVERY
+from experiments.run.setup import BadInputError, RunPlan, load_checked_model, prepare
+from experiments.run.start import open_new_run, open_resumed_run
 
 LOG = logging.getLogger("experiments.evaluate")
 DEFAULT_SEED = 9

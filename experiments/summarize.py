@@ -6,7 +6,7 @@
 Reads the run folders of ``experiments.evaluate`` (see ``experiments.summary.runs``), prints mean
 and std over runs of every score (definitions in ``experiments.summary.metrics``), writes the table
 as CSV and JSON (``--out``; default ``<results_dir>/summary_<dir names>.csv`` and ``.json``) and,
-with ``--plots``, the figures of ``experiments.plots`` as PNG. Run folders that are incomplete or
+with ``--plots``, the figures of ``experiments.summary.plots`` as PNG. Run folders that are incomplete or
 damaged are reported and left out; they never stop the summary. ``--paired_with B`` adds every other
 algorithm's difference from B seed by seed on the same edit stream (``experiments.summary.paired``).
 """
@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from experiments.run_files import write_json_atomic
+from experiments.store.files import write_json_atomic
 from experiments.summary.metrics import DEFAULT_FLASH_FACTOR, Summary, summarize
 from experiments.summary.paired import format_paired_markdown, paired_differences, paired_json
 from experiments.summary.runs import available_dir_names, load_runs
@@ -202,7 +202,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     write_json_atomic(json_path, data)
     print(f"\nTable: {csv_path} and {json_path}")
     if args.plots:
-        from experiments.plots import save_figures
+        from experiments.summary.plots import save_figures
 
         saved = save_figures(summary, Path(args.plots))
         print(f"Plots in {args.plots}: {', '.join(saved.paths) or 'none'}")

@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from experiments import bench, compare_runs
+from experiments.bench import cli as bench
+from experiments.summary import compare_runs
 from experiments.evaluate import main as evaluate
 from tests.tiny import TinyWorld, rank_one_hparams
 

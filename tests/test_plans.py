@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from experiments import bench, evaluate
-from experiments.run_setup import check_command
+from experiments import evaluate
+from experiments.bench import cli as bench
+from experiments.run.setup import check_command
 from util.globals import REPO_ROOT
 
 PLANS = sorted((REPO_ROOT / "scripts" / "plans").glob("*.txt"))

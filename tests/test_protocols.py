@@ -17,9 +17,9 @@ import torch
 
 from editing.requests import record_request
 from editing.resources import EditResources
-from experiments.checkpoints import WeightLedger, load_checkpoint
+from experiments.store.checkpoints import WeightLedger, load_checkpoint
 from experiments.evaluate import cli, main
-from experiments.run_files import strip_timing
+from experiments.store.files import strip_timing
 from tests.fixtures.make_rollback_golden import GOLDEN_DIR, run_alg, stripped_results
 from tests.tiny import TinyWorld, make_model, make_tokenizer, rank_one_hparams, tiny_records
 from tests.toy_editor import ToyEditor, register

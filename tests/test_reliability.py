@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from experiments.checkpoints import WeightLedger, checkpoint_index, load_checkpoint, save_checkpoint
+from experiments.store.checkpoints import WeightLedger, checkpoint_index, load_checkpoint, save_checkpoint
 from experiments.evaluate import cli
-from experiments.run_files import strip_timing
+from experiments.store.files import strip_timing
 from tests.tiny import TinyWorld, make_model, rank_one_hparams, tiny_records
 from rome.editor import ROMEEditor
 from util.globals import REPO_ROOT
@@ -358,7 +358,7 @@ def test_auto_starts_resumes_then_skips_the_finished_run(world, reference, patch
 
 
 def test_auto_leaves_a_run_another_process_writes_and_ignores_other_configurations(world, reference, tmp_path):
-    from experiments.resume import ResumeError, choose_auto
+    from experiments.run.resume import ResumeError, choose_auto
 
     meta = json.loads((reference[0] / "run.json").read_text())
     config = meta["config"]

@@ -1,7 +1,7 @@
 """What every protocol shares: the run's context, the checked edit, and the files a step writes.
 
 A protocol decides which records are edited when, whether edits are rolled back, and what is
-evaluated where; the run loop (experiments/run_loop.py) decides nothing of that: it calls
+evaluated where; the run loop (experiments/run/loop.py) decides nothing of that: it calls
 ``step(i)`` for i = 1..n_steps and checkpoints the weights (and the editor's state) between steps.
 """
 from __future__ import annotations
@@ -16,12 +16,12 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from editing.editor import Editor, EditOutcome, update_norms
-from experiments.checkpoints import WeightLedger
-from experiments.faults import check_weights
+from experiments.store.checkpoints import WeightLedger
+from experiments.py.numerics import check_weights
 from experiments.protocols.split import ProtocolSplit, retention_prompt
 from experiments.py.dataset_metrics import DatasetMetrics
 from experiments.py.locality import argmax_answers, unchanged
-from experiments.run_files import read_json, strip_timing, write_json_atomic
+from experiments.store.files import read_json, strip_timing, write_json_atomic
 
 LOG = logging.getLogger(__name__)
 UNEDITED_FILE = "unedited_predictions.json"

@@ -13,10 +13,10 @@ from __future__ import annotations
 import time
 
 from editing.requests import record_request
-from experiments.faults import check_metrics
+from experiments.py.numerics import check_metrics
 from experiments.protocols.base import Protocol, RunContext, UneditedAnswers
 from experiments.protocols.split import count_retained, retention_checkpoints
-from experiments.run_files import edit_file_name, locality_file_name, retention_file_name
+from experiments.store.files import edit_file_name, locality_file_name, retention_file_name
 
 
 class RollbackProtocol(Protocol):

@@ -15,10 +15,10 @@ import time
 from typing import Optional, Sequence
 
 from editing.requests import record_request
-from experiments.faults import check_metrics
+from experiments.py.numerics import check_metrics
 from experiments.protocols.base import Protocol, RunContext, UneditedAnswers
 from experiments.protocols.split import count_retained, powers_of_two
-from experiments.run_files import batch_file_name, evaluation_file_name
+from experiments.store.files import batch_file_name, evaluation_file_name
 
 
 def default_eval_checkpoints(edit_times: int, num_edits: int) -> list[int]:

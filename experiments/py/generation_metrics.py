@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from experiments.faults import check_logits
+from experiments.py.numerics import check_logits
 from util.scoring import model_device, prompt_ids
 
 LOG = logging.getLogger(__name__)

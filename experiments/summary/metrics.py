@@ -30,7 +30,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
-from experiments.summary.run_types import EditResult, LoadedRuns, Run, SkippedRun
+from experiments.store.run_types import EditResult, LoadedRuns, Run, SkippedRun
 
 COMPONENTS = ("ES", "GS", "LS", "ERS", "ORS")
 PROBABILITY_SCORES = ("efficacy_score", "paraphrase_score", "neighborhood_score")

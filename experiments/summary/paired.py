@@ -20,7 +20,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from experiments.summary.metrics import METRICS, Summary
-from experiments.summary.run_types import Run
+from experiments.store.run_types import Run
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,8 +28,8 @@ import re
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
-from experiments.run_files import PARAMS_FILE, RUN_DIR_RE, RUN_META_FILE
-from experiments.summary.run_types import (
+from experiments.store.files import PARAMS_FILE, RUN_DIR_RE, RUN_META_FILE
+from experiments.store.run_types import (
     PROMPT_KINDS,
     EditResult,
     LoadedRuns,

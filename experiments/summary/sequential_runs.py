@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from experiments.summary.run_types import (
+from experiments.store.run_types import (
     PROMPT_KINDS,
     EditResult,
     Evaluation,

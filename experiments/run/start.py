@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 from editing.resources import EditResources
-from experiments.checkpoints import CHECKPOINT_FILE
+from experiments.store.checkpoints import CHECKPOINT_FILE
 from experiments.protocols import PROTOCOLS, Protocol, RunContext
-from experiments.resume import ResumeError
-from experiments.run_files import (
+from experiments.run.resume import ResumeError
+from experiments.store.files import (
     FAILURE_FILE,
     PARAMS_FILE,
     SKIPPED_FILE,
@@ -28,8 +28,8 @@ from experiments.run_files import (
     read_json,
     write_json_atomic,
 )
-from experiments.run_loop import RunLoop
-from experiments.run_setup import RunPlan, bad_input
+from experiments.run.loop import RunLoop
+from experiments.run.setup import RunPlan, bad_input
 
 LOG = logging.getLogger("experiments.evaluate")
 

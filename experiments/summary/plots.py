@@ -29,7 +29,7 @@ from experiments.summary.metrics import (
     toxicity_flashes,
     update_norms,
 )
-from experiments.summary.run_types import Run
+from experiments.store.run_types import Run
 from util.atomic_files import atomic_path
 
 LOG = logging.getLogger(__name__)

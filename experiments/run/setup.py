@@ -23,7 +23,7 @@ from experiments.protocols.sequential import check_eval_checkpoints, default_eva
 from experiments.protocols.split import ProtocolSplit, split_records
 from experiments.py.dataset_metrics import DatasetMetrics, metrics_for
 from experiments.py.generation_metrics import GenerationTests, load_consistency_reference
-from experiments.resume import AUTO, check_resumable, choose_auto, newest_unfinished_run, resolve_run_ref
+from experiments.run.resume import AUTO, check_resumable, choose_auto, newest_unfinished_run, resolve_run_ref
 from util import models
 from util.architectures import check_hparams_against_model
 from util.globals import Paths, load_paths

@@ -7,7 +7,7 @@ evaluation checkpoints. Both: ``unedited_predictions.json`` (what unchanged-pred
 compares against), ``run.json`` (what ran, where, with what;
 ``status`` is running/finished/interrupted/failed), ``params.json`` (the hparams),
 ``skipped_records.json`` (bad records left out, with why), ``failure.json`` (what stopped a failed
-run) and the weight checkpoint of experiments/checkpoints.py.
+run) and the weight checkpoint of experiments/store/checkpoints.py.
 
 Per-edit files are deterministic except for timing fields: every key ending in ``seconds`` or
 ``time`` (``strip_timing`` removes them before comparing two runs).

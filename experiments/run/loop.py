@@ -14,24 +14,17 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from experiments.checkpoints import (
+from experiments.store.checkpoints import (
     CHECKPOINT_FILE,
     checkpoint_index,
     load_checkpoint,
     load_editor_state,
     save_checkpoint,
 )
-from experiments.faults import (
-    EXIT_NUMERICAL_FAULT,
-    NumericalFault,
-    RunInterrupted,
-    RunStopped,
-    StopRequest,
-    precision_advice,
-    signal_exit_code,
-)
+from experiments.py.numerics import NumericalFault, precision_advice
+from experiments.run.faults import EXIT_NUMERICAL_FAULT, RunInterrupted, RunStopped, StopRequest, signal_exit_code
 from experiments.protocols.base import Protocol
-from experiments.run_files import FAILURE_FILE, RunMeta, write_json_atomic
+from experiments.store.files import FAILURE_FILE, RunMeta, write_json_atomic
 
 LOG = logging.getLogger("experiments.evaluate")
 DEFAULT_CHECKPOINT_EVERY = 5

@@ -13,7 +13,7 @@ Measured in one process per model, on copies of the same starting weights:
 Edits run sequentially with roll-back, as in the lifelong protocol. ``--parts`` picks what to
 measure; ``--agreement_file`` keeps the per-edit agreement results so a long measurement (64 exact
 scans) resumes after a stop. The 16-edit fast/reference comparison of two whole runs is
-``experiments.compare_runs`` on two ``experiments.evaluate`` runs (resumable too).
+``experiments.summary.compare_runs`` on two ``experiments.evaluate`` runs (resumable too).
 """
 from __future__ import annotations
 
@@ -33,8 +33,8 @@ import torch
 from editing.layer_stats import layer_stats
 from editing.requests import record_request, swapped_request
 from editing.resources import EditResources
-from experiments.bench_agreement import AgreementStore, agreement_config, bench_approximate
-from experiments.bench_models import load_bench_model
+from experiments.bench.agreement import AgreementStore, agreement_config, bench_approximate
+from experiments.bench.models import load_bench_model
 from rome.rome_hparams import ROMEHyperParams
 from rome.rome_main import apply_rome_to_model
 from util import nethook
@@ -346,7 +346,3 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     if args.json:
         Path(args.json).write_text(json.dumps(meta, indent=1))
     return results
-
-
-if __name__ == "__main__":
-    main()

@@ -1,6 +1,6 @@
 """Choose a fixed editing layer by measuring: ROME at each layer on the same known facts.
 
-    python -m experiments.layer_sweep --model_name smollm2-135m --layers 2,4,6,9 --n_records 4
+    python -m experiments.sweeps.layer_sweep --model_name smollm2-135m --layers 2,4,6,9 --n_records 4
 
 Each edit starts from the unedited weights (restored after every edit), so layers are compared on
 equal terms. Prints, per layer, ES/GS/LS (greedy correctness of rewrite, paraphrase and
@@ -20,12 +20,12 @@ import torch
 from editing.requests import record_request
 from editing.resources import EditResources
 from experiments.py.eval_utils_counterfact import compute_rewrite_quality_counterfact
-from experiments.run_files import write_json_atomic
+from experiments.store.files import write_json_atomic
 from rome.rome_hparams import ROMEHyperParams
 from rome.rome_main import apply_rome_to_model
 from util.globals import load_paths
 
-LOG = logging.getLogger("experiments.layer_sweep")
+LOG = logging.getLogger("experiments.sweeps.layer_sweep")
 
 
 def mean(xs: Sequence[float]) -> float:
@@ -71,7 +71,7 @@ def sweep(model, tok, records, hparams: ROMEHyperParams, layers: Sequence[int], 
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m experiments.layer_sweep", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m experiments.sweeps.layer_sweep", description=__doc__.split("\n")[0])
     p.add_argument("--model_name", default="smollm2-135m")
     p.add_argument("--hparams_fname", default=None, help="ROME hparams (default hparams/ROME/<model>.json)")
     p.add_argument("--layers", required=True, help="comma-separated layer indices")

@@ -1,6 +1,6 @@
 """Choose AlphaEdit's ``nullspace_threshold`` for a model by measuring its key spectra.
 
-    python -m experiments.nullspace_sweep --model_name smollm2-135m --thresholds 1e-2,2e-2,5e-2,1e-1
+    python -m experiments.sweeps.nullspace_sweep --model_name smollm2-135m --thresholds 1e-2,2e-2,5e-2,1e-1
 
 The threshold is an absolute bound on the eigenvalues of each edited layer's key second moment
 C0 = E[k kᵀ], so the paper's 2e-2 (set for GPT-2 XL, GPT-J and Llama-3-8B) means something else on
@@ -24,11 +24,11 @@ from alphaedit import AlphaEditHyperParams
 from alphaedit.projection import spectrum
 from editing.requests import normalise_request, record_request
 from editing.resources import EditResources
-from experiments.run_files import write_json_atomic
+from experiments.store.files import write_json_atomic
 from memit.compute_ks import compute_keys, template_groups
 from util.globals import load_paths
 
-LOG = logging.getLogger("experiments.nullspace_sweep")
+LOG = logging.getLogger("experiments.sweeps.nullspace_sweep")
 QUANTILES = (0.0, 0.1, 0.5, 0.9, 1.0)
 
 
@@ -87,7 +87,7 @@ def format_table(table: dict[int, dict]) -> list[str]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m experiments.nullspace_sweep", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m experiments.sweeps.nullspace_sweep", description=__doc__.split("\n")[0])
     p.add_argument("--model_name", default="smollm2-135m")
     p.add_argument("--hparams_fname", default=None, help="AlphaEdit hparams (default hparams/AlphaEdit/<model>.json)")
     p.add_argument("--thresholds", default="1e-2,2e-2,5e-2,1e-1", help="comma-separated eigenvalue bounds")

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from experiments.run_files import FAILURE_FILE
+from experiments.store.files import FAILURE_FILE
 
 PROMPT_KINDS = ("rewrite", "paraphrase", "neighborhood")
 

@@ -19,7 +19,7 @@ import socket
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from experiments.run_files import RUN_META_FILE, edit_file_name, existing_runs, read_json
+from experiments.store.files import RUN_META_FILE, edit_file_name, existing_runs, read_json
 
 LOG = logging.getLogger(__name__)
 

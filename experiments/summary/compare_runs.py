@@ -1,6 +1,6 @@
 """Compare two runs of the same edit stream: same layers? same updates? how much faster?
 
-    python -m experiments.compare_runs results/WilKE_fast_smollm2/run_000 results/WilKE_reference_smollm2/run_000
+    python -m experiments.summary.compare_runs results/WilKE_fast_smollm2/run_000 results/WilKE_reference_smollm2/run_000
 
 Meant for the long fast-vs-reference comparison: each side is an ordinary ``experiments.evaluate``
 run (resumable, so a comparison too long for one sitting is built up over several), and this reads
@@ -19,11 +19,11 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from experiments.run_files import write_json_atomic
-from experiments.summary.run_types import EditResult, RunFolderError
+from experiments.store.files import write_json_atomic
+from experiments.store.run_types import EditResult, RunFolderError
 from experiments.summary.runs import load_run
 
-LOG = logging.getLogger("experiments.compare_runs")
+LOG = logging.getLogger("experiments.summary.compare_runs")
 
 
 def edit_seconds(edit: EditResult) -> Optional[float]:
@@ -117,7 +117,7 @@ def table(result: dict[str, Any]) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m experiments.compare_runs", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m experiments.summary.compare_runs", description=__doc__.split("\n")[0])
     p.add_argument("run_a", type=Path, help="a run folder (e.g. the fast implementation)")
     p.add_argument("run_b", type=Path, help="a run folder of the same edit stream (e.g. the reference)")
     p.add_argument("--json", type=Path, default=None, help="also write the comparison here")
