@@ -52,19 +52,39 @@ def test_no_module_below_experiments_imports_it():
 # The roll-back protocol: what the code wrote before the restructuring, to the byte
 
 
-NOTEBOOK_KEYS = ("edit_length", "orig_length")  # added to retention files since, for the WilKE notebooks
+# Retention files carry these two names besides their own for the WilKE paper's notebooks (its
+# repository's notebooks/*.ipynb read ``edit_length`` and ``orig_length``), so those notebooks can read
+# the harness's runs; they are the only field names kept for a reader outside this repository.
+NOTEBOOK_KEYS = ("edit_length", "orig_length")
+# Other CPUs reduce in another order: 1.5e-7 relative after edit 1 between two machines, grown to 1.3e-4
+# by edit 2 through the optimisation; every int, bool and string (layers, correctness) stays exact.
+FLOAT_REL = 1e-3
+
+
+def same_results(got, golden, where: str = "") -> list[str]:
+    """Where ``got`` differs from ``golden``: every key, string, int and list length exactly; floats
+    to FLOAT_REL (on the machine that wrote the golden files the new code writes them to the byte)."""
+    if isinstance(golden, float) and isinstance(got, float):
+        return [] if got == pytest.approx(golden, rel=FLOAT_REL, abs=1e-9) else [f"{where}: {got} != {golden}"]
+    if isinstance(golden, dict) and isinstance(got, dict):
+        if sorted(got) != sorted(golden):
+            return [f"{where}: keys {sorted(got)} != {sorted(golden)}"]
+        return [d for k in golden for d in same_results(got[k], golden[k], f"{where}.{k}")]
+    if isinstance(golden, list) and isinstance(got, list) and len(got) == len(golden):
+        return [d for i, (a, b) in enumerate(zip(got, golden)) for d in same_results(a, b, f"{where}[{i}]")]
+    return [] if got == golden and type(got) is type(golden) else [f"{where}: {got!r} != {golden!r}"]
 
 
 @pytest.mark.parametrize("alg", ["WilKE", "ROME"])
 def test_rollback_protocol_writes_the_files_of_the_code_before_the_restructuring(tmp_path, alg):
     torch.set_num_threads(1)
     got = stripped_results(run_alg(alg, tmp_path))
-    golden = {p.name: p.read_text() for p in sorted((GOLDEN_DIR / alg).glob("*.json"))}
+    golden = {p.name: json.loads(p.read_text()) for p in sorted((GOLDEN_DIR / alg).glob("*.json"))}
     assert sorted(got) == sorted(golden)
     for name, obj in got.items():
         if name.startswith("retention_"):
             assert (obj.pop("edit_length"), obj.pop("orig_length")) == (obj["edit_retention_len"], obj["orig_retention_len"])
-        assert json.dumps(obj, indent=1, sort_keys=True) + "\n" == golden[name], name
+        assert same_results(obj, golden[name], name) == []
 
 
 def reference_split(records: list, seed: int = 9, size: int = 2048) -> tuple[list, list]:
@@ -155,8 +175,9 @@ def test_single_fact_editors_refuse_batches(tmp_path, caplog):
     hp = world.write_hparams("ROME", rank_one_hparams("llama", 4))
     assert cli(world.cli_args("ROME", hp, protocol="sequential", num_edits=4, edit_times=4)) == 2
     assert "ROME edits one fact at a time" in caplog.text
-    assert cli(world.cli_args("ROME", hp, num_edits=2, edit_times=2)) == 2
-    assert "are for --protocol sequential" in caplog.text
+    with pytest.raises(SystemExit) as e:
+        cli(world.cli_args("ROME", hp, num_edits=2, edit_times=2))
+    assert e.value.code == 2  # argparse: --num_edits is a flag of --protocol sequential / immediate
 
 
 # --------------------------------------------------------------------------------------------
@@ -221,8 +242,13 @@ def test_stateful_editor_killed_and_resumed_matches_an_uninterrupted_run(tmp_pat
     assert lost["batch_1.json"] == whole["batch_1.json"] and lost["batch_2.json"] != whole["batch_2.json"]
 
 
-def test_no_rollback_is_the_sequential_protocol():
+def test_each_protocol_owns_its_flags():
+    """A protocol's flags exist only under it; given to another, the message names their protocol."""
     from experiments.evaluate import parse_args
 
-    assert parse_args(["--no_rollback"]).protocol == "sequential"
     assert parse_args([]).protocol == "rollback"
+    args = parse_args(["--protocol", "sequential", "--num_edits", "4", "--eval_checkpoints", "8,4"])
+    assert (args.num_edits, args.eval_checkpoints) == (4, [4, 8])
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--num_edits", "4"])
+    assert e.value.code == 2

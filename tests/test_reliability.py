@@ -266,7 +266,7 @@ def test_nan_stops_the_run_and_keeps_earlier_results(world, reference, patched_e
     assert cli(args_for(world, dir_name)) == 3
     run_dir = world.results_dir / dir_name / "run_000"
     failure = json.loads((run_dir / "failure.json").read_text())
-    assert failure["edit_index"] == 2 and failure["stage"] == stage and failure["finished_edits"] == 1
+    assert failure["step"] == 2 and failure["stage"] == stage and failure["finished_steps"] == 1
     assert "non-finite" in failure["problem"] and "numerical fault at step 2" in caplog.text
     assert set(edit_files(run_dir)) == {p for p in edit_files(reference[0]) if p.startswith("edit_1_")}
     name = next(iter(edit_files(run_dir)))
@@ -278,7 +278,7 @@ def test_nan_from_hparams_stops_at_the_first_edit(world):
     hp = hparams_file(world, "nan_decay.json", v_weight_decay=float("nan"))  # a NaN loss, then NaN v*
     assert cli(args_for(world, "nan_decay", hparams=hp, edit_times=2)) == 3
     failure = json.loads((world.results_dir / "nan_decay" / "run_000" / "failure.json").read_text())
-    assert failure["edit_index"] == 1 and failure["stage"] == "edit"
+    assert failure["step"] == 1 and failure["stage"] == "edit"
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,6 +14,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from experiments.protocols.base import Protocol
+from experiments.py.numerics import NumericalFault, precision_advice
+from experiments.run.faults import EXIT_NUMERICAL_FAULT, RunInterrupted, RunStopped, StopRequest, signal_exit_code
 from experiments.store.checkpoints import (
     CHECKPOINT_FILE,
     checkpoint_index,
@@ -21,9 +24,6 @@ from experiments.store.checkpoints import (
     load_editor_state,
     save_checkpoint,
 )
-from experiments.py.numerics import NumericalFault, precision_advice
-from experiments.run.faults import EXIT_NUMERICAL_FAULT, RunInterrupted, RunStopped, StopRequest, signal_exit_code
-from experiments.protocols.base import Protocol
 from experiments.store.files import FAILURE_FILE, RunMeta, write_json_atomic
 
 LOG = logging.getLogger("experiments.evaluate")
@@ -108,8 +108,6 @@ class RunLoop:
         case_ids = [r["case_id"] for r in self.protocol.step_records(i)] if i else []
         failure = {"step": i, "case_ids": case_ids, "stage": stage, "problem": problem, "details": details,
                    "finished_steps": i - 1 if i else 0, "last_checkpoint": self.last_checkpoint}
-        if self.protocol.name == "rollback":  # the field names of earlier versions (one edit per step)
-            failure.update(edit_index=i, case_id=case_ids[0] if case_ids else None, finished_edits=failure["finished_steps"])
         write_json_atomic(self.run_dir / FAILURE_FILE, failure)
         self.meta.update(status="failed", failure=f"step {i}, {stage}: {problem}")
         LOG.error("step %s (case %s) failed at %s: %s", i, case_ids, stage, problem)

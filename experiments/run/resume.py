@@ -17,9 +17,9 @@ import logging
 import os
 import socket
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
-from experiments.store.files import RUN_META_FILE, edit_file_name, existing_runs, read_json
+from experiments.store.files import RUN_META_FILE, existing_runs, read_json
 
 LOG = logging.getLogger(__name__)
 
@@ -141,11 +141,3 @@ def choose_auto(alg_dir: Path, config: dict) -> tuple[Optional[Path], Optional[P
         raise ResumeError(f"{run_dir} (this configuration, unfinished) is being written by process {meta['pid']}; "
                           "--continue_from_run auto leaves it to that process")
     return None, run_dir
-
-
-def first_unfinished_edit(run_dir: Path, case_ids: Sequence[Any]) -> int:
-    """1 + the number of leading edits whose per-edit file exists."""
-    for n, case_id in enumerate(case_ids, start=1):
-        if not (run_dir / edit_file_name(n, case_id)).is_file():
-            return n
-    return len(case_ids) + 1

@@ -18,8 +18,7 @@ import torch
 from dsets.records import RecordError
 from dsets.registry import EditDataset
 from experiments.algorithms import ALGORITHMS, Algorithm, get_algorithm
-from experiments.protocols import PROTOCOLS
-from experiments.protocols.sequential import check_eval_checkpoints, default_eval_checkpoints
+from experiments.protocols import PROTOCOLS, FlagError, Protocol, get_protocol
 from experiments.protocols.split import ProtocolSplit, split_records
 from experiments.py.dataset_metrics import DatasetMetrics, metrics_for
 from experiments.py.generation_metrics import GenerationTests, load_consistency_reference
@@ -55,23 +54,30 @@ def bad_input(what: str, fix: str) -> Iterator[None]:
 
 def check_flags(args: argparse.Namespace) -> None:
     positive = ("dataset_size_limit", "checkpoint_every", "generation_test_interval", "generation_max_out_len",
-                "generation_n_per_prompt", "edit_times", "num_threads", "num_edits")
+                "generation_n_per_prompt", "edit_times", "num_threads")
     for name in positive:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise BadInputError(f"flag --{name}", f"is {value}", "give a positive integer")
 
 
-def check_protocol_flags(args: argparse.Namespace, algorithm: Algorithm) -> None:
-    """--protocol and the flags that only the sequential protocol takes."""
+def check_protocol_flags(args: argparse.Namespace, algorithm: Algorithm) -> type[Protocol]:
+    """--protocol, and the flags the protocol declares (its own checks)."""
     if args.protocol not in PROTOCOLS:
         raise BadInputError("flag --protocol", f"is {args.protocol!r}", f"use one of {', '.join(PROTOCOLS)}")
-    if args.protocol == "rollback" and (args.num_edits != 1 or args.eval_checkpoints):
-        raise BadInputError("flags --num_edits / --eval_checkpoints", "are for --protocol sequential",
-                            "add --protocol sequential, or drop them (the roll-back protocol edits one record at a time)")
-    if args.num_edits > 1 and not algorithm.load_editor_class().batch_edits:
-        raise BadInputError("flag --num_edits", f"{algorithm.name} edits one fact at a time",
-                            "use --num_edits 1 (batches need a batch editor: MEMIT, FT, ...)")
+    protocol = get_protocol(args.protocol)
+    with protocol_flags():
+        protocol.check_arguments(args, algorithm.load_editor_class().batch_edits)
+    return protocol
+
+
+@contextlib.contextmanager
+def protocol_flags() -> Iterator[None]:
+    """A protocol's ``FlagError`` as the CLI's ``BadInputError``."""
+    try:
+        yield
+    except FlagError as e:
+        raise BadInputError(f"flag {e.flag}", e.message, e.fix) from None
 
 
 def load_hparams(args: argparse.Namespace, paths: Paths, algorithm: Algorithm, slug: str) -> tuple[Any, Path]:
@@ -186,9 +192,10 @@ class RunPlan:
     dataset: EditDataset
     skipped: list[dict]
     generation: Optional[GenerationTests]
+    protocol: type[Protocol]
     split: Optional[ProtocolSplit] = None
     edit_times: Optional[int] = None
-    eval_checkpoints: Optional[list[int]] = None  # sequential protocol only
+    protocol_settings: dict = dataclasses.field(default_factory=dict)  # the protocol's, checked (Protocol.settings)
     resume_dir: Optional[Path] = None
     finished_dir: Optional[Path] = None  # --continue_from_run auto found this configuration finished
 
@@ -210,18 +217,13 @@ class RunPlan:
             "dataset_file": str(self.dataset.source_path),
             "dataset_size_limit": a.dataset_size_limit,
             "edit_times": self.edit_times,
-            **self.protocol_settings(),
+            "protocol": self.protocol.name,
+            **self.protocol_settings,
             "seed": a.seed,
             "num_threads": a.num_threads,
             "dtype": a.dtype,
             "generation": self.generation_settings(),
         }
-
-    def protocol_settings(self) -> dict:
-        """The protocol and what it takes (batch size and evaluation checkpoints for sequential)."""
-        if self.args.protocol == "rollback":
-            return {"protocol": "rollback"}
-        return {"protocol": self.args.protocol, "num_edits": self.args.num_edits, "eval_checkpoints": self.eval_checkpoints}
 
     def generation_settings(self, full: bool = False) -> Optional[dict]:
         """What run.json records about the generation tests (``full``: also why consistency was skipped)."""
@@ -245,6 +247,7 @@ def make_generation_tests(args: argparse.Namespace, paths: Paths, metrics: Datas
 
 class CheckedCommand(NamedTuple):
     algorithm: Algorithm
+    protocol: type[Protocol]
     paths: Paths
     slug: str
     hparams: Any
@@ -264,19 +267,19 @@ def check_command(args: argparse.Namespace) -> CheckedCommand:
         slug = models.model_slug(args.model_name)
     with bad_input("hyperparameters", f"fix the file, or pass another with --hparams_fname (see hparams/{algorithm.name}/)"):
         hparams, hparams_path = load_hparams(args, paths, algorithm, slug)
-    check_protocol_flags(args, algorithm)
+    protocol = check_protocol_flags(args, algorithm)
     parse_device_map(args.device_map)
-    return CheckedCommand(algorithm, paths, slug, hparams, hparams_path)
+    return CheckedCommand(algorithm, protocol, paths, slug, hparams, hparams_path)
 
 
 def prepare(args: argparse.Namespace) -> RunPlan:
     """Every check that needs no model: flags, algorithm, hparams, corpus, dataset, resume target."""
-    algorithm, paths, slug, hparams, hparams_path = check_command(args)
+    algorithm, protocol, paths, slug, hparams, hparams_path = check_command(args)
     check_statistics_corpus(hparams, hparams_path, paths, slug, args.model_name)
     with bad_input("dataset", "fix the file, or choose another with --ds_name"):
         ds, skipped = resolve_dataset(args, paths, slug)
     generation = make_generation_tests(args, paths, metrics_for(ds.kind))
-    plan = RunPlan(args, paths, algorithm, hparams, hparams_path, slug, ds, skipped, generation)
+    plan = RunPlan(args, paths, algorithm, hparams, hparams_path, slug, ds, skipped, generation, protocol)
     if not ds.missing:
         finish_plan(plan, ds)
     return plan
@@ -294,10 +297,8 @@ def finish_plan(plan: RunPlan, ds: EditDataset) -> None:
     if plan.edit_times > n_stream:
         raise BadInputError("flag --edit_times", f"{plan.edit_times} exceeds the {n_stream} records of the edit stream "
                             f"({plan.split.n_known} usable records, split in halves)", f"use at most {n_stream}")
-    if args.protocol == "sequential":
-        with bad_input("flag --eval_checkpoints", "give edit counts that end a batch, at most --edit_times"):
-            points = args.eval_checkpoints or default_eval_checkpoints(plan.edit_times, args.num_edits)
-            plan.eval_checkpoints = check_eval_checkpoints(points, plan.edit_times, args.num_edits)
+    with protocol_flags():
+        plan.protocol_settings = plan.protocol.settings(args, plan.edit_times)
     with bad_input("--continue_from_run", "name an unfinished run of this same command, or drop the flag"):
         if args.continue_from_run == AUTO:
             plan.finished_dir, plan.resume_dir = choose_auto(plan.alg_dir, plan.config())

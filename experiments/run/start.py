@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 from editing.resources import EditResources
-from experiments.store.checkpoints import CHECKPOINT_FILE
-from experiments.protocols import PROTOCOLS, Protocol, RunContext
+from experiments.protocols import Protocol, RunContext
+from experiments.run.loop import RunLoop
 from experiments.run.resume import ResumeError
+from experiments.run.setup import RunPlan, bad_input
+from experiments.store.checkpoints import CHECKPOINT_FILE
 from experiments.store.files import (
     FAILURE_FILE,
     PARAMS_FILE,
@@ -28,8 +30,6 @@ from experiments.store.files import (
     read_json,
     write_json_atomic,
 )
-from experiments.run.loop import RunLoop
-from experiments.run.setup import RunPlan, bad_input
 
 LOG = logging.getLogger("experiments.evaluate")
 
@@ -40,9 +40,7 @@ def build_protocol(plan: RunPlan, model, tok, resources: EditResources, run_dir:
     editor = plan.algorithm.make_editor(model, tok, plan.hparams, resources)
     ctx = RunContext(model, tok, editor, plan.metrics, plan.split, plan.edit_times, run_dir, plan.generation,
                      args.generation_test_interval, args.conserve_memory)
-    if args.protocol == "sequential":
-        return PROTOCOLS["sequential"](ctx, args.num_edits, plan.eval_checkpoints)
-    return PROTOCOLS[args.protocol](ctx)
+    return plan.protocol(ctx, plan.protocol_settings)
 
 
 def new_run_meta(plan: RunPlan, model, protocol: Protocol, templates: Optional[list[str]], argv) -> dict:

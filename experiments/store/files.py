@@ -1,9 +1,7 @@
 """The run folder: numbered runs, atomic JSON files, and what makes a run reproducible.
 
-File names of a run (read by the summaries). Roll-back protocol: ``edit_{n}_on_case_{case_id}.json``
-and ``locality_of_edit_{n}.json`` per edit, ``retention_of_edit_{n}.json`` at retention checkpoints.
-Sequential protocol: ``batch_{b}.json`` per batch of edits, ``evaluation_after_edit_{n}.json`` at
-evaluation checkpoints. Both: ``unedited_predictions.json`` (what unchanged-prediction locality
+The files every run has (each protocol names its own, in experiments/protocols/):
+``unedited_predictions.json`` (what unchanged-prediction locality
 compares against), ``run.json`` (what ran, where, with what;
 ``status`` is running/finished/interrupted/failed), ``params.json`` (the hparams),
 ``skipped_records.json`` (bad records left out, with why), ``failure.json`` (what stopped a failed
@@ -36,26 +34,6 @@ RUN_META_FILE = "run.json"
 PARAMS_FILE = "params.json"
 SKIPPED_FILE = "skipped_records.json"
 FAILURE_FILE = "failure.json"
-
-
-def edit_file_name(n: int, case_id: Any) -> str:
-    return f"edit_{n}_on_case_{case_id}.json"
-
-
-def retention_file_name(n: int) -> str:
-    return f"retention_of_edit_{n}.json"
-
-
-def locality_file_name(n: int) -> str:
-    return f"locality_of_edit_{n}.json"
-
-
-def batch_file_name(b: int) -> str:
-    return f"batch_{b}.json"
-
-
-def evaluation_file_name(n: int) -> str:
-    return f"evaluation_after_edit_{n}.json"
 
 
 def strip_timing(obj: Any) -> Any:

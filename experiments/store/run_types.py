@@ -1,4 +1,11 @@
-"""The shapes of summarised runs, shared by the readers of both protocols' run folders."""
+"""The shape every protocol's run folder is read into, and the checks the readers share.
+
+A protocol (experiments/protocols/) writes its own files and reads them back into a ``RunContent``:
+the steps it took (``EditResult``: what each edit or batch did, and for the protocols that evaluate
+an edit right after it, that evaluation) and its checkpoints (``Checkpoint``: the per-record metrics
+that count at n edits, and the ratios only that protocol measures, such as ERS/ORS or PS/PU). The
+summaries (experiments/summary/) score any protocol's ``Run`` the same way from these.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -18,34 +25,33 @@ class RunFolderError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class EditResult:
-    """One ``edit_{n}_on_case_{id}.json``: metrics after the edit and what the edit did."""
+    """One step of a run: an edit (roll-back: with its evaluation and roll-back) or a batch of edits."""
 
     index: int
-    case_id: str
-    post: dict[str, Any]
-    edit: dict[str, Any]
+    case_id: str  # a batch: its case ids joined by commas
+    post: dict[str, Any]  # metrics right after this step's edit ({} where the protocol evaluates later)
+    edit: dict[str, Any]  # what the edit did: layer, LA, update norms, seconds
     rollback: Optional[dict[str, Any]]
 
 
 @dataclasses.dataclass(frozen=True)
-class Retention:
-    """One ``retention_of_edit_{n}.json``: how many facts survive after n edits."""
+class Checkpoint:
+    """What counts at n edits: one metrics dict per record edited so far, in edit order, and the
+    protocol's own ratios (roll-back: ERS, ORS; sequential: PS, PU)."""
 
-    edit_index: int
-    edit_retention: int
-    edit_retention_len: int
-    orig_retention: int
-    orig_retention_len: int
+    n: int
+    posts: tuple[dict[str, Any], ...]
+    ratios: dict[str, float]
 
 
 @dataclasses.dataclass(frozen=True)
-class Evaluation:
-    """One ``evaluation_after_edit_{n}.json`` of a sequential run: every edited record's metrics and
-    how the untouched records fared."""
+class RunContent:
+    """What a protocol's reader found in a run folder."""
 
-    edit_index: int
-    posts: tuple[dict[str, Any], ...]  # one per record edited so far, in edit order
-    preservation: dict[str, Any]  # retained, unchanged, n_records
+    steps: tuple[EditResult, ...]  # steps[i].index == i + 1
+    step_ends: tuple[int, ...]  # edits done after each step
+    checkpoints: dict[int, Checkpoint]
+    partial: bool = False  # unfinished (read only on request)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,20 +61,21 @@ class Run:
     path: Path
     meta: dict[str, Any]  # run.json ({} when absent)
     params: dict[str, Any]  # params.json ({} when absent)
-    edits: tuple[EditResult, ...]  # edits[i].index == i + 1 (sequential: one per batch)
-    retention: dict[int, Retention]  # roll-back protocol
+    protocol: str
+    edits: tuple[EditResult, ...]  # one per step: an edit, or a batch of edits
+    step_ends: tuple[int, ...]
+    checkpoints: dict[int, Checkpoint]
     partial: bool = False  # fewer edits than run.json's edit_times (allowed only on request)
-    protocol: str = "rollback"
-    evaluations: dict[int, Evaluation] = dataclasses.field(default_factory=dict)  # sequential protocol
-    batch_ends: tuple[int, ...] = ()  # sequential: the last edit of each batch
 
     @property
     def n_edits(self) -> int:
-        return self.batch_ends[-1] if self.batch_ends else len(self.edits)
+        return self.step_ends[-1] if self.step_ends else 0
 
     @property
-    def checkpoints(self) -> list[int]:
-        return sorted(self.evaluations if self.protocol == "sequential" else self.retention)
+    def step_unit(self) -> tuple[str, str]:
+        """("edit", "edits") when every step edits one record, else ("batch", "batches")."""
+        single = list(self.step_ends) == list(range(1, len(self.step_ends) + 1))
+        return ("edit", "edits") if single else ("batch", "batches")
 
     @property
     def label(self) -> str:
@@ -94,26 +101,56 @@ class LoadedRuns:
         return groups
 
 
-def _read_json(path: Path) -> Any:
+# ---------------------------------------------------------------------------------------------
+# What the readers of every protocol share
+
+
+def read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise RunFolderError(f"{path.name}: unreadable JSON ({e})") from None
 
 
-def _read_object(path: Path) -> dict[str, Any]:
-    obj = _read_json(path)
+def read_object(path: Path) -> dict[str, Any]:
+    obj = read_json(path)
     if not isinstance(obj, dict):
         raise RunFolderError(f"{path.name}: expected a JSON object, found {type(obj).__name__}")
     return obj
 
 
-def _short_list(values: Sequence[int], limit: int = 8) -> str:
+def short_list(values: Sequence[int], limit: int = 8) -> str:
     shown = ", ".join(str(v) for v in values[:limit])
     return shown + (f", ... ({len(values)} in all)" if len(values) > limit else "")
 
 
-def _incomplete_reason(path: Path, meta: dict[str, Any], n_edits: int) -> Optional[str]:
+def check_post(post: Any, where: str) -> dict[str, Any]:
+    """A record's metrics must hold the greedy correctness of every prompt kind."""
+    if not isinstance(post, dict) or not all(isinstance(post.get(f"{k}_prompts_correct"), list) for k in PROMPT_KINDS):
+        raise RunFolderError(f"{where}: no '*_prompts_correct' metrics")
+    return post
+
+
+def numbered_files(path: Path, pattern: "re.Pattern[str]", what: str, shown: str) -> dict[int, Path]:
+    """The files whose name ``pattern`` matches (group 1: a number), numbered 1..N without gaps
+    (``what``: "edit", "batch", ...; ``shown``: the names for a message, e.g. "batch_*.json")."""
+    found: dict[int, Path] = {}
+    for f in path.iterdir():
+        m = pattern.match(f.name)
+        if m:
+            n = int(m.group(1))
+            if n in found:
+                raise RunFolderError(f"two files for {what} {n}: {found[n].name} and {f.name}")
+            found[n] = f
+    if not found:
+        raise RunFolderError(f"no {shown} files")
+    gaps = sorted(set(range(1, max(found) + 1)) - set(found))
+    if gaps:
+        raise RunFolderError(f"missing {what} files for {what}(s) {short_list(gaps)}")
+    return dict(sorted(found.items()))
+
+
+def incomplete_reason(path: Path, meta: dict[str, Any], n_edits: int) -> Optional[str]:
     """Why the run is unfinished (None when it is finished), from run.json and failure.json."""
     status, planned = meta.get("status"), meta.get("edit_times")
     if isinstance(planned, int) and n_edits > planned:
@@ -121,12 +158,17 @@ def _incomplete_reason(path: Path, meta: dict[str, Any], n_edits: int) -> Option
     if status not in (None, "finished"):
         reason = f"run.json status is {status!r}"
         if (path / FAILURE_FILE).is_file():
-            failure = _read_json(path / FAILURE_FILE)
+            failure = read_json(path / FAILURE_FILE)
             reason += f" ({failure.get('problem', 'see failure.json')})" if isinstance(failure, dict) else ""
         return f"{reason}, {n_edits} of {planned if isinstance(planned, int) else '?'} edits"
     if isinstance(planned, int) and n_edits < planned:
         return f"incomplete: {n_edits} of {planned} edits"
     return None
+
+
+def refuse_partial(reason: Optional[str], allow_partial: bool) -> None:
+    if reason and not allow_partial:
+        raise RunFolderError(f"{reason} (summarise its finished edits with --include_partial)")
 
 
 def checkpoint_files(path: Path, pattern: "re.Pattern[str]", n_edits: int, planned: Any, last_ok: int,
@@ -137,9 +179,9 @@ def checkpoint_files(path: Path, pattern: "re.Pattern[str]", n_edits: int, plann
     found = {int(m.group(1)): f for f in path.iterdir() if (m := pattern.match(f.name))}
     late = sorted(n for n in found if n > n_edits)
     if late:
-        raise RunFolderError(f"{file_name.format(n='*')} for checkpoint(s) {_short_list(late)} beyond the last edit {n_edits}")
+        raise RunFolderError(f"{file_name.format(n='*')} for checkpoint(s) {short_list(late)} beyond the last edit {n_edits}")
     planned = planned if isinstance(planned, list) else list(found)
     missing = sorted(n for n in planned if isinstance(n, int) and n <= last_ok and n not in found)
     if missing:
         raise RunFolderError(f"missing {file_name.format(n=missing[0])}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
-    return found
+    return dict(sorted(found.items()))

@@ -19,8 +19,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from experiments.summary.metrics import METRICS, Summary
 from experiments.store.run_types import Run
+from experiments.summary.metrics import METRICS, Summary
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,6 +19,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
 
+from experiments.store.run_types import Run
 from experiments.summary.metrics import (
     COMPONENTS,
     GENERATION_SCORES,
@@ -29,7 +30,6 @@ from experiments.summary.metrics import (
     toxicity_flashes,
     update_norms,
 )
-from experiments.store.run_types import Run
 from util.atomic_files import atomic_path
 
 LOG = logging.getLogger(__name__)
