@@ -17,8 +17,8 @@ import torch
 
 from editing.requests import record_request
 from editing.resources import EditResources
-from experiments.store.checkpoints import WeightLedger, load_checkpoint
 from experiments.evaluate import cli, main
+from experiments.store.checkpoints import WeightLedger, load_checkpoint
 from experiments.store.files import strip_timing
 from tests.fixtures.make_rollback_golden import GOLDEN_DIR, run_alg, stripped_results
 from tests.tiny import TinyWorld, make_model, make_tokenizer, rank_one_hparams, tiny_records

@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from experiments.store.checkpoints import WeightLedger, checkpoint_index, load_checkpoint, save_checkpoint
 from experiments.evaluate import cli
+from experiments.store.checkpoints import WeightLedger, checkpoint_index, load_checkpoint, save_checkpoint
 from experiments.store.files import strip_timing
-from tests.tiny import TinyWorld, make_model, rank_one_hparams, tiny_records
 from rome.editor import ROMEEditor
+from tests.tiny import TinyWorld, make_model, rank_one_hparams, tiny_records
 from util.globals import REPO_ROOT
 
 EDITS = 5
