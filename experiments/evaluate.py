@@ -32,6 +32,7 @@ from typing import Any, Optional, Sequence
 from editing.resources import EditResources
 from experiments.algorithms import ALGORITHMS
 from experiments.protocols import PROTOCOLS
+from experiments.protocols.split import DEFAULT_PRESERVATION_SIZE, STREAM_ORDERS
 from experiments.py.generation_metrics import DEFAULT_MAX_OUT_LEN, DEFAULT_N_GEN_PER_PROMPT
 from experiments.run.faults import EXIT_BAD_INPUT, RunStopped, interrupt_handlers
 from experiments.run.loop import DEFAULT_CHECKPOINT_EVERY
@@ -88,7 +89,14 @@ def _common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model_name", default="smollm2-135m", help="smollm2-135m, gemma-3-270m, a Hugging Face id or a local folder")
     p.add_argument("--hparams_fname", default=None, help="file in hparams/<alg_name>/ (default: <model>.json) or a path")
     p.add_argument("--ds_name", default="counterfact", help="counterfact (the model's known subset), counterfact_full, zsre, or a file")
-    p.add_argument("--dataset_size_limit", type=int, default=2048, help="known records used (edit stream + original retention)")
+    p.add_argument("--dataset_size_limit", type=int, default=2048, help="records used: shuffled, the known records split in "
+                   "halves (edit stream + original retention); file, the edit stream itself")
+    p.add_argument("--stream_order", choices=STREAM_ORDERS, default="shuffled",
+                   help="shuffled (the WilKE reference's: the first --dataset_size_limit records shuffled with --seed, "
+                   "the first half edited) or file (AlphaEdit's: the first --dataset_size_limit records in file order, "
+                   "unfiltered, all edited; the watched set is facts the model knows)")
+    p.add_argument("--preservation_size", type=int, default=DEFAULT_PRESERVATION_SIZE,
+                   help="--stream_order file: known facts watched for preservation (PS/PU, ORS)")
     p.add_argument("--edit_times", type=int, default=None, help="number of edits (default: the whole edit stream)")
     p.add_argument("--skip_generation_tests", action="store_true", help="skip fluency/consistency generation tests")
     p.add_argument("--generation_test_interval", type=int, default=1, help="run generation tests every N edits (edits 1, 1+N, ...)")

@@ -265,8 +265,8 @@ def kill_after_first_batch(monkeypatch) -> None:
 
 
 def test_sequential_run_killed_and_resumed_keeps_the_accumulated_keys(tmp_path, monkeypatch):
-    from experiments.store.checkpoints import load_editor_state
     from experiments.evaluate import cli
+    from experiments.store.checkpoints import load_editor_state
 
     world = TinyWorld(tmp_path, "llama")
     hp = world.write_hparams("AlphaEdit", alphaedit_dict("llama", v_num_grad_steps=10))

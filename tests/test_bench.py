@@ -4,8 +4,8 @@ import json
 import pytest
 
 from experiments.bench import cli as bench
-from experiments.summary import compare_runs
 from experiments.evaluate import main as evaluate
+from experiments.summary import compare_runs
 from tests.tiny import TinyWorld, rank_one_hparams
 
 

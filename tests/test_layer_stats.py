@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from editing import corpus as corpus_mod
 from editing.corpus import CorpusNotFoundError, iter_corpus_texts, open_corpus, split_wikitext_articles
 from editing.layer_stats import SecondMoment, layer_stats, length_batches, stats_path
-from editing import corpus as corpus_mod
 from tests.tiny import make_model, make_tokenizer
 from util import nethook
 from util.architectures import arch_of

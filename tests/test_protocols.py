@@ -149,6 +149,50 @@ def test_sequential_evaluates_every_edited_record_at_each_checkpoint(tmp_path, n
         assert evaluation["preservation"]["n_records"] == len(meta["orig_retention_case_ids"]) == 8
 
 
+def test_immediate_reads_each_batch_right_after_its_own_edit(tmp_path):
+    """EasyEdit's protocol since 2026-06: a batch's records are evaluated right after that batch, so
+    they equal what the sequential protocol reads for the same records after that same edit."""
+    world, hp = memit_world(tmp_path)
+    common = dict(num_edits=2, edit_times=8, num_threads=1, eval_checkpoints="4,8")
+    seq = main(world.cli_args("MEMIT", hp, protocol="sequential", dir_name="seq", **common))
+    imm = main(world.cli_args("MEMIT", hp, protocol="immediate", dir_name="imm", **common))
+    assert json.loads((imm / "run.json").read_text())["protocol"] == "immediate"
+    assert not list(imm.glob("evaluation_after_edit_*"))
+    for n in (4, 8):
+        after_n = json.loads((seq / f"evaluation_after_edit_{n}.json").read_text())
+        batch = json.loads((imm / f"batch_{n // 2}.json").read_text())
+        assert strip_timing(batch["records"]) == strip_timing(after_n["records"][n - 2 : n])
+        kept = json.loads((imm / f"preservation_after_edit_{n}.json").read_text())["preservation"]
+        assert kept == after_n["preservation"]
+    from experiments.summary.metrics import summarize
+    from experiments.summary.runs import load_runs
+
+    rows = {r["algorithm"]: r for r in summarize(load_runs(world.results_dir, ["seq", "imm"]), [8]).rows}
+    assert rows["imm"]["PS_mean"] == rows["seq"]["PS_mean"] and rows["imm"]["S_mean"] != rows["imm"]["S_mean"]  # no S
+
+
+def test_file_order_stream_edits_the_first_records_of_the_file_and_watches_known_facts(tmp_path):
+    """AlphaEdit's stream (--stream_order file): the first --dataset_size_limit records exactly as the
+    file holds them, none filtered or shuffled; the watched set is known facts outside the stream."""
+    from util.models import model_slug
+
+    world, hp = memit_world(tmp_path)
+    records = sixteen_records()
+    known = [r for r in records if r["case_id"] % 2 == 0]  # what the model "knows", in file order
+    (world.root / f"counterfact_{model_slug(str(world.model_dir))}_known.json").write_text(json.dumps(known))
+    run_dir = main(world.cli_args("MEMIT", hp, protocol="sequential", stream_order="file", dataset_size_limit=6,
+                                  preservation_size=4, num_edits=2, num_threads=1))
+    meta = json.loads((run_dir / "run.json").read_text())
+    assert meta["edit_stream_case_ids"] == [r["case_id"] for r in records[:6]] and meta["edit_times"] == 6
+    assert meta["orig_retention_case_ids"] == [r["case_id"] for r in known if r["case_id"] not in
+                                               {r["case_id"] for r in records[:6]}][:4]
+    assert meta["stream_order"] == "file" and meta["preservation_source"].endswith("_known.json")
+    assert [json.loads((run_dir / f"batch_{b}.json").read_text())["case_ids"] for b in (1, 2, 3)] == \
+        [[r["case_id"] for r in records[i : i + 2]] for i in (0, 2, 4)]
+    assert cli(world.cli_args("MEMIT", hp, protocol="sequential", stream_order="file", dataset_size_limit=6,
+                              edit_times=7)) == 2  # more edits than the stream holds
+
+
 def test_a_memit_batch_of_four_is_one_update(tmp_path):
     from memit import MEMITHyperParams, apply_memit_to_model
     from util.models import model_slug
@@ -252,3 +296,33 @@ def test_each_protocol_owns_its_flags():
     with pytest.raises(SystemExit) as e:
         parse_args(["--num_edits", "4"])
     assert e.value.code == 2
+
+
+# --------------------------------------------------------------------------------------------
+# Adding a protocol: one module (tests/toy_protocol.py) and one registration, nothing else edited
+
+
+def test_a_protocol_from_one_module_runs_end_to_end_and_is_summarised(tmp_path):
+    from experiments.evaluate import parse_args
+    from experiments.protocols import PROTOCOLS
+    from experiments.summary.metrics import summarize
+    from experiments.summary.runs import load_runs
+    from tests.toy_protocol import ProbeProtocol, register
+
+    register()
+    try:
+        world = TinyWorld(tmp_path, "llama")
+        hp = world.write_hparams("ROME", rank_one_hparams("llama", 4))
+        assert parse_args(["--protocol", "probe", "--probe_every", "3"]).probe_every == 3
+        assert cli(world.cli_args("ROME", hp, protocol="probe", probe_every=0, edit_times=4)) == 2  # its own check
+        run_dir = main(world.cli_args("ROME", hp, protocol="probe", probe_every=2, edit_times=4, dir_name="probe"))
+        names = sorted(p.name for p in run_dir.glob("probe_*.json"))
+        assert names == ["probe_after_edit_2.json", "probe_after_edit_4.json", *(f"probe_step_{i}.json" for i in range(1, 5))]
+        meta = json.loads((run_dir / "run.json").read_text())
+        assert (meta["protocol"], meta["probe_every"], meta["config"]["probe_every"]) == ("probe", 2, 2)
+        probe = json.loads((run_dir / "probe_after_edit_4.json").read_text())["correct"]
+        summary = summarize(load_runs(world.results_dir, ["probe"]))
+        assert [r["checkpoint"] for r in summary.rows] == [2, 4]
+        assert summary.rows[1]["ES_mean"] == pytest.approx(sum(probe) / 4)
+    finally:
+        PROTOCOLS.pop(ProbeProtocol.name, None)

@@ -350,8 +350,8 @@ def test_harmonic_score_counts_zero_as_1e4():
 def test_plots_survive_odd_runs(results, tmp_path):
     """One run, a single checkpoint, zero and missing norms, a WilKE edit without a scan: every
     figure is still drawn."""
-    from experiments.summary.plots import save_figures
     from experiments.summary.metrics import summarize
+    from experiments.summary.plots import save_figures
     from experiments.summary.runs import load_runs
 
     root = tmp_path / "results"

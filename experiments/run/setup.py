@@ -11,17 +11,17 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple, Optional, Sequence
+from typing import Any, Iterator, NamedTuple, Optional
 
 import torch
 
-from dsets.records import RecordError
 from dsets.registry import EditDataset
 from experiments.algorithms import ALGORITHMS, Algorithm, get_algorithm
 from experiments.protocols import PROTOCOLS, FlagError, Protocol, get_protocol
-from experiments.protocols.split import ProtocolSplit, split_records
+from experiments.protocols.split import ProtocolSplit, split_in_file_order, split_records
 from experiments.py.dataset_metrics import DatasetMetrics, metrics_for
 from experiments.py.generation_metrics import GenerationTests, load_consistency_reference
+from experiments.run.data import build_known, build_known_dataset, resolve_dataset, resolve_known
 from experiments.run.resume import AUTO, check_resumable, choose_auto, newest_unfinished_run, resolve_run_ref
 from util import models
 from util.architectures import check_hparams_against_model
@@ -54,7 +54,7 @@ def bad_input(what: str, fix: str) -> Iterator[None]:
 
 def check_flags(args: argparse.Namespace) -> None:
     positive = ("dataset_size_limit", "checkpoint_every", "generation_test_interval", "generation_max_out_len",
-                "generation_n_per_prompt", "edit_times", "num_threads")
+                "generation_n_per_prompt", "edit_times", "num_threads", "preservation_size")
     for name in positive:
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -123,60 +123,6 @@ def missing_statistics(hparams: Any, paths: Paths, slug: str, model_name: str, c
     return [f for f in files if not f.is_file()]
 
 
-class _RecordErrorLog(logging.Handler):
-    """Collects the RecordErrors the dsets loaders log when they skip a bad record."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.errors: list[RecordError] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if isinstance(record.args, tuple):
-            self.errors += [a for a in record.args if isinstance(a, RecordError)]
-
-
-@contextlib.contextmanager
-def collecting_record_errors() -> Iterator[_RecordErrorLog]:
-    handler = _RecordErrorLog()
-    logger = logging.getLogger("dsets")
-    logger.addHandler(handler)
-    try:
-        yield handler
-    finally:
-        logger.removeHandler(handler)
-
-
-def skipped_entries(ds: EditDataset, errors: Sequence[RecordError]) -> list[dict]:
-    """One entry per skipped record: case_id, file, field and problem (from the loaders' log)."""
-    by_id = {e.case_id: e for e in errors}
-    entries = []
-    for case_id in ds.skipped_case_ids:
-        e = by_id.get(case_id)
-        entry = {"case_id": case_id, "stage": "load", "source": str(ds.source_path)}
-        entry.update({"field": e.field, "problem": e.problem} if e else {"problem": "see the run's log"})
-        entries.append(entry)
-    return entries
-
-
-def resolve_dataset(args: argparse.Namespace, paths: Paths, slug: str) -> tuple[EditDataset, list[dict]]:
-    from dsets.registry import resolve_edit_dataset
-
-    with collecting_record_errors() as log:
-        ds = resolve_edit_dataset(args.ds_name, paths, slug, on_bad_record="skip", known_source=args.known_source)
-    return ds, skipped_entries(ds, log.errors)
-
-
-def build_known_dataset(args, paths: Paths, slug: str, model, tok, ds: EditDataset) -> tuple[EditDataset, list[dict]]:
-    from dsets.make_known import build_known_subset
-
-    LOG.info("building the known subset of %s at %s", slug, ds.source_path)
-    with collecting_record_errors() as log:
-        build_known_subset(model, tok, paths, slug, source=args.known_source, out=ds.source_path, on_bad_record="skip")
-    built, skipped = resolve_dataset(args, paths, slug)
-    extra = [{"case_id": e.case_id, "stage": "known-subset", "field": e.field, "problem": e.problem} for e in log.errors]
-    return built, skipped + extra
-
-
 # ---------------------------------------------------------------------------------------------
 # The plan of a run: everything decided before (and just after) the model is loaded.
 
@@ -198,6 +144,12 @@ class RunPlan:
     protocol_settings: dict = dataclasses.field(default_factory=dict)  # the protocol's, checked (Protocol.settings)
     resume_dir: Optional[Path] = None
     finished_dir: Optional[Path] = None  # --continue_from_run auto found this configuration finished
+    known: Optional[EditDataset] = None  # --stream_order file: the known facts its watched set comes from
+
+    @property
+    def ready_to_split(self) -> bool:
+        """Every record the split needs is there (a known subset may be built only with the model)."""
+        return not self.dataset.missing and not (self.known is not None and self.known.missing)
 
     @property
     def metrics(self) -> DatasetMetrics:
@@ -216,6 +168,8 @@ class RunPlan:
             "hparams": self.hparams.to_dict(),
             "dataset_file": str(self.dataset.source_path),
             "dataset_size_limit": a.dataset_size_limit,
+            "stream_order": a.stream_order,
+            **({"preservation_size": a.preservation_size} if a.stream_order == "file" else {}),
             "edit_times": self.edit_times,
             "protocol": self.protocol.name,
             **self.protocol_settings,
@@ -280,23 +234,37 @@ def prepare(args: argparse.Namespace) -> RunPlan:
         ds, skipped = resolve_dataset(args, paths, slug)
     generation = make_generation_tests(args, paths, metrics_for(ds.kind))
     plan = RunPlan(args, paths, algorithm, hparams, hparams_path, slug, ds, skipped, generation, protocol)
-    if not ds.missing:
-        finish_plan(plan, ds)
+    if args.stream_order == "file":
+        with bad_input("known facts of the preservation set", "build them with python -m dsets.make_known"):
+            plan.known = ds if args.ds_name == "counterfact" else resolve_known(args, paths, slug)
+    if plan.ready_to_split:
+        finish_plan(plan)
     return plan
 
 
-def finish_plan(plan: RunPlan, ds: EditDataset) -> None:
-    """Split the records, check --edit_times, and decide between a new and a resumed run folder."""
-    args = plan.args
+def split_plan(plan: RunPlan) -> ProtocolSplit:
+    """The run's edit stream and watched set, in the order ``--stream_order`` names."""
+    args, ds = plan.args, plan.dataset
     with bad_input("dataset", "fix the file, or choose another with --ds_name"):
         if not ds.records:
             raise ValueError(f"{ds.source_path}: no usable records for {plan.slug} (skipped: {len(plan.skipped)})")
-        plan.dataset, plan.split = ds, split_records(ds.records, args.seed, args.dataset_size_limit)
+    if args.stream_order == "shuffled":
+        return split_records(ds.records, args.seed, args.dataset_size_limit)
+    return split_in_file_order(ds.records, args.seed, args.dataset_size_limit, plan.known.records,
+                               str(plan.known.source_path), args.preservation_size, ds.kind == "counterfact")
+
+
+def finish_plan(plan: RunPlan) -> None:
+    """Split the records, check --edit_times, and decide between a new and a resumed run folder."""
+    args = plan.args
+    plan.split = split_plan(plan)
     n_stream = len(plan.split.edit_stream)
     plan.edit_times = n_stream if args.edit_times is None else args.edit_times
     if plan.edit_times > n_stream:
+        how = "split in halves" if plan.split.order == "shuffled" else f"the first {n_stream} in file order"
         raise BadInputError("flag --edit_times", f"{plan.edit_times} exceeds the {n_stream} records of the edit stream "
-                            f"({plan.split.n_known} usable records, split in halves)", f"use at most {n_stream}")
+                            f"({plan.split.n_known} usable records, {how})", f"use at most {n_stream}, or a larger "
+                            "--dataset_size_limit (a file-order stream takes that many records)")
     with protocol_flags():
         plan.protocol_settings = plan.protocol.settings(args, plan.edit_times)
     with bad_input("--continue_from_run", "name an unfinished run of this same command, or drop the flag"):
@@ -345,8 +313,13 @@ def load_checked_model(plan: RunPlan) -> tuple[Any, Any]:
         check_hparams_against_model(plan.hparams, model, source=str(plan.hparams_path))
     if plan.split is None:
         with bad_input("dataset", "fix the data files, or choose another --ds_name"):
-            ds, plan.skipped = build_known_dataset(plan.args, plan.paths, plan.slug, model, tok, plan.dataset)
-        finish_plan(plan, ds)
+            if plan.dataset.missing:
+                plan.dataset, plan.skipped = build_known_dataset(plan.args, plan.paths, plan.slug, model, tok, plan.dataset)
+            if plan.known is not None and plan.known.missing:
+                plan.known = build_known(plan.args, plan.paths, plan.slug, model, tok, plan.known)
+            if plan.args.ds_name == "counterfact" and plan.known is not None:
+                plan.known = plan.dataset
+        finish_plan(plan)
     return model, tok
 
 
