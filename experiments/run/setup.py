@@ -15,6 +15,7 @@ from typing import Any, Iterator, NamedTuple, Optional
 
 import torch
 
+from dsets.files import DataFileMissingError
 from dsets.registry import EditDataset
 from experiments.algorithms import ALGORITHMS, Algorithm, get_algorithm
 from experiments.protocols import PROTOCOLS, FlagError, Protocol, get_protocol
@@ -228,8 +229,17 @@ def check_command(args: argparse.Namespace) -> CheckedCommand:
 
 def prepare(args: argparse.Namespace) -> RunPlan:
     """Every check that needs no model: flags, algorithm, hparams, corpus, dataset, resume target."""
-    algorithm, protocol, paths, slug, hparams, hparams_path = check_command(args)
-    check_statistics_corpus(hparams, hparams_path, paths, slug, args.model_name)
+    command = check_command(args)
+    check_statistics_corpus(command.hparams, command.hparams_path, command.paths, command.slug, args.model_name)
+    plan = plan_records(args, command)
+    if plan.ready_to_split:
+        finish_plan(plan)
+    return plan
+
+
+def plan_records(args: argparse.Namespace, command: CheckedCommand) -> RunPlan:
+    """The plan with its dataset (and, for a file-order stream, the known facts it watches)."""
+    algorithm, protocol, paths, slug, hparams, hparams_path = command
     with bad_input("dataset", "fix the file, or choose another with --ds_name"):
         ds, skipped = resolve_dataset(args, paths, slug)
     generation = make_generation_tests(args, paths, metrics_for(ds.kind))
@@ -237,9 +247,25 @@ def prepare(args: argparse.Namespace) -> RunPlan:
     if args.stream_order == "file":
         with bad_input("known facts of the preservation set", "build them with python -m dsets.make_known"):
             plan.known = ds if args.ds_name == "counterfact" else resolve_known(args, paths, slug)
-    if plan.ready_to_split:
-        finish_plan(plan)
     return plan
+
+
+def check_without_model(args: argparse.Namespace) -> Optional[str]:
+    """Every check ``prepare`` makes that needs neither the model, the statistics corpus nor the
+    results folder: the command (``check_command``), the dataset, the split and --edit_times, the
+    protocol's settings. For documented commands and plans. Returns None when all of it was checked,
+    else what this machine cannot check (a dataset to download, a known subset built by the model)."""
+    command = check_command(args)
+    try:
+        plan = plan_records(args, command)
+    except BadInputError as e:
+        if isinstance(e.__cause__, DataFileMissingError):
+            return f"the dataset is not on this machine ({e.message.splitlines()[0]})"
+        raise
+    if not plan.ready_to_split:
+        return f"the known subset of {plan.slug} is built by the model on first use"
+    decide_edits(plan)
+    return None
 
 
 def split_plan(plan: RunPlan) -> ProtocolSplit:
@@ -256,6 +282,12 @@ def split_plan(plan: RunPlan) -> ProtocolSplit:
 
 def finish_plan(plan: RunPlan) -> None:
     """Split the records, check --edit_times, and decide between a new and a resumed run folder."""
+    decide_edits(plan)
+    decide_run_folder(plan)
+
+
+def decide_edits(plan: RunPlan) -> None:
+    """The split, the number of edits and the protocol's settings, checked against each other."""
     args = plan.args
     plan.split = split_plan(plan)
     n_stream = len(plan.split.edit_stream)
@@ -267,6 +299,11 @@ def finish_plan(plan: RunPlan) -> None:
                             "--dataset_size_limit (a file-order stream takes that many records)")
     with protocol_flags():
         plan.protocol_settings = plan.protocol.settings(args, plan.edit_times)
+
+
+def decide_run_folder(plan: RunPlan) -> None:
+    """A new run, the one to resume, or (``--continue_from_run auto``) nothing to do."""
+    args = plan.args
     with bad_input("--continue_from_run", "name an unfinished run of this same command, or drop the flag"):
         if args.continue_from_run == AUTO:
             plan.finished_dir, plan.resume_dir = choose_auto(plan.alg_dir, plan.config())
