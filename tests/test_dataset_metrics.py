@@ -47,7 +47,8 @@ def zsre_record() -> dict:
         "requested_rewrite": {"prompt": "{} is the capital of", "subject": "Berlin",
                               "target_new": {"str": "Japanese"}, "target_true": {"str": "Germany"}},
         "paraphrase_prompts": ["Berlin is a capital city in"],
-        "neighborhood_prompts": [{"prompt": "nq question: who founded microsoft?", "target": "Paris France"}],
+        # the target is the exact text after the prompt (dsets/zsre.py writes " " + loc_ans)
+        "neighborhood_prompts": [{"prompt": "nq question: who founded microsoft?", "target": " Paris France"}],
     }
 
 

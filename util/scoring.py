@@ -16,9 +16,23 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 
+class Continuation(str):
+    """A target scored exactly as written: no leading space is added.
+
+    An answer ("Paris") follows its prompt after a space, which ``target_ids`` adds, as ROME does.
+    ROME's zsRE neighbourhood pairs instead hold the exact text that follows the prompt: the decoded
+    next token of the answer, which may continue a word (prompt "...? L", target "ec" of
+    " Lecanorales"); with a space added it would be another token (SmolLM2: " ec" is 2948, the
+    answer's token is 1159). ROME compares against ``tok(target)`` as written.
+    """
+
+    __slots__ = ()
+
+
 def target_ids(tok: PreTrainedTokenizerBase, target: str) -> list[int]:
-    """Token ids of a target string, which always carries one leading space (as in ROME)."""
-    text = target if target.startswith(" ") else " " + target
+    """Token ids of a target string: an answer gets one leading space (as in ROME) unless it has
+    one; a ``Continuation`` is tokenized as written."""
+    text = target if isinstance(target, Continuation) or target.startswith(" ") else " " + target
     ids = tok(text, add_special_tokens=False)["input_ids"]
     if not ids:
         raise ValueError(f"target {target!r} tokenizes to nothing")
@@ -89,7 +103,7 @@ def score_targets(
     targets: Sequence[str],
     batch_size: int = 32,
 ) -> list[TargetScore]:
-    """Score each (prompt, target) pair; targets get a leading space."""
+    """Score each (prompt, target) pair; targets get a leading space (``Continuation`` targets do not)."""
     if len(prompts) != len(targets):
         raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
     device = model_device(model)

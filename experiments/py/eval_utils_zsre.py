@@ -2,7 +2,8 @@
 
 For the rewrite prompt and each paraphrase: for every token i of " target_new", whether the argmax
 after prompt + target[:i] is target[i] (teacher forced); the neighbourhood prompt (an NQ question
-followed by "?") is checked the same way against its answer ``loc_ans``. Each ``*_prompts_correct``
+followed by "?") is checked the same way against its target, the exact text that follows it
+(" " + ``loc_ans``, or one token of it in ROME's token-by-token pairs). Each ``*_prompts_correct``
 is the flat list of those token verdicts, so its mean is ROME's token-by-token accuracy.
 
 One difference from ROME's code: ROME re-tokenizes ``prompt + decode(target[:i])`` for every i;
@@ -16,12 +17,13 @@ from typing import Any, Optional
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from util.scoring import score_targets
+from util.scoring import Continuation, score_targets
 
 
 def neighborhood_pairs(record: dict) -> list[tuple[str, str]]:
-    """(prompt, answer) of each neighbourhood entry: ``{"prompt": ..., "target": ...}`` dicts."""
-    return [(n["prompt"], n["target"]) for n in record.get("neighborhood_prompts") or []]
+    """(prompt, continuation) of each neighbourhood entry (``{"prompt": ..., "target": ...}``). The
+    target is the exact text after the prompt, scored as written, as ROME does (dsets/zsre.py)."""
+    return [(n["prompt"], Continuation(n["target"])) for n in record.get("neighborhood_prompts") or []]
 
 
 def compute_rewrite_quality_zsre(
