@@ -21,6 +21,7 @@ from torch import nn
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from dsets.registry import EditDataset
 from editing.editor import Editor, EditOutcome, update_norms
 from experiments.protocols.split import ProtocolSplit, retention_prompt
 from experiments.py.dataset_metrics import DatasetMetrics
@@ -110,7 +111,7 @@ class UneditedAnswers:
             self.neighborhood[str(record["case_id"])] = argmax_answers(ctx.model, ctx.tok, ctx.metrics.neighborhood_pairs(record))
         LOG.info("unedited answers: %d edited records' neighbourhood prompts, %d watched records",
                  len(records), len(self.watched))
-        answers = argmax_answers(ctx.model, ctx.tok, [retention_prompt(r) for r in self.watched])
+        answers = argmax_answers(ctx.model, ctx.tok, [retention_prompt(r, ctx.split.watched_answer) for r in self.watched])
         self.retention = {str(r["case_id"]): a for r, a in zip(self.watched, answers)}
         write_json_atomic(self.path, {"neighborhood": self.neighborhood, "retention": self.retention})
 
@@ -122,7 +123,8 @@ class UneditedAnswers:
 
     def retention_unchanged(self, records: Sequence[dict]) -> int:
         """How many of ``records`` (watched ones) the current model answers as the unedited one did."""
-        now = argmax_answers(self.ctx.model, self.ctx.tok, [retention_prompt(r) for r in records])
+        answer = self.ctx.split.watched_answer
+        now = argmax_answers(self.ctx.model, self.ctx.tok, [retention_prompt(r, answer) for r in records])
         return sum(list(a) == self.retention[str(r["case_id"])] for r, a in zip(records, now))
 
 
@@ -143,6 +145,10 @@ class Protocol:
     def check_arguments(cls, args: argparse.Namespace, batch_edits: bool) -> None:
         """Checks that need only the command (``batch_edits``: whether the editor takes batches);
         raise ``FlagError``."""
+
+    @classmethod
+    def check_dataset(cls, dataset: EditDataset) -> None:
+        """Checks of the dataset this protocol would run on (``FlagError``)."""
 
     @classmethod
     def settings(cls, args: argparse.Namespace, edit_times: int) -> dict:

@@ -19,8 +19,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dsets.registry import EditDataset
 from editing.requests import record_request
-from experiments.protocols.base import Protocol, RunContext, UneditedAnswers
+from experiments.protocols.base import FlagError, Protocol, RunContext, UneditedAnswers
 from experiments.protocols.split import count_retained, retention_checkpoints
 from experiments.py.numerics import check_metrics
 from experiments.store.run_types import (
@@ -56,6 +57,13 @@ def locality_file_name(n: int) -> str:
 class RollbackProtocol(Protocol):
     name = "rollback"
     description = "the WilKE paper's: edit, evaluate, roll back; one record at a time"
+
+    @classmethod
+    def check_dataset(cls, dataset: EditDataset) -> None:
+        if not dataset.target_true_is_answer:  # ROME's zsRE: target_true is a placeholder, nothing to return to
+            raise FlagError("--protocol rollback", f"{dataset.source_path.name}: its records' target_true is a "
+                            "placeholder, not an answer the model gave, so an edit cannot be rolled back to it",
+                            "use --protocol sequential (or immediate), or --ds_name zsre_mend (MEND's targets)")
 
     def __init__(self, ctx: RunContext, settings: dict | None = None):
         super().__init__(ctx, settings)
@@ -118,7 +126,7 @@ class RollbackProtocol(Protocol):
             "edit_index": n,
             "edit_retention": count_retained(ctx.model, ctx.tok, edited),
             "edit_retention_len": len(edited),
-            "orig_retention": count_retained(ctx.model, ctx.tok, ctx.split.orig_retention),
+            "orig_retention": count_retained(ctx.model, ctx.tok, ctx.split.orig_retention, ctx.split.watched_answer),
             "orig_retention_len": len(ctx.split.orig_retention),
             # the names the WilKE paper's notebooks read (tests/test_protocols.py: NOTEBOOK_KEYS)
             "edit_length": len(edited),

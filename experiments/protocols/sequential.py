@@ -169,7 +169,7 @@ class SequentialProtocol(Protocol):
     def preservation(self) -> dict[str, int]:
         """How the untouched original-retention records fare on the current model."""
         ctx, kept = self.ctx, self.ctx.split.orig_retention
-        return {"retained": count_retained(ctx.model, ctx.tok, kept),
+        return {"retained": count_retained(ctx.model, ctx.tok, kept, ctx.split.watched_answer),
                 "unchanged": self.unedited.retention_unchanged(kept), "n_records": len(kept)}
 
     def evaluate(self, n: int) -> None:

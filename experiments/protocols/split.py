@@ -34,6 +34,9 @@ class ProtocolSplit:
     orig_retention: list[dict]
     order: str = "shuffled"
     preservation_source: Optional[str] = None  # file order: the known subset the watched facts come from
+    # the field holding a watched record's true answer: target_true, except for ROME's zsRE records,
+    # whose target_new is the true answer and target_true a placeholder
+    watched_answer: str = "target_true"
 
     def sizes(self) -> dict:
         sizes = {
@@ -45,10 +48,13 @@ class ProtocolSplit:
         }
         if self.preservation_source is not None:
             sizes["preservation_source"] = self.preservation_source
+        if self.watched_answer != "target_true":
+            sizes["watched_answer"] = self.watched_answer
         return sizes
 
 
-def split_records(records: Sequence[dict], seed: int, size_limit: int | None) -> ProtocolSplit:
+def split_records(records: Sequence[dict], seed: int, size_limit: int | None,
+                  watched_answer: str = "target_true") -> ProtocolSplit:
     """The WilKE reference's split: the first ``size_limit`` records in file order (it always takes
     2,048), shuffled as ``random.seed(seed); random.shuffle(...)`` does (a private RNG here, the same
     permutation), then halved. Cutting first means the edit stream does not depend on how many more
@@ -56,7 +62,7 @@ def split_records(records: Sequence[dict], seed: int, size_limit: int | None) ->
     shuffled = list(records if size_limit is None else records[:size_limit])
     random.Random(seed).shuffle(shuffled)
     half = (len(shuffled) + 1) // 2
-    return ProtocolSplit(seed, len(records), shuffled[:half], shuffled[half:])
+    return ProtocolSplit(seed, len(records), shuffled[:half], shuffled[half:], watched_answer=watched_answer)
 
 
 def split_in_file_order(records: Sequence[dict], seed: int, size_limit: int | None, known: Sequence[dict],
@@ -80,15 +86,16 @@ def retention_checkpoints(edit_times: int) -> list[int]:
     return sorted(set(powers_of_two(edit_times)) | set(range(50, edit_times + 1, 50)))
 
 
-def retention_prompt(record: dict) -> tuple[str, str]:
-    """The record's filled prompt and the answer it had before editing (target_true)."""
+def retention_prompt(record: dict, answer: str = "target_true") -> tuple[str, str]:
+    """The record's filled prompt and its true answer before editing (``answer`` names the field)."""
     rw = record["requested_rewrite"]
-    return rw["prompt"].format(rw["subject"]), rw["target_true"]["str"]
+    return rw["prompt"].format(rw["subject"]), rw[answer]["str"]
 
 
-def count_retained(model: nn.Module, tok: PreTrainedTokenizerBase, records: Sequence[dict]) -> int:
-    """How many records' prompts the model still completes greedily with target_true."""
+def count_retained(model: nn.Module, tok: PreTrainedTokenizerBase, records: Sequence[dict],
+                   answer: str = "target_true") -> int:
+    """How many records' prompts the model still completes greedily with their true answer."""
     if not records:
         return 0
-    prompts, targets = zip(*(retention_prompt(r) for r in records))
+    prompts, targets = zip(*(retention_prompt(r, answer) for r in records))
     return sum(s.correct for s in score_targets(model, tok, list(prompts), list(targets)))

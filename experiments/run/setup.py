@@ -243,6 +243,8 @@ def plan_records(args: argparse.Namespace, command: CheckedCommand) -> RunPlan:
     with bad_input("dataset", "fix the file, or choose another with --ds_name"):
         ds, skipped = resolve_dataset(args, paths, slug)
     generation = make_generation_tests(args, paths, metrics_for(ds.kind))
+    with protocol_flags():
+        protocol.check_dataset(ds)
     plan = RunPlan(args, paths, algorithm, hparams, hparams_path, slug, ds, skipped, generation, protocol)
     if args.stream_order == "file":
         with bad_input("known facts of the preservation set", "build them with python -m dsets.make_known"):
@@ -275,7 +277,8 @@ def split_plan(plan: RunPlan) -> ProtocolSplit:
         if not ds.records:
             raise ValueError(f"{ds.source_path}: no usable records for {plan.slug} (skipped: {len(plan.skipped)})")
     if args.stream_order == "shuffled":
-        return split_records(ds.records, args.seed, args.dataset_size_limit)
+        answer = "target_true" if ds.target_true_is_answer else "target_new"
+        return split_records(ds.records, args.seed, args.dataset_size_limit, answer)
     return split_in_file_order(ds.records, args.seed, args.dataset_size_limit, plan.known.records,
                                str(plan.known.source_path), args.preservation_size, ds.kind == "counterfact")
 
