@@ -296,7 +296,11 @@ def run_as_printed(command: str) -> str | None:
         from experiments.run.setup import check_without_model
 
         return check_without_model(parse_args(argv))
+    if module == "pytest":
+        return "the test command itself"
     cli = importlib.import_module(module)
+    if not hasattr(cli, "parse_args") and hasattr(cli, "__path__"):  # a package run through its __main__
+        cli = importlib.import_module(f"{module}.cli")
     if hasattr(cli, "parse_args"):
         cli.parse_args(argv)
         return None

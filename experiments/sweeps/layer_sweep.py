@@ -70,7 +70,7 @@ def sweep(model, tok, records, hparams: ROMEHyperParams, layers: Sequence[int], 
     return table
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict:
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m experiments.sweeps.layer_sweep", description=__doc__.split("\n")[0])
     p.add_argument("--model_name", default="smollm2-135m")
     p.add_argument("--hparams_fname", default=None, help="ROME hparams (default hparams/ROME/<model>.json)")
@@ -78,7 +78,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     p.add_argument("--n_records", type=int, default=4)
     p.add_argument("--seed", type=int, default=9)
     p.add_argument("--out", default=None)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     LOG.setLevel(logging.INFO)  # this sweep's per-layer progress; other modules stay quiet
     from dsets.make_known import build_known_subset

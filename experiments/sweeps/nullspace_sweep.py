@@ -86,7 +86,7 @@ def format_table(table: dict[int, dict]) -> list[str]:
     return lines
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict:
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m experiments.sweeps.nullspace_sweep", description=__doc__.split("\n")[0])
     p.add_argument("--model_name", default="smollm2-135m")
     p.add_argument("--hparams_fname", default=None, help="AlphaEdit hparams (default hparams/AlphaEdit/<model>.json)")
@@ -99,7 +99,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     p.add_argument("--stats_dir", default=None)
     p.add_argument("--data_dir", default=None)
     p.add_argument("--out", default=None)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     LOG.setLevel(logging.INFO)
     from dsets.registry import resolve_edit_dataset
