@@ -65,7 +65,7 @@ def cli(results, tmp_path_factory):
 
 
 # ------------------------------------------------------------------------------------------------
-# The reference computation, written straight from ALGORITHMS.md against the raw JSON files.
+# The reference computation, written straight from the metric definitions (experiments/summary/metrics.py's docstring, the WilKE paper's notebooks) against the raw JSON files.
 
 
 def direct_scores(run_dir: Path, n: int) -> dict[str, float]:

@@ -1,4 +1,5 @@
-"""CounterFact metrics of one record on the current model (ALGORITHMS.md, 'Per-edit metrics').
+"""CounterFact metrics of one record on the current model (ROME's ``compute_rewrite_quality_counterfact``,
+kmeng01/rome ``experiments/py/eval_utils_counterfact.py``, and the WilKE paper's greedy correctness).
 
 For the rewrite, paraphrase and neighborhood prompts: the mean NLL of " target_new" and of
 " target_true" (ROME calls these ``*_probs``), and ``*_correct``: whether greedy decoding

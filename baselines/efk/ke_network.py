@@ -78,7 +78,7 @@ def conditioner_key(name: str) -> str:
     return f"{name}_conditioner".replace(".", "_")
 
 
-class KEEditor(nn.Module):
+class KENetwork(nn.Module):
     kind = "KE"
 
     def __init__(self, params: Sequence[InnerParam], hparams: KEHyperParams, vocab_size: int,

@@ -27,7 +27,7 @@ def param_key(p: InnerParam) -> str:
     return p.name.replace(".", "#")
 
 
-class MendEditor(nn.Module):
+class MendNetwork(nn.Module):
     kind = "MEND"
 
     def __init__(self, params: Sequence[InnerParam], hparams: MENDHyperParams):
