@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from tqdm import tqdm
+
 from editing.requests import normalise_request, record_request
 from wilke.wilke_hparams import WilKEHyperParams
 from wilke.wilke_main import adaptabilities, approximate_choice, choose_layer, scan_layers
@@ -82,7 +84,7 @@ def bench_approximate(model, tok, wh, records, fresh_resources, store: Optional[
     res = fresh_resources()
     approx_hp = wh.replace(scan="approximate")
     entries, reused = [], 0
-    for i, record in enumerate(records):
+    for i, record in enumerate(tqdm(records, desc="exact vs approximate scan", unit="edit")):
         request = normalise_request(record_request(record))
         entry = store.get(request.get("case_id")) if store else None
         if i % shard[1] != shard[0]:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+from tqdm import tqdm
 
 from editing.requests import record_request
 from editing.resources import EditResources
@@ -53,10 +54,10 @@ def sweep(model, tok, records, hparams: ROMEHyperParams, layers: Sequence[int], 
     if hparams.mom2_adjustment:  # every swept layer's statistics in one corpus pass, not one pass each
         resources.covariances(model, tok, hparams, [hparams.rewrite_module_tmp.format(layer) for layer in layers])
     table = {}
-    for layer in layers:
+    for layer in tqdm(layers, desc="layer sweep", unit="layer"):
         hp = hparams.replace(layers=[layer])
         rows, seconds, la = [], [], []
-        for record in records:
+        for record in tqdm(records, desc=f"layer {layer}", unit="edit", leave=False):
             start = time.perf_counter()
             _, orig = apply_rome_to_model(model, tok, [record_request(record)], hp, return_orig_weights=True, resources=resources)
             seconds.append(time.perf_counter() - start)

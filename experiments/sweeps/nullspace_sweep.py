@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
+from tqdm import tqdm
 
 from alphaedit import AlphaEditHyperParams
 from alphaedit.projection import spectrum
@@ -67,7 +68,7 @@ def sweep(model, tok, requests: Sequence[dict], hparams: AlphaEditHyperParams, t
                              hparams.context_template_prompts)
     edits = [normalise_request(r) for r in requests]
     table = {}
-    for layer, name in zip(hparams.layers, names):
+    for layer, name in tqdm(list(zip(hparams.layers, names)), desc="null-space sweep", unit="layer"):
         keys = compute_keys(model, tok, edits, groups, name, hparams.fact_token)
         table[layer] = layer_row(covariances[name].matrix, keys, thresholds)
         shares = ", ".join(f"{t} {v['share_kept']:.2f}" for t, v in table[layer]["by_threshold"].items())
