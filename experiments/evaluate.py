@@ -69,13 +69,34 @@ def _parser(protocol: str, every_protocol: bool) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m experiments.evaluate", description=__doc__.split("\n")[0],
                                 parents=[_protocol_arg()])
     _common_arguments(p)
-    chosen = [PROTOCOLS[protocol]] if protocol in PROTOCOLS else []
-    groups: dict[Any, list[str]] = {}  # protocols sharing one add_arguments (immediate inherits sequential's)
-    for name, cls in PROTOCOLS.items() if every_protocol else ((c.name, c) for c in chosen):
-        groups.setdefault(cls.add_arguments.__func__, []).append(name)
-    for names in groups.values():
-        PROTOCOLS[names[0]].add_arguments(p.add_argument_group(f"--protocol {' / '.join(names)}"))
+    chosen = {protocol: PROTOCOLS[protocol]} if protocol in PROTOCOLS else {}
+    _ProtocolGroups(p, PROTOCOLS if every_protocol else chosen).add_all()
     return p
+
+
+class _ProtocolGroups:
+    """Each protocol's flags in a help group titled by the protocols that have them (a flag that
+    several protocols share, such as --num_edits, is added once)."""
+
+    def __init__(self, parser: argparse.ArgumentParser, protocols: dict[str, type]):
+        self.parser, self.protocols = parser, protocols
+        self.owners = {flag: [n for n, c in protocols.items() if flag in _flags_of(c)]
+                       for c in protocols.values() for flag in _flags_of(c)}
+        self.groups: dict[tuple[str, ...], Any] = {}
+        self.added: set[str] = set()
+
+    def add_all(self) -> None:
+        for cls in self.protocols.values():
+            cls.add_arguments(self)
+
+    def add_argument(self, *names: str, **kwargs: Any) -> None:
+        if any(n in self.added for n in names):
+            return
+        owners = tuple(self.owners[names[0]])
+        if owners not in self.groups:
+            self.groups[owners] = self.parser.add_argument_group(f"--protocol {' / '.join(owners)}")
+        self.groups[owners].add_argument(*names, **kwargs)
+        self.added.update(names)
 
 
 def _flags_of(cls: type) -> set[str]:

@@ -326,3 +326,65 @@ def test_a_protocol_from_one_module_runs_end_to_end_and_is_summarised(tmp_path):
         assert summary.rows[1]["ES_mean"] == pytest.approx(sum(probe) / 4)
     finally:
         PROTOCOLS.pop(ProbeProtocol.name, None)
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation that scales: many records per scoring pass, and a seeded sample at intermediate checkpoints
+
+
+def test_batched_evaluation_equals_one_record_at_a_time(tmp_path):
+    """experiments.py.dataset_metrics.evaluate_records over many records writes what rewrite_quality
+    and unchanged-prediction locality give one record at a time: every verdict and argmax exactly,
+    NLLs to float rounding (a row's batch changes the last bits)."""
+    from experiments.py.dataset_metrics import evaluate_records, metrics_for
+    from experiments.py.locality import argmax_answers, unchanged
+
+    torch.manual_seed(0)
+    model, tok = make_model("llama", n_layer=2, seed=3), make_tokenizer()
+    metrics, records = metrics_for("counterfact"), sixteen_records()
+    unedited = [argmax_answers(model, tok, metrics.neighborhood_pairs(r)) for r in records]
+    for answers in unedited[::2]:
+        answers[0] = [-1] * len(answers[0])  # another "unedited" answer: that prompt counts as changed
+    batched = evaluate_records(model, tok, metrics, records, unedited, batch_size=7)
+    for record, reference, post in zip(records, unedited, batched):
+        alone = metrics.rewrite_quality(model, tok, record, None)
+        alone.update(unchanged(reference, argmax_answers(model, tok, metrics.neighborhood_pairs(record))))
+        assert same_results(post, alone, str(record["case_id"])) == []
+        for kind in ("rewrite", "paraphrase", "neighborhood"):
+            for a, b in zip(post[f"{kind}_prompts_probs"], alone[f"{kind}_prompts_probs"]):
+                assert a["target_new"] == pytest.approx(b["target_new"], rel=1e-5)
+    assert any(not all(p["neighborhood_prompts_unchanged"]) for p in batched)  # the locality check can fail
+
+
+def test_eval_sample_evaluates_the_same_seeded_records_after_a_resume(tmp_path, monkeypatch):
+    register()
+    world, hp = toy_world(tmp_path)
+    args = lambda name: toy_args(world, hp, name) + ["--eval_sample=3", "--eval_checkpoints=4,6,8"]  # noqa: E731
+    assert cli(args("whole")) == 0
+    whole = result_files(world.results_dir / "whole" / "run_000")
+    assert [len(whole[f"evaluation_after_edit_{n}.json"]["records"]) for n in (4, 6, 8)] == [3, 3, 8]
+    picked = [r["edit_index"] for r in whole["evaluation_after_edit_6.json"]["records"]]
+    assert len(set(picked)) == 3 and set(picked) <= set(range(1, 7))
+    meta = json.loads((world.results_dir / "whole" / "run_000" / "run.json").read_text())
+    assert meta["eval_sample"] == 3 and meta["config"]["eval_sample"] == 3
+
+    real_edit = ToyEditor.edit
+
+    def edit_then_sigterm(editor, requests):
+        outcome = real_edit(editor, requests)
+        if int(editor.count) == 6:  # after batch 3: evaluation 6 not written yet
+            os.kill(os.getpid(), signal.SIGTERM)
+        return outcome
+
+    monkeypatch.setattr(ToyEditor, "edit", edit_then_sigterm)
+    assert cli(args("resumed")) == 128 + signal.SIGTERM
+    monkeypatch.setattr(ToyEditor, "edit", real_edit)
+    assert cli(args("resumed") + ["--continue_from_run=run_000"]) == 0
+    assert result_files(world.results_dir / "resumed" / "run_000") == whole
+
+    from experiments.summary.metrics import summarize
+    from experiments.summary.runs import load_runs
+
+    assert [r["checkpoint"] for r in summarize(load_runs(world.results_dir, ["whole"])).rows] == [4, 6, 8]
+    assert cli(world.cli_args("Toy", hp, protocol="sequential", num_edits=2, edit_times=8, eval_sample=9)) == 2
+    assert cli(world.cli_args("Toy", hp, protocol="sequential", num_edits=2, edit_times=8, eval_sample=-1)) == 2

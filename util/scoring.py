@@ -137,3 +137,22 @@ def score_targets(
                                        token_correct=ok, argmax=tuple(argmax[offset : offset + n])))
             offset += n
     return results
+
+
+def score_pairs(
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    pairs: Sequence[tuple[str, str]],
+    batch_size: int = 64,
+) -> list[TargetScore]:
+    """``score_targets`` over many (prompt, target) pairs, e.g. many records' at once: each distinct
+    pair is scored once, in batches of similar length (less padding), and the scores come back in
+    the order of ``pairs``. Equal to scoring them one group at a time up to float rounding (a row's
+    numbers can move in the last bits with the batch it shares)."""
+    unique = list(dict.fromkeys((p, t, isinstance(t, Continuation)) for p, t in pairs))
+    order = sorted(range(len(unique)), key=lambda i: len(unique[i][0]) + len(unique[i][1]))
+    prompts = [unique[i][0] for i in order]
+    targets = [Continuation(unique[i][1]) if unique[i][2] else unique[i][1] for i in order]
+    scored = score_targets(model, tok, prompts, targets, batch_size) if order else []
+    by_pair = {unique[i]: score for i, score in zip(order, scored)}
+    return [by_pair[(p, t, isinstance(t, Continuation))] for p, t in pairs]

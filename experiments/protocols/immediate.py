@@ -12,6 +12,7 @@ which. Summarised at checkpoint n: records 1..n as each was read right after its
 """
 from __future__ import annotations
 
+import argparse
 import re
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ from pathlib import Path
 from editing.requests import record_request
 from experiments.protocols.sequential import (
     SequentialProtocol,
+    add_batch_arguments,
     batch_file_name,
     last_checked,
     read_batches,
@@ -46,6 +48,10 @@ class ImmediateProtocol(SequentialProtocol):
     name = "immediate"
     description = "EasyEdit's (since 2026-06): edits in a row, in batches; each request evaluated right after its own edit"
 
+    @classmethod
+    def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
+        add_batch_arguments(group)
+
     def step(self, b: int) -> None:
         ctx = self.ctx
         first, last = self.batches[b - 1]
@@ -54,7 +60,7 @@ class ImmediateProtocol(SequentialProtocol):
         _, info = ctx.edit(lambda: ctx.editor.edit(requests), "edit")
         start = time.perf_counter()
         with ctx.editor.for_evaluation():
-            rows = self.evaluate_records(records, first, f"evaluation of batch {b}")
+            rows = self.evaluate_edited(records, range(first, last + 1), f"evaluation of batch {b}")
             eval_seconds = time.perf_counter() - start
             if last in self.eval_points:
                 ctx.write(preservation_file_name(last), {"edit_index": last, "preservation": self.preservation()})

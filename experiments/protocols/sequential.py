@@ -17,6 +17,7 @@ of the untouched records still answered with target_true, PU = share answered as
 from __future__ import annotations
 
 import argparse
+import random
 import re
 import time
 from pathlib import Path
@@ -27,6 +28,7 @@ from tqdm import tqdm
 from editing.requests import record_request
 from experiments.protocols.base import FlagError, Protocol, RunContext, UneditedAnswers
 from experiments.protocols.split import count_retained, powers_of_two
+from experiments.py.dataset_metrics import evaluate_records
 from experiments.py.numerics import check_metrics
 from experiments.store.run_types import (
     Checkpoint,
@@ -41,6 +43,7 @@ from experiments.store.run_types import (
     refuse_partial,
 )
 
+EVAL_CHUNK = 16  # records per scoring pass of an evaluation (their prompts share length-sorted batches)
 BATCH_FILE_RE = re.compile(r"^batch_(\d+)\.json$")
 EVALUATION_FILE_RE = re.compile(r"^evaluation_after_edit_(\d+)\.json$")
 PRESERVATION_FIELDS = ("retained", "unchanged", "n_records")
@@ -59,6 +62,23 @@ def edit_counts(text: str) -> list[int]:
         return sorted({int(t) for t in text.split(",") if t.strip()})
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated edit counts, got {text!r}") from None
+
+
+def add_batch_arguments(group: argparse._ArgumentGroup) -> None:
+    """The flags of every protocol that edits the stream in batches, never rolled back."""
+    group.add_argument("--num_edits", type=int, default=1, help="records per editor call (a batch)")
+    group.add_argument("--eval_checkpoints", type=edit_counts, default=None,
+                       help="edit counts after which records are evaluated (immediate: preservation only), "
+                       "comma-separated (default: powers of two that end a batch, and the last edit)")
+
+
+def eval_sample(n: int, size: Optional[int], seed: int, final: bool) -> list[int]:
+    """Which of records 1..n a checkpoint evaluates: all of them at the last checkpoint or without a
+    sample size, else a sample of ``size`` drawn by a generator seeded with (run seed, n), so a
+    resumed run evaluates the same records."""
+    if size is None or final or size >= n:
+        return list(range(1, n + 1))
+    return sorted(random.Random(f"eval_sample:{seed}:{n}").sample(range(1, n + 1), size))
 
 
 def default_eval_checkpoints(edit_times: int, num_edits: int) -> list[int]:
@@ -84,10 +104,10 @@ class SequentialProtocol(Protocol):
 
     @classmethod
     def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
-        group.add_argument("--num_edits", type=int, default=1, help="records per editor call (a batch)")
-        group.add_argument("--eval_checkpoints", type=edit_counts, default=None,
-                           help="edit counts after which all edited records are evaluated, comma-separated "
-                           "(default: powers of two that end a batch, and the last edit)")
+        add_batch_arguments(group)
+        group.add_argument("--eval_sample", type=int, default=None,
+                           help="evaluate a fixed, seeded sample of this many of the records edited so far at each "
+                           "checkpoint but the last (all records at the last); default: all records at every checkpoint")
 
     @classmethod
     def check_arguments(cls, args: argparse.Namespace, batch_edits: bool) -> None:
@@ -99,8 +119,13 @@ class SequentialProtocol(Protocol):
 
     @classmethod
     def settings(cls, args: argparse.Namespace, edit_times: int) -> dict:
+        sample = getattr(args, "eval_sample", None)
+        if sample is not None and not 1 <= sample <= edit_times:
+            raise FlagError("--eval_sample", f"is {sample}, outside 1..{edit_times} (the records edited)",
+                            "give a sample size between 1 and --edit_times, or drop the flag to evaluate every record")
         points = args.eval_checkpoints or default_eval_checkpoints(edit_times, args.num_edits)
-        return {"num_edits": args.num_edits, "eval_checkpoints": check_eval_checkpoints(points, edit_times, args.num_edits)}
+        settings = {"num_edits": args.num_edits, "eval_checkpoints": check_eval_checkpoints(points, edit_times, args.num_edits)}
+        return settings if sample is None else {**settings, "eval_sample": sample}
 
     def __init__(self, ctx: RunContext, settings: Optional[dict] = None):
         settings = settings if settings is not None else {"num_edits": 1, "eval_checkpoints": None}
@@ -135,8 +160,11 @@ class SequentialProtocol(Protocol):
         return self.n_steps + 1
 
     def run_fields(self) -> dict:
-        return {"protocol": self.name, "rollback": False, "num_edits": self.num_edits,
-                "eval_checkpoints": self.eval_points, "n_batches": self.n_steps}
+        fields = {"protocol": self.name, "rollback": False, "num_edits": self.num_edits,
+                  "eval_checkpoints": self.eval_points, "n_batches": self.n_steps}
+        if self.settings.get("eval_sample") is not None:
+            fields["eval_sample"] = self.settings["eval_sample"]
+        return fields
 
     def step(self, b: int) -> None:
         ctx = self.ctx
@@ -156,14 +184,22 @@ class SequentialProtocol(Protocol):
             with ctx.editor.for_evaluation():
                 self.evaluate(last)
 
-    def evaluate_records(self, records: Sequence[dict], first_index: int, desc: str) -> list[dict]:
-        """Each record's metrics and unchanged-prediction locality on the current model."""
+    def evaluate_edited(self, records: Sequence[dict], indices: Sequence[int], desc: str) -> list[dict]:
+        """Each record's metrics and unchanged-prediction locality on the current model, many records
+        per scoring pass (``evaluate_records`` of experiments/py/dataset_metrics.py); ``indices``: their
+        places in the edit stream (which records get generation tests)."""
         ctx, rows = self.ctx, []
-        for k, record in enumerate(tqdm(records, desc=desc, unit="record", leave=False), start=first_index):
-            post = ctx.metrics.rewrite_quality(ctx.model, ctx.tok, record, ctx.generation_for(k))
-            check_metrics(post, "evaluation")
-            post.update(self.unedited.locality(record))
-            rows.append({"case_id": record["case_id"], "edit_index": k, "post": post})
+        chunks = [range(i, min(i + EVAL_CHUNK, len(records))) for i in range(0, len(records), EVAL_CHUNK)]
+        for chunk in tqdm(chunks, desc=desc, unit=f"{EVAL_CHUNK} records", leave=False, disable=len(chunks) < 2):
+            part = [records[i] for i in chunk]
+            unedited = [self.unedited.neighborhood[str(r["case_id"])] for r in part]
+            posts = evaluate_records(ctx.model, ctx.tok, ctx.metrics, part, unedited)
+            for i, record, post in zip(chunk, part, posts):
+                generation = ctx.generation_for(indices[i])
+                if generation is not None:
+                    post.update(generation(ctx.model, ctx.tok, record))
+                check_metrics(post, "evaluation")
+                rows.append({"case_id": record["case_id"], "edit_index": indices[i], "post": post})
         return rows
 
     def preservation(self) -> dict[str, int]:
@@ -173,9 +209,11 @@ class SequentialProtocol(Protocol):
                 "unchanged": self.unedited.retention_unchanged(kept), "n_records": len(kept)}
 
     def evaluate(self, n: int) -> None:
-        """Every record edited so far, and the untouched half, on the current model."""
+        """Every record edited so far (or the seeded sample of them), and the untouched half."""
         start = time.perf_counter()
-        rows = self.evaluate_records(self.ctx.split.edit_stream[:n], 1, f"evaluation after {n} edits")
+        indices = eval_sample(n, self.settings.get("eval_sample"), self.ctx.split.seed, final=n == self.ctx.edit_times)
+        records = [self.ctx.split.edit_stream[k - 1] for k in indices]
+        rows = self.evaluate_edited(records, indices, f"evaluation after {n} edits")
         self.ctx.write(evaluation_file_name(n), {
             "edit_index": n,
             "records": rows,
@@ -196,7 +234,8 @@ class SequentialProtocol(Protocol):
                                  last_checked(ends, unfinished), "evaluation_after_edit_{n}.json")
         if not found and not unfinished:
             raise RunFolderError("no evaluation_after_edit_*.json files")
-        checkpoints = {n: _read_evaluation(f, n) for n, f in found.items()}
+        sample, last = meta.get("eval_sample"), meta.get("edit_times")
+        checkpoints = {n: _read_evaluation(f, n, sample, n == last) for n, f in found.items()}
         return RunContent(steps, ends, checkpoints, partial=unfinished is not None)
 
 
@@ -231,11 +270,12 @@ def read_preservation(obj: Any, where: str) -> dict[str, float]:
     return {"PS": obj["retained"] / n, "PU": obj["unchanged"] / n} if n else {}
 
 
-def _read_evaluation(path: Path, n: int) -> Checkpoint:
+def _read_evaluation(path: Path, n: int, sample: Optional[int], final: bool) -> Checkpoint:
     obj = read_object(path)
     records = obj.get("records")
-    if not isinstance(records, list) or len(records) != n:
-        raise RunFolderError(f"{path.name}: expected {n} evaluated records, found "
+    expected = n if sample is None or final else min(sample, n)
+    if not isinstance(records, list) or len(records) != expected:
+        raise RunFolderError(f"{path.name}: expected {expected} evaluated records, found "
                              f"{len(records) if isinstance(records, list) else 'none'}")
     posts = tuple(check_post(r.get("post") if isinstance(r, dict) else None, f"{path.name}: record {i}")
                   for i, r in enumerate(records))
