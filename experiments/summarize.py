@@ -73,7 +73,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def table_columns(summary: Summary) -> list[str]:
     metrics = summary.present_metrics()
-    return ["algorithm", "checkpoint", "n_runs", "runs"] + [f"{m}_{s}" for m in metrics for s in ("mean", "std")]
+    return ["algorithm", "checkpoint", "n_runs", "runs", "evaluated"] + [f"{m}_{s}" for m in metrics for s in ("mean", "std")]
 
 
 def _plain(value: Any) -> Any:
@@ -105,13 +105,19 @@ def summary_json(summary: Summary, results_dir: Path) -> dict[str, Any]:
     }
 
 
+def checkpoint_cell(row: dict[str, Any]) -> str:
+    """n, and how many records a sampled checkpoint averaged over (``--eval_sample``)."""
+    n, evaluated = row["checkpoint"], row.get("evaluated", row["checkpoint"])
+    return str(n) if evaluated >= n else f"{n} ({evaluated} sampled)"
+
+
 def format_table(summary: Summary, digits: int = 3) -> str:
     """The table as aligned text, each cell 'mean±std'."""
     metrics = summary.present_metrics()
     header = ["algorithm", "n", "runs", *metrics]
     lines = [header]
     for row in summary.rows:
-        cells = [row["algorithm"], str(row["checkpoint"]), str(row["n_runs"])]
+        cells = [row["algorithm"], checkpoint_cell(row), str(row["n_runs"])]
         for m in metrics:
             mean, std = _plain(row[f"{m}_mean"]), _plain(row[f"{m}_std"])
             cells.append("-" if mean is None else f"{mean:.{digits}f}±{std:.{digits}f}")
@@ -134,7 +140,7 @@ def format_markdown(summary: Summary, metrics: Optional[Sequence[str]] = None, d
     metrics = checked_metrics(summary, metrics)
     lines = ["| " + " | ".join(["algorithm", "after n edits", "runs", *metrics]) + " |", "|" + "---|" * (3 + len(metrics))]
     for row in summary.rows:
-        cells = [row["algorithm"], str(row["checkpoint"]), str(row["n_runs"])]
+        cells = [row["algorithm"], checkpoint_cell(row), str(row["n_runs"])]
         for m in metrics:
             mean, std = _plain(row[f"{m}_mean"]), _plain(row[f"{m}_std"])
             cells.append("-" if mean is None else f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if row["n_runs"] > 1 else ""))

@@ -385,6 +385,10 @@ def test_eval_sample_evaluates_the_same_seeded_records_after_a_resume(tmp_path, 
     from experiments.summary.metrics import summarize
     from experiments.summary.runs import load_runs
 
-    assert [r["checkpoint"] for r in summarize(load_runs(world.results_dir, ["whole"])).rows] == [4, 6, 8]
+    rows = summarize(load_runs(world.results_dir, ["whole"])).rows
+    assert [(r["checkpoint"], r["evaluated"]) for r in rows] == [(4, 3), (6, 3), (8, 8)]
+    from experiments.summarize import checkpoint_cell
+
+    assert [checkpoint_cell(r) for r in rows] == ["4 (3 sampled)", "6 (3 sampled)", "8"]
     assert cli(world.cli_args("Toy", hp, protocol="sequential", num_edits=2, edit_times=8, eval_sample=9)) == 2
     assert cli(world.cli_args("Toy", hp, protocol="sequential", num_edits=2, edit_times=8, eval_sample=-1)) == 2

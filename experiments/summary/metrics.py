@@ -161,7 +161,9 @@ def _isnan(value: Any) -> bool:
 
 def _aggregate(algorithm: str, n: int, run_rows: list[dict[str, Any]]) -> dict[str, Any]:
     row: dict[str, Any] = {"algorithm": algorithm, "checkpoint": n, "n_runs": len(run_rows),
-                           "runs": ",".join(r["run"] for r in run_rows)}
+                           "runs": ",".join(r["run"] for r in run_rows),
+                           # records the scores average over: n, or fewer at a sampled checkpoint (--eval_sample)
+                           "evaluated": min((r["evaluated"] for r in run_rows), default=0)}
     for m in METRICS:
         values = np.array([r[m] for r in run_rows], dtype=float)
         known = values[~np.isnan(values)]
@@ -192,7 +194,8 @@ def summarize(loaded: LoadedRuns, checkpoints: Optional[Sequence[int]] = None,
                                  f"checkpoints {sorted(run.checkpoints)}); left out of checkpoint {n}")
                     continue
                 scores = checkpoint_scores(run, n, flash_factor, caches[run.label])
-                run_rows.append({"algorithm": algorithm, "run": run.name, "checkpoint": n, **scores})
+                run_rows.append({"algorithm": algorithm, "run": run.name, "checkpoint": n,
+                                 "evaluated": len(run.checkpoints[n].posts), **scores})
             per_run += run_rows
             rows.append(_aggregate(algorithm, n, run_rows))
     return Summary(rows, per_run, list(loaded.runs), list(loaded.skipped), notes, flash_factor)
