@@ -161,7 +161,8 @@ def test_immediate_reads_each_batch_right_after_its_own_edit(tmp_path):
     for n in (4, 8):
         after_n = json.loads((seq / f"evaluation_after_edit_{n}.json").read_text())
         batch = json.loads((imm / f"batch_{n // 2}.json").read_text())
-        assert strip_timing(batch["records"]) == strip_timing(after_n["records"][n - 2 : n])
+        # the same reading; floats to rounding, as each evaluation batches its own set of records together
+        assert same_results(strip_timing(batch["records"]), strip_timing(after_n["records"][n - 2 : n]), f"batch {n // 2}") == []
         kept = json.loads((imm / f"preservation_after_edit_{n}.json").read_text())["preservation"]
         assert kept == after_n["preservation"]
     from experiments.summary.metrics import summarize

@@ -86,7 +86,8 @@ def test_official_files_serve_an_edit_run_without_collection(tmp_path, no_collec
     gen = torch.Generator().manual_seed(1)
     for module in modules:
         write_rome_file(tmp_path / "stats", "gpt2-xl", module, torch.randn(400, 256, generator=gen))
-    hparams = types.SimpleNamespace(mom2_dataset="wikipedia", mom2_n_samples=N_OFFICIAL, mom2_dtype="float32")
+    hparams = types.SimpleNamespace(mom2_dataset="wikipedia", mom2_n_samples=N_OFFICIAL, mom2_dtype="float32",
+                                    mom2_max_length=None, mom2_sample_seed=1)
     calls, handle = _forward_counter(model)
     try:
         resources = EditResources(_paths(tmp_path), "gpt2-xl", progress=False)
