@@ -41,16 +41,18 @@ def sample_texts(
     length: int,
     generator: torch.Generator,
     prompt: str | None = None,
+    top_k: int = TOP_K,
 ) -> list[str]:
     """``n`` texts of ``length`` tokens, top-k sampled: after the start token (decoded without it),
-    or after ``prompt`` (tokenized with the tokenizer's special tokens, decoded with the prompt)."""
+    or after ``prompt`` (tokenized with the tokenizer's special tokens, decoded with the prompt).
+    ``top_k=1`` is greedy decoding."""
     device = model_device(model)
     prefix = [start_token_id(tok)] if prompt is None else list(tok(prompt)["input_ids"])
     ids = torch.tensor([prefix] * n, dtype=torch.long, device=device)
     for _ in range(max(length - len(prefix), 0)):
         mask = torch.ones_like(ids)
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, -1, :].float()
-        top = torch.topk(logits, TOP_K, dim=-1)
+        top = torch.topk(logits, top_k, dim=-1)
         probs = torch.softmax(top.values, dim=-1).cpu()
         choice = torch.multinomial(probs, 1, generator=generator).to(device)
         ids = torch.cat([ids, top.indices.gather(1, choice)], dim=1)
