@@ -9,8 +9,9 @@ input does not depend on the module's output, so it is computed once per edit).
 from __future__ import annotations
 
 import contextlib
+import copy as copy_module
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -89,3 +90,17 @@ def logits_at(strategy: Strategy, hparams: MemoryLayerHyperParams) -> torch.Tens
 
 def _unchanged(output: Any, _name: str) -> Any:
     return output
+
+
+def edit_in_turn(editor_class: type, model: nn.Module, tok: Any, requests: Sequence[dict], hparams: Any, copy: bool,
+                 resources: Any, editor: Any) -> tuple[nn.Module, dict[str, torch.Tensor], Any]:
+    """The body of ``apply_grace_to_model`` / ``apply_wise_to_model``: each request through the editor
+    (a new one, or ``editor`` to continue a sequence); returns (model, {} as no weight changes, editor)."""
+    if editor is not None and copy:
+        raise ValueError("copy=True makes a new model, but the given editor holds another one")
+    if copy:
+        model = copy_module.deepcopy(model)
+    editor = editor or editor_class(model, tok, hparams, resources)
+    for request in requests:
+        editor.edit([request])
+    return editor.model, {}, editor

@@ -22,7 +22,6 @@ conflict and two different answers with equal means the same).
 from __future__ import annotations
 
 import contextlib
-import copy as copy_module
 import logging
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
@@ -34,7 +33,7 @@ from transformers import PreTrainedTokenizerBase
 from baselines.grace.codebook import Codebook
 from baselines.grace.grace_hparams import GRACEHyperParams
 from editing.forward import PromptBatch
-from editing.memory_layer import edit_forward, logits_at, module_io, watch_output
+from editing.memory_layer import edit_forward, edit_in_turn, logits_at, module_io, watch_output
 from editing.requests import normalise_request
 from editing.resources import EditResources
 from util import nethook
@@ -149,11 +148,4 @@ def apply_grace_to_model(
     """
     from baselines.grace.editor import GRACEEditor
 
-    if editor is not None and copy:
-        raise ValueError("copy=True makes a new model, but the given editor holds another one")
-    if copy:
-        model = copy_module.deepcopy(model)
-    editor = editor or GRACEEditor(model, tok, hparams, resources)
-    for request in requests:
-        editor.edit([request])
-    return editor.model, {}, editor
+    return edit_in_turn(GRACEEditor, model, tok, requests, hparams, copy, resources, editor)

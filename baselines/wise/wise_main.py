@@ -9,7 +9,6 @@ here the editor keeps it for the run, and it is saved with the run's checkpoints
 """
 from __future__ import annotations
 
-import copy as copy_module
 import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -25,6 +24,7 @@ from baselines.wise.wise_hparams import WISEHyperParams
 from dsets.files import locate_or_download
 from dsets.records import DataFormatError, read_json_list
 from editing.context_templates import sample_texts
+from editing.memory_layer import edit_in_turn
 from editing.requests import normalise_request
 from editing.resources import EditResources
 from util.globals import Paths
@@ -99,11 +99,4 @@ def apply_wise_to_model(
     """
     from baselines.wise.editor import WISEEditor
 
-    if editor is not None and copy:
-        raise ValueError("copy=True makes a new model, but the given editor holds another one")
-    if copy:
-        model = copy_module.deepcopy(model)
-    editor = editor or WISEEditor(model, tok, hparams, resources)
-    for request in requests:
-        editor.edit([request])
-    return editor.model, {}, editor
+    return edit_in_turn(WISEEditor, model, tok, requests, hparams, copy, resources, editor)
