@@ -10,6 +10,7 @@ global RNG.
 """
 from __future__ import annotations
 
+import dataclasses
 import unicodedata
 from typing import Sequence
 
@@ -63,21 +64,43 @@ def sample_texts(
     return [unicodedata.normalize("NFKD", tok.decode(row, skip_special_tokens=True)).replace("\n\n", " ") for row in rows]
 
 
+@dataclasses.dataclass(frozen=True)
+class TemplateStyle:
+    """How a method's templates are made beyond (length, count): ROME's and MEMIT's by default.
+
+    WISE (EasyEdit's ``get_context_templates``) decodes greedily (``top_k=1``), counts ``length`` in
+    new tokens after the prompt (``max_new_tokens``) and joins text and prompt with a space."""
+
+    top_k: int = TOP_K
+    separator: str = ". "
+    new_tokens: bool = False  # length counts only the sampled tokens, not the prompt's
+
+    @classmethod
+    def of(cls, hparams: object) -> TemplateStyle:
+        """The style an hparams object asks for (fields ``context_template_top_k``, ``_separator``, ``_new_tokens``)."""
+        default = cls()
+        return cls(*(getattr(hparams, f"context_template_{f.name}", getattr(default, f.name)) for f in dataclasses.fields(cls)))
+
+
 def generate_context_templates(
     model: nn.Module,
     tok: PreTrainedTokenizerBase,
     length_params: Sequence[Sequence[int]],
     seed: int,
     prompts: Sequence[str] | None = None,
+    style: TemplateStyle = TemplateStyle(),
 ) -> list[str]:
-    """``["{}"] + [text + ". {}" ...]`` for each (length, count) in ``length_params``: ``count``
-    samples from the start token (ROME), or ``count // len(prompts)`` after each prompt (MEMIT)."""
+    """``["{}"] + [text + separator + "{}" ...]`` for each (length, count) in ``length_params``: ``count``
+    samples from the start token (ROME), or ``count // len(prompts)`` after each prompt (MEMIT, WISE)."""
     generator = torch.Generator().manual_seed(seed)
     templates = ["{}"]
     for length, count in length_params:
         if prompts:
-            texts = [t for p in prompts for t in sample_texts(model, tok, int(count) // len(prompts), int(length), generator, p)]
+            texts = []
+            for p in prompts:
+                total = int(length) + (len(tok(p)["input_ids"]) if style.new_tokens else 0)
+                texts += sample_texts(model, tok, int(count) // len(prompts), total, generator, p, style.top_k)
         else:
-            texts = sample_texts(model, tok, int(count), int(length), generator)
-        templates += [text.replace("{", " ").replace("}", " ") + ". {}" for text in texts]
+            texts = sample_texts(model, tok, int(count), int(length), generator, top_k=style.top_k)
+        templates += [text.replace("{", " ").replace("}", " ") + style.separator + "{}" for text in texts]
     return templates

@@ -16,7 +16,7 @@ from typing import Any, Optional, Sequence
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from editing.context_templates import generate_context_templates
+from editing.context_templates import TemplateStyle, generate_context_templates
 from editing.covariance import FactorisedCovariance
 from editing.layer_stats import DEFAULT_BATCH_TOKENS, ROME_SAMPLE_SEED, layer_stats
 from util import nethook
@@ -74,15 +74,17 @@ class EditResources:
 
     def context_templates(self, model: nn.Module, tok: PreTrainedTokenizerBase, hparams: Any) -> list[str]:
         prompts = getattr(hparams, "context_template_prompts", None)
+        style = TemplateStyle.of(hparams)
         key = (
             self.model_slug,
             tuple(tuple(p) for p in hparams.context_template_length_params),
             getattr(hparams, "context_template_seed", 0),
             tuple(prompts) if prompts else None,
+            style,
         )
         if key not in self._templates:
             self._templates[key] = generate_context_templates(
-                model, tok, hparams.context_template_length_params, key[2], prompts
+                model, tok, hparams.context_template_length_params, key[2], prompts, style
             )
             LOG.info("context templates: %s", self._templates[key])
         return self._templates[key]

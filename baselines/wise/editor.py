@@ -19,7 +19,7 @@ from transformers.activations import ACT2FN
 
 from baselines.wise.router import routing
 from baselines.wise.side_memory import SideMemory
-from baselines.wise.wise_main import execute_wise, unrelated_texts, wise_context_templates
+from baselines.wise.wise_main import execute_wise, unrelated_texts
 from editing.editor import Editor, EditOutcome
 from editing.resources import default_resources
 from util import nethook
@@ -32,7 +32,7 @@ class WISEEditor(Editor):
         self.unrelated = unrelated_texts(self.resources.paths, hparams.unrelated_file)
         self.memory = SideMemory(nethook.get_parameter(model, f"{hparams.module_name}.weight").detach())
         self.act = ACT2FN[mlp_activation(model)]
-        self.templates = wise_context_templates(model, tok, hparams)
+        self.templates = self.resources.context_templates(model, tok, hparams)
 
     def edit(self, requests: Sequence[dict]) -> EditOutcome:
         details = execute_wise(self.model, self.tok, self._one_request(requests), self.hparams, self.memory,

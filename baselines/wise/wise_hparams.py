@@ -31,6 +31,9 @@ class WISEHyperParams(MemoryLayerHyperParams):
     weight_decay: float = 1e-5
     context_template_length_params: tuple[tuple[int, int], ...] = ((5, 5), (10, 5))
     context_template_prompts: tuple[str, ...] = ("I", "You", "Because", "Yes", "Q: ")
+    context_template_top_k: int = 1  # greedy: upstream's generate with num_beams = count // 5 = 1
+    context_template_separator: str = " "
+    context_template_new_tokens: bool = True  # upstream's max_new_tokens
     unrelated_file: str = "zsre_mem_train.json"
     seed: int = 0  # seeds each shard's random mask (upstream: numpy's global RNG)
 

@@ -23,7 +23,6 @@ from baselines.wise.training import edit_rows, train_side_memory
 from baselines.wise.wise_hparams import WISEHyperParams
 from dsets.files import locate_or_download
 from dsets.records import DataFormatError, read_json_list
-from editing.context_templates import sample_texts
 from editing.memory_layer import edit_in_turn
 from editing.requests import normalise_request
 from editing.resources import EditResources
@@ -34,19 +33,6 @@ if TYPE_CHECKING:
     from baselines.wise.editor import WISEEditor
 
 LOG = logging.getLogger(__name__)
-
-
-def wise_context_templates(model: nn.Module, tok: PreTrainedTokenizerBase, hparams: WISEHyperParams) -> list[str]:
-    """["{}"] + greedy continuations of each prompt (``count // len(prompts)`` each, ``length`` new
-    tokens) followed by " {}", as EasyEdit's ``get_context_templates`` (one beam for counts of 5)."""
-    generator = torch.Generator().manual_seed(0)  # unused by greedy decoding
-    texts = []
-    for length, count in hparams.context_template_length_params:
-        for prompt in hparams.context_template_prompts:
-            n_prompt = len(tok(prompt)["input_ids"])
-            n = int(count) // len(hparams.context_template_prompts)
-            texts += sample_texts(model, tok, n, n_prompt + int(length), generator, prompt, top_k=1)
-    return ["{}"] + [t.replace("{", " ").replace("}", " ") + " {}" for t in texts]
 
 
 def unrelated_texts(paths: Paths, name: str) -> list[str]:
