@@ -4,9 +4,10 @@ Field for field as upstream's YAML, with ``inner_params`` ("model.layers[29].mlp
 written as ``edit_module_tmp`` + ``layer``. Upstream's ``retrieve: True`` and ``replay: False`` (every
 shipped file) are what this implementation does, so they are not fields; ``merge_alg`` is TIES
 (``ties``, every shipped file); ``objective_optimization`` is ``only_label``. Values upstream writes into
-its code are fields with upstream's value as default: SGD ``weight_decay`` 1e-5, the context-template
-generation ([[5, 5], [10, 5]] after "I", "You", "Because", "Yes", "Q: "), and where the unrelated row
-of each edit comes from (EasyEdit's WISE example: zsRE training questions with their answers).
+its code are fields with upstream's value as default: SGD ``weight_decay`` 1e-5, the context templates
+(``get_context_templates``: greedy continuations of "I", "You", "Because", "Yes", "Q: " by 5 and 10 new
+tokens, each followed by " {}"; made by the run's EditResources like every method's), and where the
+unrelated row of each edit comes from (EasyEdit's WISE example: zsRE training questions with answers).
 """
 from __future__ import annotations
 
