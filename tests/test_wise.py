@@ -12,7 +12,7 @@ import torch
 from baselines.wise import SideMemory, WISEHyperParams, apply_wise_to_model
 from baselines.wise.editor import WISEEditor
 from baselines.wise.merging import ties_merge
-from baselines.wise.router import choose
+from baselines.wise.router import choose, side_output
 from dsets.records import DataFormatError
 from editing.resources import EditResources
 from experiments.checkpoints import load_editor_state
@@ -179,6 +179,17 @@ def test_memory_bytes_grow_by_one_matrix_per_stored_shard_and_shrink_on_merge(tm
     matrix = 4 * editor.memory.original.numel() + 8
     assert [b - a for a, b in itertools.pairwise(sizes)] == [0, matrix, 0, 0]
     assert len(editor.memory.memories) == 1 and editor.memory.n_merges == 1
+
+
+@pytest.mark.parametrize("arch, name", [("gpt2", "transformer.h.1.mlp.c_fc"), ("gptj", "transformer.h.1.mlp.fc_out"),
+                                        ("llama", "model.layers.1.mlp.down_proj")])
+def test_a_memory_holding_the_layers_own_weight_reproduces_its_output(arch, name):
+    """GPT-2's Conv1D (x W + b) and GPT-J's biased fc_out included (upstream drops GPT-J's bias)."""
+    model, tok = make_model(arch), make_tokenizer()
+    module = nethook.get_module(model, name)
+    with torch.no_grad(), nethook.Trace(model, name, retain_input=True) as tr:
+        model(input_ids=torch.tensor([prompt_ids(tok, "The Eiffel Tower is located in")]))
+    torch.testing.assert_close(side_output(module, tr.input, module.weight), tr.output, rtol=0, atol=1e-6)
 
 
 def test_ties_merge_keeps_the_largest_changes_and_the_elected_sign():
