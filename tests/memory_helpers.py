@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from experiments.evaluate import cli
-from experiments.run_files import strip_timing
+from experiments.store.files import strip_timing
 from tests.tiny import TinyWorld
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"

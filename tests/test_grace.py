@@ -11,7 +11,7 @@ import torch
 from baselines.grace import Codebook, GRACEHyperParams, apply_grace_to_model
 from baselines.grace.editor import GRACEEditor
 from editing.resources import EditResources
-from experiments.checkpoints import load_editor_state
+from experiments.store.checkpoints import load_editor_state
 from tests.memory_helpers import b64_tensor, fixture, killed_and_resumed, request
 from tests.tiny import TinyWorld, make_model, make_tokenizer
 from util.architectures import ARCHITECTURES, check_hparams_against_model

@@ -15,7 +15,7 @@ from baselines.wise.merging import ties_merge
 from baselines.wise.router import choose, side_output
 from dsets.records import DataFormatError
 from editing.resources import EditResources
-from experiments.checkpoints import load_editor_state
+from experiments.store.checkpoints import load_editor_state
 from tests.memory_helpers import b64_tensor, fixture, killed_and_resumed, request, write_unrelated
 from tests.tiny import TinyWorld, make_model, make_tokenizer
 from util import nethook
