@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import json
 import logging
 import math
 import sys
@@ -23,7 +24,7 @@ from typing import Any, Optional, Sequence
 
 from experiments.store.files import write_json_atomic
 from experiments.summary.metrics import DEFAULT_FLASH_FACTOR, Summary, summarize
-from experiments.summary.paired import format_paired_markdown, paired_differences, paired_json
+from experiments.summary.paired import format_paired_markdown, paired_differences, paired_json, paired_rows_from_json
 from experiments.summary.runs import available_dir_names, load_runs
 from util.atomic_files import write_text_atomic
 from util.globals import load_paths
@@ -64,6 +65,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--paired_with", default=None,
                    help="a --dir_name to pair against: each other algorithm minus it, per seed on the same "
                         "edit stream, mean ± std and sign count over the seeds")
+    p.add_argument("--from_summary", default=None,
+                   help="print the tables of a summary JSON this command wrote earlier (no run folders read): "
+                   "how docs/results/*.json reprint the tables of docs/results.md")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     if args.flash_factor <= 0:
@@ -176,9 +180,28 @@ def _report_paired(summary: Summary, baseline: str, metrics: Optional[Sequence[s
     return paired_json(rows, notes)
 
 
+def summary_from_json(data: dict[str, Any]) -> Summary:
+    """A summary JSON (``summary_json``) back as a ``Summary`` with its rows (no runs): enough to print its tables."""
+    rows = [{k: math.nan if v is None else v for k, v in row.items()} for row in data["rows"]]
+    return Summary(rows, data.get("per_run", []), [], [], list(data.get("notes", [])), data.get("flash_factor", 0.0))
+
+
+def reprint(path: Path, metrics: Optional[Sequence[str]]) -> str:
+    """The Markdown tables of a saved summary: the scores, then the paired differences if it has them."""
+    data = json.loads(Path(path).read_text())
+    summary = summary_from_json(data)
+    text = format_markdown(summary, metrics)
+    if "paired" in data:
+        text += "\n\n" + format_paired_markdown(paired_rows_from_json(data["paired"]), checked_metrics(summary, metrics))
+    return text
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.from_summary:
+        print(reprint(Path(args.from_summary), _csv_list(args.metrics)))
+        return 0
     results_dir = load_paths(results_dir=args.results_dir).results_dir
     dir_names = _csv_list(args.dir_name) or available_dir_names(results_dir)
     if not dir_names:

@@ -315,3 +315,42 @@ def test_documented_command_runs_as_printed(command: Command):
     unchecked = run_as_printed(command.command)
     if unchecked:
         pytest.skip(f"{command.file.name}:{command.line}: checked up to what this machine lacks: {unchecked}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Results tables under a marker ``<!-- table: docs/results/<name>.json [--metrics A,B] -->`` are what
+# ``python -m experiments.summarize --from_summary`` prints from that saved summary, to the character;
+# the summary itself is what the command above the table wrote with ``--out`` from the run folders.
+
+TABLE_MARKER = re.compile(r"^<!-- table: (\S+)(?: --metrics (\S+))? -->$")
+
+
+def marked_tables(path: Path) -> list[tuple[int, str, str | None, str]]:
+    """(line, summary file, metrics, the table that follows the marker) of every marker in ``path``."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    found = []
+    for i, line in enumerate(lines):
+        m = TABLE_MARKER.match(line.strip())
+        if m:
+            table = []
+            for following in lines[i + 1:]:
+                if not following.startswith("|") and table:
+                    break
+                if following.startswith("|"):
+                    table.append(following)
+            found.append((i + 1, m.group(1), m.group(2), "\n".join(table)))
+    return found
+
+
+MARKED = [(page, *t) for page in DOCS for t in marked_tables(page)]
+
+
+@pytest.mark.parametrize("page, line, summary, metrics, table", MARKED, ids=[f"{m[0].name}:{m[1]}" for m in MARKED])
+def test_results_table_is_what_its_saved_summary_prints(page, line, summary, metrics, table):
+    from experiments.summarize import reprint
+
+    path = REPO_ROOT / summary
+    assert path.is_file(), f"{page.name}:{line}: {summary} is not in the repository"
+    assert reprint(path, metrics.split(",") if metrics else None) == table, f"{page.name}:{line}"
+    text = page.read_text(encoding="utf-8")
+    assert f"--out {Path(summary).with_suffix('')}" in text, f"{page.name}: no summarize command writes {summary}"
