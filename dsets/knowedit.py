@@ -20,7 +20,7 @@ import logging
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from dsets.files import DataFileMissingError, SHARED_HINT
+from dsets.files import SHARED_HINT, DataFileMissingError
 from dsets.records import (
     LoadedRecords,
     OnBadRecord,

@@ -6,7 +6,9 @@
   ``records=None`` and ``source_path`` = where ``python -m dsets.make_known`` would write it.
 - ``counterfact_full``: all of counterfact.json; ``mcf`` / ``multi_counterfact``: multi_counterfact.json.
 - ``counterfact_knowedit``: the 21,919 flat KnowEdit records converted into the same schema.
-- ``zsre``: zsRE (MEND eval split).
+- ``zsre``: zsRE (MEND eval split) as ROME/MEMIT edit it: to the true answer ``answers[0]``, with
+  ROME's placeholder target_true (``target_true_is_answer`` is False: nothing to roll back to).
+- ``zsre_mend``: the same questions in MEND's setting: edited to ``alt``, target_true ``pred``.
 - anything else: a path, or a bare file name found in DATA_DIR or its fallbacks (e.g. the WilKE
   ``counterfact_gpt2-xl_known_toxicity_flash.json``), loaded as CounterFact format.
 """
@@ -21,7 +23,7 @@ from typing import Any, Callable, Iterator, Optional
 from dsets.counterfact import CounterFactDataset
 from dsets.knowedit import load_knowedit_counterfact
 from dsets.records import LoadedRecords, OnBadRecord, load_counterfact_file
-from dsets.zsre import MENDQADataset
+from dsets.zsre import TARGET_TRUE_IS_ANSWER, MENDQADataset
 from util.globals import Paths
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,9 @@ class EditDataset:
     source_path: Path
     skipped_case_ids: tuple[Any, ...] = ()
     kind: str = "counterfact"  # the record schema, which decides the metrics: "counterfact" or "zsre"
+    # False when target_true is a placeholder (ROME's zsRE), not an answer the records had before
+    # editing: a roll-back edit to it, or retention counted against it, would mean nothing.
+    target_true_is_answer: bool = True
 
     def __iter__(self) -> Iterator[Any]:
         return iter((self.records, self.source_path))
@@ -95,9 +100,14 @@ def _knowedit(paths: Paths, model_slug: str, size: Optional[int], on_bad: OnBadR
     return _from_loaded(load_knowedit_counterfact(paths, on_bad), size)
 
 
-def _zsre(paths: Paths, model_slug: str, size: Optional[int], on_bad: OnBadRecord, dl: bool) -> EditDataset:
-    ds = MENDQADataset(paths, size=size, split="eval", on_bad_record=on_bad, allow_download=dl)
-    return EditDataset(ds.records, ds.source, ds.skipped_case_ids, kind="zsre")
+def _zsre(paths: Paths, model_slug: str, size: Optional[int], on_bad: OnBadRecord, dl: bool,
+          setting: str = "rome") -> EditDataset:
+    ds = MENDQADataset(paths, size=size, split="eval", on_bad_record=on_bad, setting=setting, allow_download=dl)
+    return EditDataset(ds.records, ds.source, ds.skipped_case_ids, "zsre", TARGET_TRUE_IS_ANSWER[setting])
+
+
+def _zsre_mend(paths: Paths, model_slug: str, size: int | None, on_bad: OnBadRecord, dl: bool) -> EditDataset:
+    return _zsre(paths, model_slug, size, on_bad, dl, setting="mend")
 
 
 DATASETS: dict[str, Callable[..., EditDataset]] = {
@@ -108,6 +118,7 @@ DATASETS: dict[str, Callable[..., EditDataset]] = {
     "multi_counterfact": _multi,
     "counterfact_knowedit": _knowedit,
     "zsre": _zsre,
+    "zsre_mend": _zsre_mend,
 }
 
 

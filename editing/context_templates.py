@@ -34,16 +34,6 @@ def start_token_id(tok: PreTrainedTokenizerBase) -> int:
 MEMIT_PROMPTS = ("The", "Therefore", "Because", "I", "You")
 
 
-@dataclasses.dataclass(frozen=True)
-class TemplateSpec:
-    """How a method's context templates are sampled (read from its hparams): ``[[length, n], ...]``
-    groups, the sampling seed, and the prompts to continue (None: ROME's start token alone)."""
-
-    length_params: tuple[tuple[int, int], ...]
-    seed: int = 0
-    prompts: Optional[tuple[str, ...]] = None
-
-
 @torch.no_grad()
 def sample_texts(
     model: nn.Module,
@@ -52,16 +42,18 @@ def sample_texts(
     length: int,
     generator: torch.Generator,
     prompt: str | None = None,
+    top_k: int = TOP_K,
 ) -> list[str]:
     """``n`` texts of ``length`` tokens, top-k sampled: after the start token (decoded without it),
-    or after ``prompt`` (tokenized with the tokenizer's special tokens, decoded with the prompt)."""
+    or after ``prompt`` (tokenized with the tokenizer's special tokens, decoded with the prompt).
+    ``top_k=1`` is greedy decoding."""
     device = model_device(model)
     prefix = [start_token_id(tok)] if prompt is None else list(tok(prompt)["input_ids"])
     ids = torch.tensor([prefix] * n, dtype=torch.long, device=device)
     for _ in range(max(length - len(prefix), 0)):
         mask = torch.ones_like(ids)
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, -1, :].float()
-        top = torch.topk(logits, TOP_K, dim=-1)
+        top = torch.topk(logits, top_k, dim=-1)
         probs = torch.softmax(top.values, dim=-1).cpu()
         choice = torch.multinomial(probs, 1, generator=generator).to(device)
         ids = torch.cat([ids, top.indices.gather(1, choice)], dim=1)
@@ -72,21 +64,48 @@ def sample_texts(
     return [unicodedata.normalize("NFKD", tok.decode(row, skip_special_tokens=True)).replace("\n\n", " ") for row in rows]
 
 
+@dataclasses.dataclass(frozen=True)
+class TemplateStyle:
+    """How a method's templates are made beyond (length, count): ROME's and MEMIT's by default.
+
+    WISE (EasyEdit's ``get_context_templates``) decodes greedily (``top_k=1``), counts ``length`` in
+    new tokens after the prompt (``max_new_tokens``) and joins text and prompt with a space."""
+
+    top_k: int = TOP_K
+    separator: str = ". "
+    new_tokens: bool = False  # length counts only the sampled tokens, not the prompt's
+
+
+@dataclasses.dataclass(frozen=True)
+class TemplateSpec:
+    """How a method's context templates are sampled (read from its hparams): ``[[length, n], ...]``
+    groups, the sampling seed, the prompts to continue (None: ROME's start token alone), the style."""
+
+    length_params: tuple[tuple[int, int], ...]
+    seed: int = 0
+    prompts: Optional[tuple[str, ...]] = None
+    style: TemplateStyle = TemplateStyle()
+
+
 def generate_context_templates(
     model: nn.Module,
     tok: PreTrainedTokenizerBase,
     length_params: Sequence[Sequence[int]],
     seed: int,
     prompts: Sequence[str] | None = None,
+    style: TemplateStyle = TemplateStyle(),
 ) -> list[str]:
-    """``["{}"] + [text + ". {}" ...]`` for each (length, count) in ``length_params``: ``count``
-    samples from the start token (ROME), or ``count // len(prompts)`` after each prompt (MEMIT)."""
+    """``["{}"] + [text + separator + "{}" ...]`` for each (length, count) in ``length_params``: ``count``
+    samples from the start token (ROME), or ``count // len(prompts)`` after each prompt (MEMIT, WISE)."""
     generator = torch.Generator().manual_seed(seed)
     templates = ["{}"]
     for length, count in length_params:
         if prompts:
-            texts = [t for p in prompts for t in sample_texts(model, tok, int(count) // len(prompts), int(length), generator, p)]
+            texts = []
+            for p in prompts:
+                total = int(length) + (len(tok(p)["input_ids"]) if style.new_tokens else 0)
+                texts += sample_texts(model, tok, int(count) // len(prompts), total, generator, p, style.top_k)
         else:
-            texts = sample_texts(model, tok, int(count), int(length), generator)
-        templates += [text.replace("{", " ").replace("}", " ") + ". {}" for text in texts]
+            texts = sample_texts(model, tok, int(count), int(length), generator, top_k=style.top_k)
+        templates += [text.replace("{", " ").replace("}", " ") + style.separator + "{}" for text in texts]
     return templates

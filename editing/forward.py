@@ -24,11 +24,11 @@ import torch
 from torch import nn
 
 from util import nethook
+from util.nethook import EditFn
 from util.placement import HALF_DTYPES
 from util.scoring import lm_logits
 
 LOG = logging.getLogger(__name__)
-EditFn = Callable[[Any, str], Any]
 Positions = tuple[torch.Tensor, torch.Tensor]
 
 

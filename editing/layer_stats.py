@@ -8,8 +8,13 @@ alone. ``one_pass=False`` keeps the reference behaviour for benchmarks.
 
 Samples: ROME's seeded random sample of ``n_samples`` corpus records (``random.Random(1)``
 shuffle of the record positions, ``editing.corpus_sample``; the whole corpus when it is smaller),
-each truncated to ``max_length`` tokens; keys are taken at every real (non-pad) token. Batches
-group samples of similar length within a token budget (``editing.stats_plan``). Everything is
+each truncated to ``max_length`` tokens: the hparams' ``mom2_max_length``, else the model's context
+(``n_positions`` / ``max_position_embeddings``) as ROME's ``layer_stats`` (``maxlen =
+model.config.n_positions``; AlphaEdit reads ``max_position_embeddings`` for Llama: 8,192 for
+Llama-3). Upstream truncates further only when a caller passes ``batch_tokens`` below the context
+(none does); here ``batch_tokens`` is a memory budget and never truncates. Keys are taken at every
+real (non-pad) token. Batches group samples of similar length within a token budget
+(``editing.stats_plan``); a text longer than the budget gets a batch of its own. Everything is
 ordered deterministically: the same inputs give bit-identical moments, in one pass or in many.
 
 Collection (``editing.stats_collection``): an out-of-memory batch is retried in halves; partial
@@ -20,6 +25,9 @@ Cache (``editing.stats_cache``): one npz per module at
 ``<stats_dir>/<model_slug>/<corpus>_stats/<module>_<dtype>_mom2_<n>.npz``, ROME's naming and keys
 (``mom2.mom2`` = SUM of k k^T, ``mom2.count``, ``sample_size``), so the official files from
 rome.baulab.info/data/stats/ load as they are, plus ``meta.*`` entries saying how it was made.
+The truncation length is part of the cache key through ``meta.max_length`` (an official file,
+which has none, counts as made at the model's context, as ROME made it): a file of another length
+is recomputed and replaced, never reused.
 """
 from __future__ import annotations
 
@@ -53,8 +61,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_LENGTH_CAP = 2048
-
 
 @dataclasses.dataclass(frozen=True)
 class StatsRequest:
@@ -66,8 +72,9 @@ class StatsRequest:
     corpus_slug: str
     n_samples: int
     dtype: str
-    max_length: int
+    max_length: int  # tokens per text
     sample_seed: Optional[int]  # None: the first n texts
+    context: int  # the model's context: the length ROME's official files were truncated to
 
     @property
     def sampling(self) -> str:
@@ -129,8 +136,9 @@ def layer_stats(
         raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     if n_samples <= 0:
         raise ValueError(f"n_samples must be positive, got {n_samples}")
-    max_length = max_length or min(context_length(model), DEFAULT_MAX_LENGTH_CAP)
-    request = StatsRequest(paths, model_slug, corpus, corpus_slug(corpus, paths), n_samples, dtype, max_length, sample_seed)
+    context = context_length(model)
+    request = StatsRequest(paths, model_slug, corpus, corpus_slug(corpus, paths), n_samples, dtype,
+                           max_length or context, sample_seed, context)
     layers = forward_order(model, layer_names)
     ctx = DistContext.current()
     run = CollectionRun(rank=ctx.rank, world_size=ctx.world_size, sample_seed=request.seed, sampling=request.sampling)
@@ -157,7 +165,8 @@ def _cached(model: nn.Module, layers: Sequence[str], request: StatsRequest, ctx:
         dirs = model_dir_names(request.paths.stats_dir, request.model_slug, name_or_path)
         for name in layers:
             path = find_stats_file(request.paths.stats_dir, dirs, request.corpus_slug, name, request.dtype, request.n_samples)
-            moment = usable_cache(path, request.max_length, _input_dim(model, name), request.sampling, request.seed)
+            moment = usable_cache(path, request.max_length, _input_dim(model, name), request.sampling, request.seed,
+                                  request.context)
             if moment is not None:
                 found[name], files[name] = moment, str(path)
     files = ctx.broadcast(files)

@@ -78,7 +78,8 @@ class EditResources:
         """The templates of ``spec`` for this run's model, sampled once and kept for the run."""
         key = (self.model_slug, spec)
         if key not in self._templates:
-            self._templates[key] = generate_context_templates(model, tok, spec.length_params, spec.seed, spec.prompts)
+            self._templates[key] = generate_context_templates(model, tok, spec.length_params, spec.seed, spec.prompts,
+                                                              spec.style)
             LOG.info("context templates: %s", self._templates[key])
         return self._templates[key]
 

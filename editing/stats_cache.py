@@ -113,8 +113,16 @@ def same_sample(meta: StatsMeta, sampling: str, seed: int) -> tuple[bool, str]:
     return True, ""
 
 
-def usable_cache(path: Path, max_length: int, dim: Optional[int], sampling: str, seed: int) -> Optional[SecondMoment]:
-    """The cached moment at ``path`` when it exists and matches this request, else None."""
+def made_with_length(meta: StatsMeta, context: int) -> int:
+    """Tokens per text a file was collected with: its ``meta.max_length``, else (an official file,
+    which records none) the model's context, ROME's ``maxlen = model.config.n_positions``."""
+    return meta.max_length if meta.max_length > 0 else context
+
+
+def usable_cache(path: Path, max_length: int, dim: Optional[int], sampling: str, seed: int,
+                 context: int = -1) -> Optional[SecondMoment]:
+    """The cached moment at ``path`` when it exists and matches this request, else None.
+    ``context`` is the model's context length (-1: unknown, a file without a length is then used)."""
     if not path.is_file():
         return None
     try:
@@ -122,9 +130,10 @@ def usable_cache(path: Path, max_length: int, dim: Optional[int], sampling: str,
     except (OSError, KeyError, ValueError) as e:
         logger.warning("ignoring unreadable statistics file %s (%s); recomputing", path, e)
         return None
-    if moment.meta.max_length not in (-1, max_length):
-        logger.warning("%s was collected with max_length %d, not %d; recomputing and replacing it",
-                       path, moment.meta.max_length, max_length)
+    made = made_with_length(moment.meta, context)
+    if made not in (-1, max_length):
+        logger.warning("%s was collected from texts truncated to %d tokens, not %d; recomputing and replacing it",
+                       path, made, max_length)
         return None
     if dim is not None and moment.dim != dim:
         logger.warning("%s has dimension %d but the module takes %d inputs; recomputing", path, moment.dim, dim)

@@ -45,6 +45,8 @@ ALGORITHMS: dict[str, Algorithm] = {
         Algorithm("AlphaEdit", "alphaedit.alphaedit_hparams:AlphaEditHyperParams", "alphaedit.editor:AlphaEditEditor"),
         Algorithm("RECT", "baselines.rect.rect_hparams:RECTHyperParams", "baselines.rect.editor:RECTEditor"),
         Algorithm("PRUNE", "baselines.prune.prune_hparams:PRUNEHyperParams", "baselines.prune.editor:PRUNEEditor"),
+        Algorithm("GRACE", "baselines.grace.grace_hparams:GRACEHyperParams", "baselines.grace.editor:GRACEEditor"),
+        Algorithm("WISE", "baselines.wise.wise_hparams:WISEHyperParams", "baselines.wise.editor:WISEEditor"),
         Algorithm("UltraEdit", "ultraedit.ultraedit_hparams:UltraEditHyperParams", "ultraedit.editor:UltraEditEditor"),
     )
 }

@@ -5,20 +5,21 @@
         --edit_times=4 --skip_generation_tests
     python -m experiments.evaluate --alg_name=MEMIT --protocol sequential --num_edits 8 --edit_times 64 ...
 
-``--protocol rollback`` (default; the WilKE paper's): each edit n is applied, evaluated into
-``edit_{n}_on_case_{id}.json`` and rolled back, weights never restored; retention files at
-checkpoints. ``--protocol sequential`` (AlphaEdit's): records edited in order in batches of
-``--num_edits``, never rolled back; every record edited so far evaluated at ``--eval_checkpoints``.
-Metrics are chosen by dataset (CounterFact or zsRE), both with unchanged-prediction locality.
-Everything needed to reproduce the run is saved in its folder (experiments/run_files.py).
+``--protocol`` picks how edits are run and evaluated (experiments/protocols/, each protocol with
+its own flags): ``rollback`` (default; the WilKE paper's: each edit applied, evaluated and rolled
+back, weights never restored), ``sequential`` (AlphaEdit's: records edited in order in batches of
+``--num_edits``, never rolled back, every record edited so far evaluated at ``--eval_checkpoints``)
+or ``immediate`` (EasyEdit's since 2026-06: the same edits, each request evaluated right after its
+own edit). Metrics are chosen by dataset (CounterFact or zsRE), all with unchanged-prediction
+locality. Everything needed to reproduce the run is saved in its folder (experiments/store/files.py).
 
 Reliability: inputs are checked before the model loads (exit code 2 with what, where and how to
 fix); bad records are skipped and listed in ``skipped_records.json``; weights and editor state are
 checkpointed every ``--checkpoint_every`` steps and at every evaluation, so ``--continue_from_run
 run_NNN`` resumes a killed run with the same results; a NaN/inf stops the run (``failure.json``,
 exit code 3); Ctrl-C/SIGTERM stops after the current step (a second one abandons it), leaving a
-resumable run (exit code 130/143). The pieces: run_setup (checks and plan), run_start (run
-folders), run_loop (steps and checkpoints), protocols/ (what a step does).
+resumable run (exit code 130/143). The pieces: run/setup.py (checks and plan), run/start.py
+(run folders), run/loop.py (steps and checkpoints), protocols/ (what a step does).
 """
 from __future__ import annotations
 
@@ -26,28 +27,97 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from editing.resources import EditResources
 from experiments.algorithms import ALGORITHMS
-from experiments.faults import EXIT_BAD_INPUT, RunStopped, interrupt_handlers
+from experiments.protocols import PROTOCOLS
+from experiments.protocols.split import DEFAULT_PRESERVATION_SIZE, STREAM_ORDERS
 from experiments.py.generation_metrics import DEFAULT_MAX_OUT_LEN, DEFAULT_N_GEN_PER_PROMPT
-from experiments.run_files import reproducible_torch
-from experiments.run_loop import DEFAULT_CHECKPOINT_EVERY
-from experiments.run_setup import BadInputError, RunPlan, load_checked_model, prepare
-from experiments.run_start import open_new_run, open_resumed_run
+from experiments.run.faults import EXIT_BAD_INPUT, RunStopped, interrupt_handlers
+from experiments.run.loop import DEFAULT_CHECKPOINT_EVERY
+from experiments.run.setup import BadInputError, RunPlan, load_checked_model, prepare
+from experiments.run.start import open_new_run, open_resumed_run
+from experiments.store.files import reproducible_torch
 
 LOG = logging.getLogger("experiments.evaluate")
 DEFAULT_SEED = 9
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m experiments.evaluate", description=__doc__.split("\n")[0])
+    """The command's flags: the common ones, and those of the protocol ``--protocol`` names (each
+    protocol declares its own; ``--help`` lists every protocol's)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    chosen = _protocol_arg().parse_known_args(argv)[0].protocol
+    p = _parser(chosen, every_protocol="-h" in argv or "--help" in argv)
+    args, unknown = p.parse_known_args(argv)
+    if unknown:
+        owners = [name for name, cls in PROTOCOLS.items() if unknown[0].split("=")[0] in _flags_of(cls)]
+        p.error(f"{unknown[0]} is a flag of --protocol {' / '.join(owners)}: add --protocol {owners[0]}, or drop it"
+                if owners else f"unrecognized arguments: {' '.join(unknown)}")
+    return args
+
+
+def _protocol_arg() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--protocol", default="rollback",
+                   help=f"how edits are run and evaluated, one of: {'; '.join(f'{k} ({c.description})' for k, c in PROTOCOLS.items())}")
+    return p
+
+
+def _parser(protocol: str, every_protocol: bool) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m experiments.evaluate", description=__doc__.split("\n")[0],
+                                parents=[_protocol_arg()])
+    _common_arguments(p)
+    chosen = {protocol: PROTOCOLS[protocol]} if protocol in PROTOCOLS else {}
+    _ProtocolGroups(p, PROTOCOLS if every_protocol else chosen).add_all()
+    return p
+
+
+class _ProtocolGroups:
+    """Each protocol's flags in a help group titled by the protocols that have them (a flag that
+    several protocols share, such as --num_edits, is added once)."""
+
+    def __init__(self, parser: argparse.ArgumentParser, protocols: dict[str, type]):
+        self.parser, self.protocols = parser, protocols
+        self.owners = {flag: [n for n, c in protocols.items() if flag in _flags_of(c)]
+                       for c in protocols.values() for flag in _flags_of(c)}
+        self.groups: dict[tuple[str, ...], Any] = {}
+        self.added: set[str] = set()
+
+    def add_all(self) -> None:
+        for cls in self.protocols.values():
+            cls.add_arguments(self)
+
+    def add_argument(self, *names: str, **kwargs: Any) -> None:
+        if any(n in self.added for n in names):
+            return
+        owners = tuple(self.owners[names[0]])
+        if owners not in self.groups:
+            self.groups[owners] = self.parser.add_argument_group(f"--protocol {' / '.join(owners)}")
+        self.groups[owners].add_argument(*names, **kwargs)
+        self.added.update(names)
+
+
+def _flags_of(cls: type) -> set[str]:
+    p = argparse.ArgumentParser(add_help=False)
+    cls.add_arguments(p.add_argument_group())
+    return {s for action in p._actions for s in action.option_strings}
+
+
+def _common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alg_name", default="WilKE", help=f"one of {', '.join(ALGORITHMS)}")
     p.add_argument("--model_name", default="smollm2-135m", help="smollm2-135m, gemma-3-270m, a Hugging Face id or a local folder")
     p.add_argument("--hparams_fname", default=None, help="file in hparams/<alg_name>/ (default: <model>.json) or a path")
     p.add_argument("--ds_name", default="counterfact", help="counterfact (the model's known subset), counterfact_full, zsre, or a file")
-    p.add_argument("--dataset_size_limit", type=int, default=2048, help="known records used (edit stream + original retention)")
+    p.add_argument("--dataset_size_limit", type=int, default=2048, help="records used: shuffled, the known records split in "
+                   "halves (edit stream + original retention); file, the edit stream itself")
+    p.add_argument("--stream_order", choices=STREAM_ORDERS, default="shuffled",
+                   help="shuffled (the WilKE reference's: the first --dataset_size_limit records shuffled with --seed, "
+                   "the first half edited) or file (AlphaEdit's: the first --dataset_size_limit records in file order, "
+                   "unfiltered, all edited; the watched set is facts the model knows)")
+    p.add_argument("--preservation_size", type=int, default=DEFAULT_PRESERVATION_SIZE,
+                   help="--stream_order file: known facts watched for preservation (PS/PU, ORS)")
     p.add_argument("--edit_times", type=int, default=None, help="number of edits (default: the whole edit stream)")
     p.add_argument("--skip_generation_tests", action="store_true", help="skip fluency/consistency generation tests")
     p.add_argument("--generation_test_interval", type=int, default=1, help="run generation tests every N edits (edits 1, 1+N, ...)")
@@ -59,14 +129,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--continue_from_run", default=None, help="resume the unfinished run_NNN of results/<dir_name> (same command); 'auto': do nothing if this "
                    "configuration has finished, resume its newest unfinished run, else start one (for plans of many runs)")
     p.add_argument("--checkpoint_every", type=int, default=DEFAULT_CHECKPOINT_EVERY,
-                   help="checkpoint the edited weights every K edits (also at every retention checkpoint)")
-    p.add_argument("--protocol", default="rollback", help="rollback (the WilKE paper's: edit, evaluate, roll back) or "
-                   "sequential (AlphaEdit's: edits in a row, in batches, evaluated at checkpoints)")
-    p.add_argument("--num_edits", type=int, default=1, help="sequential: records per editor call (a batch)")
-    p.add_argument("--eval_checkpoints", type=_edit_counts, default=None,
-                   help="sequential: edit counts after which all edited records are evaluated, comma-separated "
-                   "(default: powers of two that end a batch, and the last edit)")
-    p.add_argument("--no_rollback", action="store_true", help="the same as --protocol sequential (kept for old commands)")
+                   help="checkpoint the edited weights every K steps (also at every evaluation checkpoint)")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="shuffle seed of the known records (paper: 9); also seeds torch")
     p.add_argument("--num_threads", type=int, default=None, help="torch CPU threads (default: torch's); results can depend on it")
     p.add_argument("--implementation", choices=("fast", "reference"), default=None, help="override hparams' implementation")
@@ -83,19 +146,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--stats_dir", default=None)
     p.add_argument("--results_dir", default=None)
     p.add_argument("-v", "--verbose", action="store_true")
-    args = p.parse_args(argv)
-    if args.no_rollback:
-        if args.protocol not in ("rollback", "sequential"):
-            p.error("--no_rollback contradicts --protocol " + args.protocol)
-        args.protocol = "sequential"
-    return args
-
-
-def _edit_counts(text: str) -> list[int]:
-    try:
-        return sorted({int(t) for t in text.split(",") if t.strip()})
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated edit counts, got {text!r}") from None
 
 
 def configure_logging(verbose: bool) -> None:

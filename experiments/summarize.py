@@ -6,7 +6,7 @@
 Reads the run folders of ``experiments.evaluate`` (see ``experiments.summary.runs``), prints mean
 and std over runs of every score (definitions in ``experiments.summary.metrics``), writes the table
 as CSV and JSON (``--out``; default ``<results_dir>/summary_<dir names>.csv`` and ``.json``) and,
-with ``--plots``, the figures of ``experiments.plots`` as PNG. Run folders that are incomplete or
+with ``--plots``, the figures of ``experiments.summary.plots`` as PNG. Run folders that are incomplete or
 damaged are reported and left out; they never stop the summary. ``--paired_with B`` adds every other
 algorithm's difference from B seed by seed on the same edit stream (``experiments.summary.paired``).
 """
@@ -15,15 +15,16 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import json
 import logging
 import math
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from experiments.run_files import write_json_atomic
+from experiments.store.files import write_json_atomic
 from experiments.summary.metrics import DEFAULT_FLASH_FACTOR, Summary, summarize
-from experiments.summary.paired import format_paired_markdown, paired_differences, paired_json
+from experiments.summary.paired import format_paired_markdown, paired_differences, paired_json, paired_rows_from_json
 from experiments.summary.runs import available_dir_names, load_runs
 from util.atomic_files import write_text_atomic
 from util.globals import load_paths
@@ -64,6 +65,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--paired_with", default=None,
                    help="a --dir_name to pair against: each other algorithm minus it, per seed on the same "
                         "edit stream, mean ± std and sign count over the seeds")
+    p.add_argument("--from_summary", default=None,
+                   help="print the tables of a summary JSON this command wrote earlier (no run folders read): "
+                   "how docs/results/*.json reprint the tables of docs/results.md")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     if args.flash_factor <= 0:
@@ -73,7 +77,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def table_columns(summary: Summary) -> list[str]:
     metrics = summary.present_metrics()
-    return ["algorithm", "checkpoint", "n_runs", "runs"] + [f"{m}_{s}" for m in metrics for s in ("mean", "std")]
+    return ["algorithm", "checkpoint", "n_runs", "runs", "evaluated"] + [f"{m}_{s}" for m in metrics for s in ("mean", "std")]
 
 
 def _plain(value: Any) -> Any:
@@ -105,13 +109,19 @@ def summary_json(summary: Summary, results_dir: Path) -> dict[str, Any]:
     }
 
 
+def checkpoint_cell(row: dict[str, Any]) -> str:
+    """n, and how many records a sampled checkpoint averaged over (``--eval_sample``)."""
+    n, evaluated = row["checkpoint"], row.get("evaluated", row["checkpoint"])
+    return str(n) if evaluated >= n else f"{n} ({evaluated} sampled)"
+
+
 def format_table(summary: Summary, digits: int = 3) -> str:
     """The table as aligned text, each cell 'mean±std'."""
     metrics = summary.present_metrics()
     header = ["algorithm", "n", "runs", *metrics]
     lines = [header]
     for row in summary.rows:
-        cells = [row["algorithm"], str(row["checkpoint"]), str(row["n_runs"])]
+        cells = [row["algorithm"], checkpoint_cell(row), str(row["n_runs"])]
         for m in metrics:
             mean, std = _plain(row[f"{m}_mean"]), _plain(row[f"{m}_std"])
             cells.append("-" if mean is None else f"{mean:.{digits}f}±{std:.{digits}f}")
@@ -134,7 +144,7 @@ def format_markdown(summary: Summary, metrics: Optional[Sequence[str]] = None, d
     metrics = checked_metrics(summary, metrics)
     lines = ["| " + " | ".join(["algorithm", "after n edits", "runs", *metrics]) + " |", "|" + "---|" * (3 + len(metrics))]
     for row in summary.rows:
-        cells = [row["algorithm"], str(row["checkpoint"]), str(row["n_runs"])]
+        cells = [row["algorithm"], checkpoint_cell(row), str(row["n_runs"])]
         for m in metrics:
             mean, std = _plain(row[f"{m}_mean"]), _plain(row[f"{m}_std"])
             cells.append("-" if mean is None else f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if row["n_runs"] > 1 else ""))
@@ -170,9 +180,28 @@ def _report_paired(summary: Summary, baseline: str, metrics: Optional[Sequence[s
     return paired_json(rows, notes)
 
 
+def summary_from_json(data: dict[str, Any]) -> Summary:
+    """A summary JSON (``summary_json``) back as a ``Summary`` with its rows (no runs): enough to print its tables."""
+    rows = [{k: math.nan if v is None else v for k, v in row.items()} for row in data["rows"]]
+    return Summary(rows, data.get("per_run", []), [], [], list(data.get("notes", [])), data.get("flash_factor", 0.0))
+
+
+def reprint(path: Path, metrics: Optional[Sequence[str]]) -> str:
+    """The Markdown tables of a saved summary: the scores, then the paired differences if it has them."""
+    data = json.loads(Path(path).read_text())
+    summary = summary_from_json(data)
+    text = format_markdown(summary, metrics)
+    if "paired" in data:
+        text += "\n\n" + format_paired_markdown(paired_rows_from_json(data["paired"]), checked_metrics(summary, metrics))
+    return text
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.from_summary:
+        print(reprint(Path(args.from_summary), _csv_list(args.metrics)))
+        return 0
     results_dir = load_paths(results_dir=args.results_dir).results_dir
     dir_names = _csv_list(args.dir_name) or available_dir_names(results_dir)
     if not dir_names:
@@ -202,7 +231,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     write_json_atomic(json_path, data)
     print(f"\nTable: {csv_path} and {json_path}")
     if args.plots:
-        from experiments.plots import save_figures
+        from experiments.summary.plots import save_figures
 
         saved = save_figures(summary, Path(args.plots))
         print(f"Plots in {args.plots}: {', '.join(saved.paths) or 'none'}")

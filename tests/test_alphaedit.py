@@ -16,7 +16,7 @@ from alphaedit import AlphaEditHyperParams, KeyMoments, ProjectorCache, apply_al
 from alphaedit.editor import AlphaEditEditor
 from editing.requests import normalise_request
 from editing.resources import EditResources
-from experiments.run_files import strip_timing
+from experiments.store.files import strip_timing
 from memit import execute_memit
 from memit.compute_ks import compute_keys, template_groups
 from memit.memit_main import apply_deltas
@@ -265,8 +265,8 @@ def kill_after_first_batch(monkeypatch) -> None:
 
 
 def test_sequential_run_killed_and_resumed_keeps_the_accumulated_keys(tmp_path, monkeypatch):
-    from experiments.checkpoints import load_editor_state
     from experiments.evaluate import cli
+    from experiments.store.checkpoints import load_editor_state
 
     world = TinyWorld(tmp_path, "llama")
     hp = world.write_hparams("AlphaEdit", alphaedit_dict("llama", v_num_grad_steps=10))

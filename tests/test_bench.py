@@ -3,8 +3,9 @@ import json
 
 import pytest
 
-from experiments import bench, compare_runs
+from experiments.bench import cli as bench
 from experiments.evaluate import main as evaluate
+from experiments.summary import compare_runs
 from tests.tiny import TinyWorld, rank_one_hparams
 
 

@@ -9,7 +9,7 @@ import torch
 
 from dsets.registry import resolve_edit_dataset
 from editing.resources import EditResources
-from experiments.evaluate import main
+from experiments.evaluate import cli, main
 from experiments.py.dataset_metrics import metrics_for
 from experiments.py.eval_utils_zsre import compute_rewrite_quality_zsre
 from experiments.py.locality import argmax_answers, unchanged
@@ -47,7 +47,8 @@ def zsre_record() -> dict:
         "requested_rewrite": {"prompt": "{} is the capital of", "subject": "Berlin",
                               "target_new": {"str": "Japanese"}, "target_true": {"str": "Germany"}},
         "paraphrase_prompts": ["Berlin is a capital city in"],
-        "neighborhood_prompts": [{"prompt": "nq question: who founded microsoft?", "target": "Paris France"}],
+        # the target is the exact text after the prompt (dsets/zsre.py writes " " + loc_ans)
+        "neighborhood_prompts": [{"prompt": "nq question: who founded microsoft?", "target": " Paris France"}],
     }
 
 
@@ -89,6 +90,12 @@ def test_zsre_runs_with_its_own_metrics(tmp_path):
     assert set(post) == {"rewrite_prompts_correct", "paraphrase_prompts_correct", "neighborhood_prompts_correct",
                          "neighborhood_prompts_unchanged", "neighborhood_prompts_unchanged_tokens"}
     assert all(isinstance(v, bool) for v in post["rewrite_prompts_correct"])
+    # ROME's zsRE: the watched records' true answer is target_new (target_true is a placeholder) ...
+    assert meta["watched_answer"] == "target_new"
+    # ... and there is nothing to roll an edit back to: the roll-back protocol refuses it before any model work
+    rollback = world.cli_args("MEMIT", hp, ds_name="zsre", data_dir=str(tmp_path / "nothing"), edit_times=2,
+                              dataset_size_limit=8, dir_name="zsre_rollback")
+    assert cli(rollback) == 2 and not (world.results_dir / "zsre_rollback").exists()
 
 
 def test_locality_is_unchanged_after_a_no_op_and_drops_when_a_neighbour_is_flipped(tmp_path):

@@ -167,18 +167,22 @@ def test_zsre_eval_loads_and_train_has_two_empty_alts(shared_paths: Paths) -> No
     need_shared("dsets/zsre_mem_eval.json", "dsets/zsre_mem_train.json")
     ds = MENDQADataset(shared_paths)
     assert len(ds) == 1037
+    raw = json.loads((SHARED_DSETS / "zsre_mem_eval.json").read_text())
     rw = ds[0]["requested_rewrite"]
-    assert rw["prompt"].format(rw["subject"]) == json.loads((SHARED_DSETS / "zsre_mem_eval.json").read_text())[0]["src"]
+    assert rw["prompt"].format(rw["subject"]) == raw[0]["src"]
+    assert [r["requested_rewrite"]["target_new"]["str"] for r in ds] == [r["answers"][0] for r in raw]
+    # ROME's target needs no alt: the two train entries with an empty alt are edited too
+    assert len(MENDQADataset(shared_paths, split="train")) == 1000
     with pytest.raises(RecordError, match=r"zsre_mem_train\.json: case_id 534: field 'requested_rewrite\.target_new\.str'"):
-        MENDQADataset(shared_paths, split="train")
-    train = MENDQADataset(shared_paths, split="train", on_bad_record="skip")
+        MENDQADataset(shared_paths, split="train", setting="mend")
+    train = MENDQADataset(shared_paths, split="train", on_bad_record="skip", setting="mend")
     assert train.skipped_case_ids == (534, 723) and len(train) == 998
 
 
 def test_zsre_token_by_token_neighborhood_with_tokenizer(shared_paths: Paths) -> None:
     need_shared("dsets/zsre_mem_eval.json")
     tok = make_tokenizer()
-    record = MENDQADataset(shared_paths, tok=tok, size=3, target_true="eos")[0]
+    record = MENDQADataset(shared_paths, tok=tok, size=3)[0]
     pairs = record["neighborhood_prompts"]
     assert "".join(p["target"] for p in pairs) == " The String"
     assert pairs[0]["prompt"].endswith("?") and pairs[-1]["prompt"].endswith("?" + "".join(p["target"] for p in pairs[:-1]))

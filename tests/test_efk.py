@@ -7,9 +7,9 @@ import pytest
 import torch
 from transformers import GPT2Config
 
-from baselines.efk.efk_editor import conditioner_key
 from baselines.efk.efk_hparams import KEHyperParams
 from baselines.efk.efk_main import EfkRewriteExecutor
+from baselines.efk.ke_network import conditioner_key
 from baselines.efk.official import map_official_efk_state
 from baselines.mend.batches import make_batch, request_example, segments_of
 from baselines.mend.checkpoints import EditorCheckpointMissingError, load_editor

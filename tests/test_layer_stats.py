@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from editing import corpus as corpus_mod
 from editing.corpus import CorpusNotFoundError, iter_corpus_texts, open_corpus, split_wikitext_articles
 from editing.layer_stats import SecondMoment, layer_stats, length_batches, stats_path
-from editing import corpus as corpus_mod
 from tests.tiny import make_model, make_tokenizer
 from util import nethook
 from util.architectures import arch_of
@@ -145,11 +145,51 @@ def test_cache_with_other_max_length_is_recomputed(tmp_path, corpus_file):
     assert other.run.layers_computed == module and other[module[0]].meta.max_length == 8
 
 
-def test_default_max_length_is_the_context_length_capped(tmp_path, corpus_file):
+def test_default_max_length_is_the_context_length(tmp_path, corpus_file):
     model = make_model("gpt2")  # tiny context: 128 positions
     module = _modules(model, [0])
     stats = _stats(model, _paths(tmp_path), corpus_file, module, max_length=None)
     assert stats[module[0]].meta.max_length == 128
+
+
+LONG_CONTEXT = 2560  # above the 2,048 tokens per text the statistics were once cut at (Llama-3: 8,192)
+
+
+@pytest.fixture
+def long_corpus(tmp_path: Path) -> tuple[Path, list[int]]:
+    """One text longer than LONG_CONTEXT tokens and one short one; their token counts."""
+    texts = ["The Eiffel Tower is located in the city of Paris. Berlin is the capital of Germany. " * 150, DOCS[2]]
+    path = tmp_path / "long.txt"
+    path.write_text("\n\n".join(texts) + "\n", encoding="utf-8")
+    return path, [len(make_tokenizer()(t)["input_ids"]) for t in texts]
+
+
+def test_texts_are_truncated_at_the_models_context_as_rome_does(tmp_path, long_corpus):
+    """ROME's layer_stats truncates at model.config.n_positions (max_position_embeddings for Llama),
+    with no cap below it when the hparams set no mom2_max_length."""
+    path, lengths = long_corpus
+    assert lengths[0] > LONG_CONTEXT > 2048
+    model = make_model("llama", n_layer=2, context=LONG_CONTEXT)
+    module = _modules(model, [0])
+    stats = _stats(model, _paths(tmp_path), path, module, n_samples=2, max_length=None, batch_tokens=LONG_CONTEXT)
+    moment = stats[module[0]]
+    assert moment.meta.max_length == LONG_CONTEXT
+    assert moment.count == LONG_CONTEXT + lengths[1]
+
+
+def test_cache_of_the_old_2048_cut_is_recomputed_at_the_context(tmp_path, long_corpus):
+    """The truncation length keys the cache: statistics cut at 2,048 tokens are not reused once
+    the request is the model's context (same file name, so the file is replaced)."""
+    path, lengths = long_corpus
+    model = make_model("llama", n_layer=2, context=LONG_CONTEXT)
+    module = _modules(model, [0])
+    paths = _paths(tmp_path)
+    old = _stats(model, paths, path, module, n_samples=2, max_length=2048, batch_tokens=LONG_CONTEXT)
+    assert old[module[0]].count == 2048 + lengths[1]
+    new = _stats(model, paths, path, module, n_samples=2, max_length=None, batch_tokens=LONG_CONTEXT)
+    assert new.run.layers_computed == module and new[module[0]].count == LONG_CONTEXT + lengths[1]
+    again = _stats(model, paths, path, module, n_samples=2, max_length=None, batch_tokens=LONG_CONTEXT)
+    assert again.run.layers_loaded == module and again.run.forward_calls == 0
 
 
 def test_second_moment_accumulator():

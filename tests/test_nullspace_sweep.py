@@ -1,4 +1,4 @@
-"""experiments.nullspace_sweep: the numbers that choose AlphaEdit's threshold are the projector's."""
+"""experiments.sweeps.nullspace_sweep: the numbers that choose AlphaEdit's threshold are the projector's."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,7 @@ import torch
 
 from alphaedit import AlphaEditHyperParams, ProjectorCache
 from editing.resources import EditResources
-from experiments.nullspace_sweep import layer_row, main
+from experiments.sweeps.nullspace_sweep import layer_row, main
 from tests.test_alphaedit import alphaedit_dict
 from tests.tiny import TinyWorld
 from util.globals import load_paths

@@ -15,7 +15,7 @@ from baselines.prune.editor import PRUNEEditor
 from baselines.rect import RECTHyperParams, apply_rect_to_model, top_relative_change_mask
 from baselines.rect.rect_main import kept_count
 from editing.resources import EditResources
-from experiments.checkpoints import WeightLedger, load_checkpoint
+from experiments.store.checkpoints import WeightLedger, load_checkpoint
 from memit import execute_memit
 from memit.editor import MEMITEditor
 from tests.tiny import TinyWorld, make_model, make_tokenizer, rank_one_hparams, tiny_records

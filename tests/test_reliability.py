@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from experiments.checkpoints import WeightLedger, checkpoint_index, load_checkpoint, save_checkpoint
 from experiments.evaluate import cli
-from experiments.run_files import strip_timing
-from tests.tiny import TinyWorld, make_model, rank_one_hparams, tiny_records
+from experiments.store.checkpoints import WeightLedger, checkpoint_index, load_checkpoint, save_checkpoint
+from experiments.store.files import strip_timing
 from rome.editor import ROMEEditor
+from tests.tiny import TinyWorld, make_model, rank_one_hparams, tiny_records
 from util.globals import REPO_ROOT
 
 EDITS = 5
@@ -266,7 +266,7 @@ def test_nan_stops_the_run_and_keeps_earlier_results(world, reference, patched_e
     assert cli(args_for(world, dir_name)) == 3
     run_dir = world.results_dir / dir_name / "run_000"
     failure = json.loads((run_dir / "failure.json").read_text())
-    assert failure["edit_index"] == 2 and failure["stage"] == stage and failure["finished_edits"] == 1
+    assert failure["step"] == 2 and failure["stage"] == stage and failure["finished_steps"] == 1
     assert "non-finite" in failure["problem"] and "numerical fault at step 2" in caplog.text
     assert set(edit_files(run_dir)) == {p for p in edit_files(reference[0]) if p.startswith("edit_1_")}
     name = next(iter(edit_files(run_dir)))
@@ -278,7 +278,7 @@ def test_nan_from_hparams_stops_at_the_first_edit(world):
     hp = hparams_file(world, "nan_decay.json", v_weight_decay=float("nan"))  # a NaN loss, then NaN v*
     assert cli(args_for(world, "nan_decay", hparams=hp, edit_times=2)) == 3
     failure = json.loads((world.results_dir / "nan_decay" / "run_000" / "failure.json").read_text())
-    assert failure["edit_index"] == 1 and failure["stage"] == "edit"
+    assert failure["step"] == 1 and failure["stage"] == "edit"
 
 
 # --------------------------------------------------------------------------------------------
@@ -358,7 +358,7 @@ def test_auto_starts_resumes_then_skips_the_finished_run(world, reference, patch
 
 
 def test_auto_leaves_a_run_another_process_writes_and_ignores_other_configurations(world, reference, tmp_path):
-    from experiments.resume import ResumeError, choose_auto
+    from experiments.run.resume import ResumeError, choose_auto
 
     meta = json.loads((reference[0] / "run.json").read_text())
     config = meta["config"]

@@ -171,7 +171,7 @@ def test_a_kept_matrix_is_factorised_only_when_something_solves_with_it():
 
 def test_layer_sweep_collects_every_layers_statistics_in_one_pass_and_restores_the_model(tmp_path, monkeypatch):
     from editing import resources as resources_module
-    from experiments import layer_sweep
+    from experiments.sweeps import layer_sweep
     from tests.tiny import tiny_records
 
     world = TinyWorld(tmp_path, "gpt2")

@@ -86,7 +86,8 @@ def test_official_files_serve_an_edit_run_without_collection(tmp_path, no_collec
     gen = torch.Generator().manual_seed(1)
     for module in modules:
         write_rome_file(tmp_path / "stats", "gpt2-xl", module, torch.randn(400, 256, generator=gen))
-    hparams = types.SimpleNamespace(mom2_dataset="wikipedia", mom2_n_samples=N_OFFICIAL, mom2_dtype="float32")
+    hparams = types.SimpleNamespace(mom2_dataset="wikipedia", mom2_n_samples=N_OFFICIAL, mom2_dtype="float32",
+                                    mom2_max_length=None, mom2_sample_seed=1)
     calls, handle = _forward_counter(model)
     try:
         resources = EditResources(_paths(tmp_path), "gpt2-xl", progress=False)
@@ -123,3 +124,22 @@ def test_cache_names_are_known_without_opening_the_corpus(tmp_path):
         except CorpusNotFoundError:
             continue
     assert corpus_slug("wikipedia") == "wikipedia" and corpus_slug("wikimedia_wikipedia") == "wikimedia_wikipedia"
+
+
+def test_official_file_is_not_used_for_another_truncation(tmp_path, monkeypatch):
+    """ROME made its files from texts cut at the model's context; a request for shorter texts
+    (an hparams ``mom2_max_length``) recomputes instead of reusing them."""
+    model = make_model("gpt2")  # context 128
+    module = _modules(model, [1])[0]
+    keys = torch.randn(10, 256, generator=torch.Generator().manual_seed(2))
+    write_rome_file(tmp_path / "stats", "tiny", module, keys)
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("Paris is in France.\n\nRome is in Italy.\n")
+    monkeypatch.setattr(layer_stats_mod, "corpus_slug", lambda name, paths=None: "wikipedia")
+    real_open = layer_stats_mod.open_corpus
+    monkeypatch.setattr(layer_stats_mod, "open_corpus", lambda name, paths=None: real_open(str(corpus)))
+    args = (model, make_tokenizer(), [module], "wikipedia", N_OFFICIAL, _paths(tmp_path), "tiny")
+    at_context = layer_stats(*args, progress=False)
+    assert at_context.run.layers_loaded == [module] and at_context[module].origin == "rome"
+    shorter = layer_stats(*args, max_length=16, progress=False)
+    assert shorter.run.layers_computed == [module] and shorter[module].meta.max_length == 16

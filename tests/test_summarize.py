@@ -65,7 +65,7 @@ def cli(results, tmp_path_factory):
 
 
 # ------------------------------------------------------------------------------------------------
-# The reference computation, written straight from ALGORITHMS.md against the raw JSON files.
+# The reference computation, written straight from the metric definitions (experiments/summary/metrics.py's docstring, the WilKE paper's notebooks) against the raw JSON files.
 
 
 def direct_scores(run_dir: Path, n: int) -> dict[str, float]:
@@ -350,8 +350,8 @@ def test_harmonic_score_counts_zero_as_1e4():
 def test_plots_survive_odd_runs(results, tmp_path):
     """One run, a single checkpoint, zero and missing norms, a WilKE edit without a scan: every
     figure is still drawn."""
-    from experiments.plots import save_figures
     from experiments.summary.metrics import summarize
+    from experiments.summary.plots import save_figures
     from experiments.summary.runs import load_runs
 
     root = tmp_path / "results"

@@ -16,7 +16,7 @@ import torch
 
 import ultraedit.update as update_module
 from editing.requests import record_request
-from experiments.run_files import strip_timing
+from experiments.store.files import strip_timing
 from tests.test_reliability import many_records
 from tests.tiny import TinyWorld, make_model, make_tokenizer, tiny_records
 from ultraedit import (

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-from editing.editor import EditOutcome, Editor, snapshot_weights
+from editing.editor import Editor, EditOutcome, snapshot_weights
 from util import nethook
 from util.architectures import update_to_weight_shape
 from util.hparams import HyperParams

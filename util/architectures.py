@@ -116,6 +116,15 @@ def num_layers(model: nn.Module) -> int:
     raise UnsupportedArchitectureError(f"cannot read the number of layers from {type(cfg).__name__}")
 
 
+def mlp_activation(model: nn.Module) -> str:
+    """The name of the MLP's activation function in the model's config (a transformers ACT2FN key)."""
+    cfg = text_config(model)
+    for attr in ("hidden_activation", "hidden_act", "activation_function"):
+        if getattr(cfg, attr, None):
+            return str(getattr(cfg, attr))
+    raise UnsupportedArchitectureError(f"cannot read the MLP activation from {type(cfg).__name__}")
+
+
 def context_length(model: nn.Module) -> int:
     cfg = text_config(model)
     for attr in ("max_position_embeddings", "n_positions", "n_ctx"):
@@ -168,6 +177,7 @@ def check_hparams_against_model(hparams, model: nn.Module, source: str = "hparam
                 raise HParamsError(
                     f"{source}: field {field!r} has layer {layer}, but the model has layers 0..{n_layers - 1}"
                 )
+    _check_watched_module(hparams, model, names, n_layers, source)
     for field in ("v_loss_layer", "scanning_ceiling"):
         value = getattr(hparams, field, None)
         limit = n_layers + 1 if field == "scanning_ceiling" else n_layers
@@ -175,3 +185,18 @@ def check_hparams_against_model(hparams, model: nn.Module, source: str = "hparam
             raise HParamsError(
                 f"{source}: field {field!r} is {value}, but the model has layers 0..{n_layers - 1}"
             )
+
+
+def _check_watched_module(hparams, model: nn.Module, names: set[str], n_layers: int, source: str) -> None:
+    """The one module a memory editor (GRACE, WISE) watches: ``edit_module_tmp`` at ``layer``, a 2-D weight."""
+    layer, template = getattr(hparams, "layer", None), getattr(hparams, "edit_module_tmp", None)
+    if not isinstance(layer, int) or template is None:
+        return
+    if not 0 <= layer < n_layers:
+        raise HParamsError(f"{source}: field 'layer' is {layer}, but the model has layers 0..{n_layers - 1}")
+    name = template.format(layer)
+    if name not in names:
+        raise HParamsError(f"{source}: field 'edit_module_tmp': module {name!r} not found in the model")
+    weight = getattr(model.get_submodule(name), "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise HParamsError(f"{source}: field 'edit_module_tmp': {name!r} is not a Linear/Conv1D layer with a 2-D weight")

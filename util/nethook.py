@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from torch import nn
 
-EditFn = Callable[..., Any]
+EditFn = Callable[[Any, Optional[str]], Any]  # (output, layer name) -> the output to use
 
 
 class StopForward(Exception):
@@ -183,12 +183,3 @@ def set_requires_grad(requires_grad: bool, *models: nn.Module | torch.Tensor) ->
             m.requires_grad_(requires_grad)
         else:
             raise TypeError(f"set_requires_grad expects modules or tensors, got {type(m).__name__}")
-
-
-def replace_module(model: nn.Module, name: str, new_module: nn.Module) -> nn.Module:
-    """Swap the submodule at ``name`` for ``new_module`` and return the old one."""
-    parent_name, _, child = name.rpartition(".")
-    parent = get_module(model, parent_name) if parent_name else model
-    old = getattr(parent, child)
-    setattr(parent, child, new_module)
-    return old

@@ -55,8 +55,3 @@ def module_device(module: nn.Module) -> torch.device:
         if p.device.type != "meta":
             return p.device
     return torch.device("cpu")
-
-
-def is_dispatched(model: nn.Module) -> bool:
-    """Whether accelerate placed the model (hooks or a device map)."""
-    return getattr(model, "hf_device_map", None) is not None or any(_hook(m) is not None for m in model.modules())

@@ -16,9 +16,23 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 
+class Continuation(str):
+    """A target scored exactly as written: no leading space is added.
+
+    An answer ("Paris") follows its prompt after a space, which ``target_ids`` adds, as ROME does.
+    ROME's zsRE neighbourhood pairs instead hold the exact text that follows the prompt: the decoded
+    next token of the answer, which may continue a word (prompt "...? L", target "ec" of
+    " Lecanorales"); with a space added it would be another token (SmolLM2: " ec" is 2948, the
+    answer's token is 1159). ROME compares against ``tok(target)`` as written.
+    """
+
+    __slots__ = ()
+
+
 def target_ids(tok: PreTrainedTokenizerBase, target: str) -> list[int]:
-    """Token ids of a target string, which always carries one leading space (as in ROME)."""
-    text = target if target.startswith(" ") else " " + target
+    """Token ids of a target string: an answer gets one leading space (as in ROME) unless it has
+    one; a ``Continuation`` is tokenized as written."""
+    text = target if isinstance(target, Continuation) or target.startswith(" ") else " " + target
     ids = tok(text, add_special_tokens=False)["input_ids"]
     if not ids:
         raise ValueError(f"target {target!r} tokenizes to nothing")
@@ -89,7 +103,7 @@ def score_targets(
     targets: Sequence[str],
     batch_size: int = 32,
 ) -> list[TargetScore]:
-    """Score each (prompt, target) pair; targets get a leading space."""
+    """Score each (prompt, target) pair; targets get a leading space (``Continuation`` targets do not)."""
     if len(prompts) != len(targets):
         raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
     device = model_device(model)
@@ -123,3 +137,22 @@ def score_targets(
                                        token_correct=ok, argmax=tuple(argmax[offset : offset + n])))
             offset += n
     return results
+
+
+def score_pairs(
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    pairs: Sequence[tuple[str, str]],
+    batch_size: int = 64,
+) -> list[TargetScore]:
+    """``score_targets`` over many (prompt, target) pairs, e.g. many records' at once: each distinct
+    pair is scored once, in batches of similar length (less padding), and the scores come back in
+    the order of ``pairs``. Equal to scoring them one group at a time up to float rounding (a row's
+    numbers can move in the last bits with the batch it shares)."""
+    unique = list(dict.fromkeys((p, t, isinstance(t, Continuation)) for p, t in pairs))
+    order = sorted(range(len(unique)), key=lambda i: len(unique[i][0]) + len(unique[i][1]))
+    prompts = [unique[i][0] for i in order]
+    targets = [Continuation(unique[i][1]) if unique[i][2] else unique[i][1] for i in order]
+    scored = score_targets(model, tok, prompts, targets, batch_size) if order else []
+    by_pair = {unique[i]: score for i, score in zip(order, scored)}
+    return [by_pair[(p, t, isinstance(t, Continuation))] for p, t in pairs]

@@ -1,4 +1,4 @@
-"""The official KE checkpoint (``efk-1tok-gpt2-xl.pt``) as a KEEditor.
+"""The official KE checkpoint (``efk-1tok-gpt2-xl.pt``) as a KENetwork.
 
 Layout (the MEND code base's ``EFK`` wrapper, saved by its trainer under ``"model"``):
     editor.conditioners.<weight name with '_' for '.'>_conditioner.conditioners.{0,2}.{weight_g, weight_v, bias}

@@ -21,8 +21,8 @@ LOG = logging.getLogger(__name__)
 
 
 def zsre_examples(paths: Paths) -> tuple[list[EditExample], list[EditExample]]:
-    train = MENDQADataset(paths, split="train", on_bad_record="skip")
-    val = MENDQADataset(paths, split="eval", on_bad_record="skip")
+    train = MENDQADataset(paths, split="train", on_bad_record="skip", setting="mend")
+    val = MENDQADataset(paths, split="eval", on_bad_record="skip", setting="mend")
     return [record_example(r) for r in train.records], [record_example(r) for r in val.records]
 
 

@@ -9,7 +9,6 @@ import dataclasses
 import importlib
 from typing import Any, Callable, Optional
 
-import torch
 from torch import nn
 
 from baselines.mend.editor_hparams import EditorHyperParams
@@ -31,9 +30,9 @@ class EditorKind:
 
 
 def _build_mend(model: nn.Module, params: list[InnerParam], hparams, official: Optional[dict] = None) -> nn.Module:
-    from baselines.mend.mend_editor import MendEditor
+    from baselines.mend.mend_network import MendNetwork
 
-    return MendEditor(params, hparams)
+    return MendNetwork(params, hparams)
 
 
 def _load_official_mend(model: nn.Module, params: list[InnerParam], hparams, state: dict) -> nn.Module:
@@ -51,7 +50,7 @@ def _is_official_mend(state: dict) -> bool:
 
 
 def _build_ke(model: nn.Module, params: list[InnerParam], hparams, official: Optional[dict] = None) -> nn.Module:
-    from baselines.efk.efk_editor import KEEditor
+    from baselines.efk.ke_network import KENetwork
 
     embedding = model.get_input_embeddings().weight.detach()
     vocab = embedding.shape[0]
@@ -59,7 +58,7 @@ def _build_ke(model: nn.Module, params: list[InnerParam], hparams, official: Opt
         from baselines.efk.official import official_vocab_size
 
         vocab = max(vocab, official_vocab_size(official))
-    return KEEditor(params, hparams, vocab, embedding.shape[1], embedding_init=embedding)
+    return KENetwork(params, hparams, vocab, embedding.shape[1], embedding_init=embedding)
 
 
 def _load_official_ke(model: nn.Module, params: list[InnerParam], hparams, state: dict) -> nn.Module:
@@ -95,7 +94,3 @@ def build_editor(kind: str, model: nn.Module, hparams: EditorHyperParams) -> nn.
     params = inner_params(model, hparams.inner_params)
     editor = get_editor_kind(kind).build(model, params, hparams, None)
     return editor.to(next(model.parameters()).device)
-
-
-def editor_device(editor: nn.Module) -> torch.device:
-    return next(editor.parameters()).device

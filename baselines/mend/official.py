@@ -1,4 +1,4 @@
-"""The official MEND checkpoints (``mend-10tok-gpt2-xl.pt``, ``mend-10tok-gpt-j-6b.pt``) as a MendEditor.
+"""The official MEND checkpoints (``mend-10tok-gpt2-xl.pt``, ``mend-10tok-gpt-j-6b.pt``) as a MendNetwork.
 
 Their layout is the MEND code base's trainer archive: ``{"model": state, "opt", "lr_opt", "val_stats",
 "step", ...}`` where ``state`` is the MEND wrapper's state dict without the language model's weights
@@ -7,7 +7,7 @@ with ``<key>`` = ``str((x_dim, delta_dim))`` when transforms are shared per weig
     mlp.layers.<i>.{u, v, bias, mode_scale.weight, mode_shift.weight}   (mlp1/mlp2 without combine)
     u_mean, u_std, u_s, v_mean, v_std, v_s, k                            (running statistics of x / delta)
 and ``edit_lrs`` holds one learned lr per inner param in the config's inner_params order. The
-reference adds lr * grad~ to the weights; MendEditor subtracts, so the lrs are negated here.
+reference adds lr * grad~ to the weights; MendNetwork subtracts, so the lrs are negated here.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import re
 
 import torch
 
-from baselines.mend.mend_editor import MendEditor
+from baselines.mend.mend_network import MendNetwork
 
 _STAT_NAMES = {
     "u_mean": "x_norm.mean", "u_std": "x_norm.std", "u_s": "x_norm.m2",
@@ -40,7 +40,7 @@ def _split_transform_key(key: str) -> tuple[str, str]:
 
 
 def map_official_mend_state(state: dict) -> dict[str, torch.Tensor]:
-    """The official state dict renamed to MendEditor's names, lrs negated; unknown keys raise."""
+    """The official state dict renamed to MendNetwork's names, lrs negated; unknown keys raise."""
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         if key == "model_config" or key.startswith("model."):
@@ -66,6 +66,6 @@ def map_official_mend_state(state: dict) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_official_mend(editor: MendEditor, state: dict) -> None:
+def load_official_mend(editor: MendNetwork, state: dict) -> None:
     mapped = map_official_mend_state(state)
     editor.load_state_dict(mapped, strict=True)

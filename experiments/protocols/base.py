@@ -1,30 +1,46 @@
-"""What every protocol shares: the run's context, the checked edit, and the files a step writes.
+"""What every protocol shares: the contract, the run's context, and the unedited model's answers.
 
-A protocol decides which records are edited when, whether edits are rolled back, and what is
-evaluated where; the run loop (experiments/run_loop.py) decides nothing of that: it calls
-``step(i)`` for i = 1..n_steps and checkpoints the weights (and the editor's state) between steps.
+A protocol owns everything about how edits are run and read back: its command-line flags
+(``add_arguments``), their checks (``check_arguments`` before any file is read, ``settings`` once
+the number of edits is known), what a step does and which files it writes, and how its run folders
+are read into the summaries' shape (``read_run``). The run loop (experiments/run/loop.py) decides
+nothing of that: it calls ``step(i)`` for i = 1..n_steps and checkpoints the weights (and the
+editor's state) between steps; nothing outside a protocol's module branches on its name.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import json
 import logging
 import time
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Optional, Sequence
 
 from torch import nn
+from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from dsets.registry import EditDataset
 from editing.editor import Editor, EditOutcome, update_norms
-from experiments.checkpoints import WeightLedger
-from experiments.faults import check_weights
 from experiments.protocols.split import ProtocolSplit, retention_prompt
 from experiments.py.dataset_metrics import DatasetMetrics
 from experiments.py.locality import argmax_answers, unchanged
-from experiments.run_files import read_json, strip_timing, write_json_atomic
+from experiments.py.numerics import check_weights
+from experiments.store.checkpoints import WeightLedger
+from experiments.store.files import read_json, strip_timing, write_json_atomic
+from experiments.store.run_types import RunContent
 
 LOG = logging.getLogger(__name__)
 UNEDITED_FILE = "unedited_predictions.json"
+
+
+class FlagError(ValueError):
+    """A protocol flag that cannot be used: which flag, what is wrong, how to fix it."""
+
+    def __init__(self, flag: str, message: str, fix: str):
+        self.flag, self.message, self.fix = flag, message, fix
+        super().__init__(f"{flag}: {message}")
 
 
 @dataclasses.dataclass
@@ -63,17 +79,11 @@ class RunContext:
         """Write a result file; when a resumed run replays a step, say whether it matches the old file."""
         path = self.run_dir / name
         if path.is_file():
-            same = strip_timing(read_json(path)) == strip_timing(_json_roundtrip(result))
+            same = strip_timing(read_json(path)) == strip_timing(json.loads(json.dumps(result)))
             self.replays[name] = same
             (LOG.info if same else LOG.warning)("replayed %s: %s the interrupted run's", name,
                                                 "identical to" if same else "DIFFERENT from")
         write_json_atomic(path, result)
-
-
-def _json_roundtrip(obj: Any) -> Any:
-    import json
-
-    return json.loads(json.dumps(obj))
 
 
 class UneditedAnswers:
@@ -96,9 +106,12 @@ class UneditedAnswers:
             self.neighborhood, self.retention = data["neighborhood"], data["retention"]
             return
         ctx = self.ctx
-        for record in ctx.split.edit_stream[: ctx.edit_times]:
+        records = ctx.split.edit_stream[: ctx.edit_times]
+        for record in tqdm(records, desc="unedited answers (neighbourhood prompts)", unit="record", leave=False):
             self.neighborhood[str(record["case_id"])] = argmax_answers(ctx.model, ctx.tok, ctx.metrics.neighborhood_pairs(record))
-        answers = argmax_answers(ctx.model, ctx.tok, [retention_prompt(r) for r in self.watched])
+        LOG.info("unedited answers: %d edited records' neighbourhood prompts, %d watched records",
+                 len(records), len(self.watched))
+        answers = argmax_answers(ctx.model, ctx.tok, [retention_prompt(r, ctx.split.watched_answer) for r in self.watched])
         self.retention = {str(r["case_id"]): a for r, a in zip(self.watched, answers)}
         write_json_atomic(self.path, {"neighborhood": self.neighborhood, "retention": self.retention})
 
@@ -110,17 +123,44 @@ class UneditedAnswers:
 
     def retention_unchanged(self, records: Sequence[dict]) -> int:
         """How many of ``records`` (watched ones) the current model answers as the unedited one did."""
-        now = argmax_answers(self.ctx.model, self.ctx.tok, [retention_prompt(r) for r in records])
+        answer = self.ctx.split.watched_answer
+        now = argmax_answers(self.ctx.model, self.ctx.tok, [retention_prompt(r, answer) for r in records])
         return sum(list(a) == self.retention[str(r["case_id"])] for r, a in zip(records, now))
 
 
 class Protocol:
-    """One way of running edits; subclasses define the steps and the files they write."""
+    """One way of running edits; subclasses define their flags, steps, files and reader."""
 
     name: ClassVar[str]
+    description: ClassVar[str] = ""  # one line, for --help
 
-    def __init__(self, ctx: RunContext):
+    # --- the command line -------------------------------------------------------------------
+
+    @classmethod
+    def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
+        """Declare this protocol's own flags (``python -m experiments.evaluate`` adds them when
+        ``--protocol`` names it, and all protocols' for ``--help``)."""
+
+    @classmethod
+    def check_arguments(cls, args: argparse.Namespace, batch_edits: bool) -> None:
+        """Checks that need only the command (``batch_edits``: whether the editor takes batches);
+        raise ``FlagError``."""
+
+    @classmethod
+    def check_dataset(cls, dataset: EditDataset) -> None:
+        """Checks of the dataset this protocol would run on (``FlagError``)."""
+
+    @classmethod
+    def settings(cls, args: argparse.Namespace, edit_times: int) -> dict:
+        """This run's settings of the protocol, checked against the number of edits (``FlagError``):
+        part of the run's configuration (a run resumes only under the same) and of run.json."""
+        return {}
+
+    def __init__(self, ctx: RunContext, settings: Optional[dict] = None):
         self.ctx = ctx
+        self.settings = dict(settings or {})
+
+    # --- the run ------------------------------------------------------------------------------
 
     @property
     def n_steps(self) -> int:
@@ -145,5 +185,12 @@ class Protocol:
         raise NotImplementedError
 
     def run_fields(self) -> dict:
-        """What run.json records about the protocol (its settings, case ids, checkpoints)."""
-        return {"protocol": self.name}
+        """What run.json records about the protocol (its name and settings, and what it derived)."""
+        return {"protocol": self.name, **self.settings}
+
+    # --- reading a run folder back ---------------------------------------------------------------
+
+    @classmethod
+    def read_run(cls, path: Path, meta: dict, allow_partial: bool) -> RunContent:
+        """The run folder's steps and checkpoints (``RunFolderError`` naming the file that is wrong)."""
+        raise NotImplementedError(f"protocol {cls.name!r} has no reader: its runs cannot be summarised")

@@ -1,4 +1,5 @@
-"""CounterFact metrics of one record on the current model (ALGORITHMS.md, 'Per-edit metrics').
+"""CounterFact metrics of one record on the current model (ROME's ``compute_rewrite_quality_counterfact``,
+kmeng01/rome ``experiments/py/eval_utils_counterfact.py``, and the WilKE paper's greedy correctness).
 
 For the rewrite, paraphrase and neighborhood prompts: the mean NLL of " target_new" and of
 " target_true" (ROME calls these ``*_probs``), and ``*_correct``: whether greedy decoding
@@ -10,12 +11,12 @@ With ``generation`` (experiments.py.generation_metrics.GenerationTests) the dict
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from util.scoring import score_targets
+from util.scoring import TargetScore, score_targets
 
 PROMPT_KINDS = ("rewrite_prompts", "paraphrase_prompts", "neighborhood_prompts")
 
@@ -29,22 +30,17 @@ def record_prompts(record: dict) -> dict[str, list[str]]:
     }
 
 
-def compute_rewrite_quality_counterfact(
-    model: nn.Module,
-    tok: PreTrainedTokenizerBase,
-    record: dict,
-    generation: Optional[Any] = None,
-) -> dict:
-    """Metrics of ``record`` on the current model; ``generation`` adds fluency/consistency when given."""
+def scored_pairs(record: dict) -> list[tuple[str, str]]:
+    """(prompt, target) of every score a record's metrics read: each prompt with target_new, then target_true."""
     rw = record["requested_rewrite"]
     new, true = rw["target_new"]["str"], rw["target_true"]["str"]
     groups = record_prompts(record)
-    prompts, targets = [], []
-    for kind in PROMPT_KINDS:
-        for p in groups[kind]:
-            prompts += [p, p]
-            targets += [new, true]
-    scores = score_targets(model, tok, prompts, targets)
+    return [(p, t) for kind in PROMPT_KINDS for p in groups[kind] for t in (new, true)]
+
+
+def post_from_scores(record: dict, scores: Sequence[TargetScore]) -> dict[str, Any]:
+    """The record's metrics from the scores of ``scored_pairs(record)``, in that order."""
+    groups = record_prompts(record)
     out: dict[str, Any] = {}
     i = 0
     for kind in PROMPT_KINDS:
@@ -56,6 +52,18 @@ def compute_rewrite_quality_counterfact(
             correct.append(s_true.correct if kind == "neighborhood_prompts" else s_new.correct)
         out[f"{kind}_probs"] = probs
         out[f"{kind}_correct"] = correct
+    return out
+
+
+def compute_rewrite_quality_counterfact(
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    record: dict,
+    generation: Optional[Any] = None,
+) -> dict:
+    """Metrics of ``record`` on the current model; ``generation`` adds fluency/consistency when given."""
+    pairs = scored_pairs(record)
+    out = post_from_scores(record, score_targets(model, tok, [p for p, _ in pairs], [t for _, t in pairs]))
     if generation is not None:
         out.update(generation(model, tok, record))
     return out

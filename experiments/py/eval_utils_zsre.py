@@ -2,7 +2,8 @@
 
 For the rewrite prompt and each paraphrase: for every token i of " target_new", whether the argmax
 after prompt + target[:i] is target[i] (teacher forced); the neighbourhood prompt (an NQ question
-followed by "?") is checked the same way against its answer ``loc_ans``. Each ``*_prompts_correct``
+followed by "?") is checked the same way against its target, the exact text that follows it
+(" " + ``loc_ans``, or one token of it in ROME's token-by-token pairs). Each ``*_prompts_correct``
 is the flat list of those token verdicts, so its mean is ROME's token-by-token accuracy.
 
 One difference from ROME's code: ROME re-tokenizes ``prompt + decode(target[:i])`` for every i;
@@ -11,17 +12,39 @@ whenever the tokenizer does not merge across the prompt/target boundary (targets
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from util.scoring import score_targets
+from util.scoring import Continuation, TargetScore, score_targets
 
 
 def neighborhood_pairs(record: dict) -> list[tuple[str, str]]:
-    """(prompt, answer) of each neighbourhood entry: ``{"prompt": ..., "target": ...}`` dicts."""
-    return [(n["prompt"], n["target"]) for n in record.get("neighborhood_prompts") or []]
+    """(prompt, continuation) of each neighbourhood entry (``{"prompt": ..., "target": ...}``). The
+    target is the exact text after the prompt, scored as written, as ROME does (dsets/zsre.py)."""
+    return [(n["prompt"], Continuation(n["target"])) for n in record.get("neighborhood_prompts") or []]
+
+
+def _groups(record: dict) -> dict[str, list[tuple[str, str]]]:
+    rw = record["requested_rewrite"]
+    new = rw["target_new"]["str"]
+    return {
+        "rewrite_prompts": [(rw["prompt"].format(rw["subject"]), new)],
+        "paraphrase_prompts": [(p, new) for p in record.get("paraphrase_prompts") or []],
+        "neighborhood_prompts": neighborhood_pairs(record),
+    }
+
+
+def scored_pairs(record: dict) -> list[tuple[str, str]]:
+    """(prompt, target) of every score a record's metrics read, rewrite then paraphrases then neighbours."""
+    return [pair for pairs in _groups(record).values() for pair in pairs]
+
+
+def post_from_scores(record: dict, scores: Sequence[TargetScore]) -> dict[str, Any]:
+    """The record's token accuracies from the scores of ``scored_pairs(record)``, in that order."""
+    it = iter(scores)
+    return {f"{kind}_correct": [ok for _ in pairs for ok in next(it).token_correct] for kind, pairs in _groups(record).items()}
 
 
 def compute_rewrite_quality_zsre(
@@ -31,16 +54,6 @@ def compute_rewrite_quality_zsre(
     generation: Optional[Any] = None,
 ) -> dict:
     """Token-by-token accuracies of ``record``; ``generation`` is not used (zsRE has no generation prompts)."""
-    rw = record["requested_rewrite"]
-    new = rw["target_new"]["str"]
-    groups = {
-        "rewrite_prompts": [(rw["prompt"].format(rw["subject"]), new)],
-        "paraphrase_prompts": [(p, new) for p in record.get("paraphrase_prompts") or []],
-        "neighborhood_prompts": neighborhood_pairs(record),
-    }
-    pairs = [pair for kind in groups for pair in groups[kind]]
-    scores = iter(score_targets(model, tok, [p for p, _ in pairs], [t for _, t in pairs]) if pairs else [])
-    out: dict[str, Any] = {}
-    for kind, kind_pairs in groups.items():
-        out[f"{kind}_correct"] = [ok for _ in kind_pairs for ok in next(scores).token_correct]
-    return out
+    pairs = scored_pairs(record)
+    scores = score_targets(model, tok, [p for p, _ in pairs], [t for _, t in pairs]) if pairs else []
+    return post_from_scores(record, scores)

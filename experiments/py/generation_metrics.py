@@ -1,4 +1,5 @@
-"""CounterFact generation tests (ALGORITHMS.md, 'Generation tests'): fluency and consistency.
+"""CounterFact generation tests (ROME's ``test_generation``,
+kmeng01/rome ``experiments/py/eval_utils_counterfact.py``): fluency and consistency.
 
 Text is sampled from each record's ``generation_prompts`` the way ROME's ``generate_fast`` does:
 top-k (k=5) sampling, ``n_gen_per_prompt`` samples per prompt, ``max_out_len`` tokens in total
@@ -27,7 +28,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from experiments.faults import check_logits
+from experiments.py.numerics import check_logits
 from util.scoring import model_device, prompt_ids
 
 LOG = logging.getLogger(__name__)

@@ -1,25 +1,22 @@
-"""The numbers of a lifelong-editing summary (ALGORITHMS.md, 'Summary (the WilKE notebooks)').
+"""The numbers of a lifelong-editing summary, the same for every protocol.
 
-Roll-back protocol, at checkpoint n of a run:
-- ES, GS, LS: mean over edits 1..n of each edit's mean of rewrite / paraphrase / neighborhood
-  ``*_prompts_correct`` (greedy decoding reproduces the expected target);
-- ERS = edit_retention / n and ORS = orig_retention / orig_retention_len (``retention_of_edit_n``);
+A protocol's reader gives, at each checkpoint n, the per-record metrics that count at n edits
+(roll-back and immediate: each of records 1..n read right after its own edit; sequential: records
+1..n read after n edits) and the ratios only it measures (roll-back: ERS = edit_retention / n, ORS =
+orig_retention / orig_retention_len; sequential and immediate: PS = share of the untouched records
+still answered with target_true, PU = share answered as the unedited model did). From these:
+- ES, GS, LS: mean over the records of each record's mean of rewrite / paraphrase / neighborhood
+  ``*_prompts_correct`` (greedy decoding reproduces the expected target; zsRE: token accuracies);
 - S: harmonic mean of ES, GS, LS, ERS, ORS, a zero counted as 1e-4 (so one collapsed component
-  pulls S towards zero instead of making it undefined);
-- ROME's probability scores over edits 1..n: efficacy_score = P[nll(new) < nll(true)] on the
-  rewrite prompts, paraphrase_score likewise, neighborhood_score = P[nll(true) < nll(new)];
-- fluency (``ngram_entropy``) and consistency (``reference_score``) averaged over the edits that
+  pulls S towards zero instead of making it undefined); only where the protocol measures ERS/ORS;
+- ROME's probability scores: efficacy_score = P[nll(new) < nll(true)] on the rewrite prompts,
+  paraphrase_score likewise, neighborhood_score = P[nll(true) < nll(new)];
+- fluency (``ngram_entropy``) and consistency (``reference_score``) averaged over the records that
   have them (generation tests may be skipped or run every k edits);
-- flashes: how many of edits 1..n are toxicity flashes (``toxicity_flashes``);
-- LU, locality as unchanged prediction: mean over edits 1..n of the share of neighbourhood prompts
-  the edited model answers as the unedited one did (``locality_of_edit_{n}.json``); LU_tokens the
-  same over answer tokens (EasyEdit's locality).
-Sequential protocol, at checkpoint n (``evaluation_after_edit_{n}.json``, every record edited so far
-on the model after n edits): ES, GS, LS, LU, LU_tokens and ROME's probability scores averaged over
-those records (zsRE: token accuracies), PS = share of the untouched records still answered with
-target_true, PU = share answered as the unedited model did, fluency/consistency where generated,
-flashes over the batches so far. ERS, ORS and S are roll-back measures and stay empty there.
-An edit with no prompt of a kind (e.g. no paraphrases) is left out of that kind's mean. Across runs:
+- LU, locality as unchanged prediction: mean of the share of neighbourhood prompts the edited model
+  answers as the unedited one did; LU_tokens the same over answer tokens (EasyEdit's locality);
+- flashes: how many of the steps (edits or batches) up to n are toxicity flashes.
+A record with no prompt of a kind (e.g. no paraphrases) is left out of that kind's mean. Across runs:
 mean and population standard deviation (ddof=0, numpy's default) over the runs that reach n.
 """
 from __future__ import annotations
@@ -30,9 +27,10 @@ from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
-from experiments.summary.run_types import EditResult, LoadedRuns, Run, SkippedRun
+from experiments.store.run_types import LoadedRuns, Run, SkippedRun
 
 COMPONENTS = ("ES", "GS", "LS", "ERS", "ORS")
+RETENTION_RATIOS = ("ERS", "ORS")  # the roll-back protocol's: S exists where these do
 PROBABILITY_SCORES = ("efficacy_score", "paraphrase_score", "neighborhood_score")
 GENERATION_SCORES = {"fluency": "ngram_entropy", "consistency": "reference_score"}
 LOCALITY_SCORES = {"LU": "neighborhood_prompts_unchanged", "LU_tokens": "neighborhood_prompts_unchanged_tokens"}
@@ -68,9 +66,8 @@ def _nll_pair(entry: Any) -> tuple[float, float]:
     return float(entry["target_new"]), float(entry["target_true"])
 
 
-def per_edit_scores(edit: EditResult) -> dict[str, float]:
-    """One edit's means over its prompts (NaN for a kind it has no prompts or values of)."""
-    post = edit.post
+def record_scores(post: dict[str, Any]) -> dict[str, float]:
+    """One record's means over its prompts (NaN for a kind it has no prompts or values of)."""
     scores = {name: _mean(post[f"{kind}_prompts_correct"]) for name, kind in CORRECT_KEYS.items()}
     for name, key in LOCALITY_SCORES.items():
         scores[name] = _mean(post[key]) if isinstance(post.get(key), list) else math.nan
@@ -115,35 +112,22 @@ def _column_means(rows: Sequence[dict[str, float]]) -> dict[str, float]:
     return scores
 
 
-def sequential_scores(run: Run, n: int, flash_factor: float = DEFAULT_FLASH_FACTOR) -> dict[str, float]:
-    """Every metric of a sequential run after n edits: its evaluation of all records edited so far."""
-    evaluation = run.evaluations[n]
-    rows = [per_edit_scores(EditResult(i, "", post, {}, None)) for i, post in enumerate(evaluation.posts, start=1)]
-    scores = {m: math.nan for m in METRICS}
-    scores.update(_column_means(rows))
-    kept = evaluation.preservation
-    if kept["n_records"]:
-        scores["PS"], scores["PU"] = kept["retained"] / kept["n_records"], kept["unchanged"] / kept["n_records"]
-    batches = sum(1 for end in run.batch_ends if end <= n)
-    scores["flashes"] = float(sum(toxicity_flashes(update_norms(run)[:batches], flash_factor)))
-    return scores
-
-
-def checkpoint_scores(run: Run, n: int, per_edit: Optional[list[dict[str, float]]] = None,
-                      flash_factor: float = DEFAULT_FLASH_FACTOR) -> dict[str, float]:
-    """Every metric of ``run`` at checkpoint n (which must have a retention or evaluation file)."""
+def checkpoint_scores(run: Run, n: int, flash_factor: float = DEFAULT_FLASH_FACTOR,
+                      cache: Optional[dict[int, dict[str, float]]] = None) -> dict[str, float]:
+    """Every metric of ``run`` at checkpoint n (one of its protocol's checkpoints). ``cache`` keeps
+    per-record scores by ``id`` of the post, for protocols whose checkpoints share posts."""
     if n not in run.checkpoints or n > run.n_edits:
         raise KeyError(f"{run.label} has no checkpoint {n}")
-    if run.protocol == "sequential":
-        return sequential_scores(run, n, flash_factor)
-    per_edit = per_edit if per_edit is not None else [per_edit_scores(e) for e in run.edits]
+    checkpoint = run.checkpoints[n]
+    cache = {} if cache is None else cache
+    rows = [cache.setdefault(id(post), record_scores(post)) for post in checkpoint.posts]
     scores = {m: math.nan for m in METRICS}
-    scores.update(_column_means(per_edit[:n]))
-    ret = run.retention[n]
-    scores["ERS"] = ret.edit_retention / n
-    scores["ORS"] = ret.orig_retention / ret.orig_retention_len if ret.orig_retention_len else math.nan
-    scores["S"] = harmonic_score([scores[c] for c in COMPONENTS])
-    scores["flashes"] = float(sum(toxicity_flashes(update_norms(run)[:n], flash_factor)))
+    scores.update(_column_means(rows))
+    scores.update({k: v for k, v in checkpoint.ratios.items() if k in scores})
+    if all(c in checkpoint.ratios for c in RETENTION_RATIOS):
+        scores["S"] = harmonic_score([scores[c] for c in COMPONENTS])
+    steps = sum(1 for end in run.step_ends if end <= n)
+    scores["flashes"] = float(sum(toxicity_flashes(update_norms(run)[:steps], flash_factor)))
     return scores
 
 
@@ -177,7 +161,9 @@ def _isnan(value: Any) -> bool:
 
 def _aggregate(algorithm: str, n: int, run_rows: list[dict[str, Any]]) -> dict[str, Any]:
     row: dict[str, Any] = {"algorithm": algorithm, "checkpoint": n, "n_runs": len(run_rows),
-                           "runs": ",".join(r["run"] for r in run_rows)}
+                           "runs": ",".join(r["run"] for r in run_rows),
+                           # records the scores average over: n, or fewer at a sampled checkpoint (--eval_sample)
+                           "evaluated": min((r["evaluated"] for r in run_rows), default=0)}
     for m in METRICS:
         values = np.array([r[m] for r in run_rows], dtype=float)
         known = values[~np.isnan(values)]
@@ -192,23 +178,24 @@ def summarize(loaded: LoadedRuns, checkpoints: Optional[Sequence[int]] = None,
               flash_factor: float = DEFAULT_FLASH_FACTOR) -> Summary:
     """Scores of every run at every checkpoint, and their mean/std per algorithm.
 
-    Default checkpoints: per algorithm, every checkpoint any of its runs has a retention file for.
-    A run without checkpoint n (fewer edits, or n not one of its retention checkpoints) is left out
-    of that row, and a note says so."""
+    Default checkpoints: per algorithm, every checkpoint any of its runs has. A run without
+    checkpoint n (fewer edits, or n not one of its checkpoints) is left out of that row, and a note
+    says so."""
     notes: list[str] = []
     rows, per_run = [], []
     for algorithm, runs in loaded.by_algorithm().items():
-        per_edit = {r.label: [per_edit_scores(e) for e in r.edits] for r in runs if r.protocol == "rollback"}
+        caches: dict[str, dict[int, dict[str, float]]] = {r.label: {} for r in runs}
         points = sorted(checkpoints) if checkpoints else sorted({n for r in runs for n in r.checkpoints})
         for n in points:
             run_rows = []
             for run in runs:
                 if n not in run.checkpoints:
                     notes.append(f"{run.label}: no checkpoint {n} (it has {run.n_edits} edits, "
-                                 f"checkpoints {run.checkpoints}); left out of checkpoint {n}")
+                                 f"checkpoints {sorted(run.checkpoints)}); left out of checkpoint {n}")
                     continue
-                scores = checkpoint_scores(run, n, per_edit.get(run.label), flash_factor)
-                run_rows.append({"algorithm": algorithm, "run": run.name, "checkpoint": n, **scores})
+                scores = checkpoint_scores(run, n, flash_factor, caches[run.label])
+                run_rows.append({"algorithm": algorithm, "run": run.name, "checkpoint": n,
+                                 "evaluated": len(run.checkpoints[n].posts), **scores})
             per_run += run_rows
             rows.append(_aggregate(algorithm, n, run_rows))
     return Summary(rows, per_run, list(loaded.runs), list(loaded.skipped), notes, flash_factor)

@@ -19,8 +19,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from experiments.store.run_types import Run
 from experiments.summary.metrics import METRICS, Summary
-from experiments.summary.run_types import Run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,3 +162,14 @@ def paired_json(rows: Sequence[PairedRow], notes: Sequence[str]) -> dict[str, An
                   **{f"{m}_below": r.below[m] for m in METRICS}} for r in rows],
         "notes": list(notes),
     }
+
+
+def paired_rows_from_json(data: dict[str, Any]) -> list[PairedRow]:
+    """The rows ``paired_json`` wrote, back as ``PairedRow``s (to print a saved summary's table again)."""
+    def num(x: Optional[float]) -> float:
+        return math.nan if x is None else float(x)
+
+    return [PairedRow(r["algorithm"], r["baseline"], r["checkpoint"], tuple(r["seeds"]), tuple(r["pairs"]),
+                      {m: num(r.get(f"{m}_diff_mean")) for m in METRICS}, {m: num(r.get(f"{m}_diff_std")) for m in METRICS},
+                      {m: r.get(f"{m}_above", 0) for m in METRICS}, {m: r.get(f"{m}_below", 0) for m in METRICS})
+            for r in data.get("rows", [])]
