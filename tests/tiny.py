@@ -65,23 +65,23 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     return tok
 
 
-def make_model(arch: str = "gpt2", n_layer: int = 4, seed: int = 0, width: int = 64) -> torch.nn.Module:
-    """A tiny causal LM of the given family, in eval mode with gradients off."""
+def make_model(arch: str = "gpt2", n_layer: int = 4, seed: int = 0, width: int = 64, context: int = 128) -> torch.nn.Module:
+    """A tiny causal LM of the given family (``context`` positions), in eval mode with gradients off."""
     tok = make_tokenizer()
     vocab = len(tok)
     torch.manual_seed(seed)
     if arch == "gpt2":
-        cfg = GPT2Config(vocab_size=vocab, n_positions=128, n_embd=width, n_layer=n_layer, n_head=4,
+        cfg = GPT2Config(vocab_size=vocab, n_positions=context, n_embd=width, n_layer=n_layer, n_head=4,
                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
         model = GPT2LMHeadModel(cfg)
     elif arch == "gptj":
-        cfg = GPTJConfig(vocab_size=vocab, n_positions=128, n_embd=width, n_layer=n_layer, n_head=4,
+        cfg = GPTJConfig(vocab_size=vocab, n_positions=context, n_embd=width, n_layer=n_layer, n_head=4,
                          rotary_dim=8, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
         model = GPTJForCausalLM(cfg)
     elif arch == "llama":
         cfg = LlamaConfig(vocab_size=vocab, hidden_size=width, intermediate_size=2 * width,
                           num_hidden_layers=n_layer, num_attention_heads=4, num_key_value_heads=2,
-                          max_position_embeddings=128, bos_token_id=tok.bos_token_id,
+                          max_position_embeddings=context, bos_token_id=tok.bos_token_id,
                           eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                           tie_word_embeddings=True)
         model = LlamaForCausalLM(cfg)
