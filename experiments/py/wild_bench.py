@@ -9,8 +9,8 @@ Parts (``--parts``, default all):
   of L tokens is cut by cap c when L > c, or L == c and nothing else stopped it);
 - ``wild``: seconds of ``wild_scores`` per record, batched (the default settings) and one prompt at
   a time, their ratio, and whether both gave the same answers;
-- ``capability``: one full ``CapabilityProbe`` pass at the default settings (probes + perplexity),
-  its seconds and scores.
+- ``capability``: one full ``CapabilityProbe`` pass (probes + perplexity; the default settings unless
+  ``--tasks/--items/--few_shots`` say otherwise), its seconds and scores.
 """
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from experiments.py.capability import CapabilityProbe, CapabilitySettings, check_capability_settings
+from experiments.py.capability import CapabilityProbe, CapabilitySettings, ProbeSetupError, check_capability_settings
+from experiments.py.probe_tasks import DEFAULT_TASKS
 from experiments.py.wild import TEMPLATES, WildSettings, generate_answers, wild_pairs, wild_scores
 from util.generation import STOP_CAP
 
@@ -91,6 +92,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timing_records", type=int, default=10, help="records timed batched and one at a time")
     p.add_argument("--probe_cap", type=int, default=128, help="max_new_tokens of the stop statistics")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated from {','.join(PARTS)}")
+    p.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="capability probe tasks, comma-separated")
+    p.add_argument("--items", type=int, default=CapabilitySettings.n_items, help="items per probe task")
+    p.add_argument("--few_shots", type=int, default=CapabilitySettings.n_few_shots, help="few-shot examples per item")
+    p.add_argument("--num_threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--device", default=None)
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
@@ -106,9 +111,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     LOG.setLevel(logging.INFO)
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
     parts = args.parts.split(",")
+    probe_settings = CapabilitySettings(tasks=tuple(t for t in args.tasks.split(",") if t), n_items=args.items,
+                                        n_few_shots=args.few_shots)
     if "capability" in parts:
-        check_capability_settings(CapabilitySettings())
+        try:
+            check_capability_settings(probe_settings)
+        except ProbeSetupError as e:
+            raise SystemExit(f"error: {e}") from None
     model, tok = load_model(args.model, device=args.device)
     records = known_records(args.model, max(args.records, args.timing_records))
     results: dict = {"model": args.model, "torch_threads": torch.get_num_threads(),
@@ -120,8 +132,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         LOG.info("wild: %s", results["wild"])
     if "capability" in parts:
         start = time.perf_counter()
-        results["capability"] = CapabilityProbe(CapabilitySettings()).run(model, tok)
+        results["capability"] = CapabilityProbe(probe_settings).run(model, tok)
         results["capability"]["seconds_total"] = time.perf_counter() - start
+        results["capability"]["settings"] = probe_settings.as_dict()
     print(json.dumps(results, indent=1))
     if args.json:
         from util.atomic_files import write_json_atomic
