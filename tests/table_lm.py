@@ -75,10 +75,6 @@ class TableLM(nn.Module):
     def get_output_embeddings(self) -> nn.Module:
         return self.head
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_):
-        hidden = self.body(input_ids, attention_mask).last_hidden_state
-        return types.SimpleNamespace(logits=self.head(hidden))
-
 
 def continuation_table(prompt: Sequence[int], steps: Sequence[dict[int, float]], path: Sequence[int]) -> dict:
     """Rows for ``prompt``: after prompt + path[:i] the distribution is steps[i]."""
