@@ -1,0 +1,147 @@
+"""What WILD evaluation and the capability probes cost, and how often the generation cap decides.
+
+    python -m experiments.py.wild_bench --model smollm2-135m --records 50 --timing_records 10 --json wild_bench.json
+
+Parts (``--parts``, default all):
+- ``stops``: over the first ``--records`` known CounterFact records (every rewrite, paraphrase and
+  neighbourhood prompt), generate with a generous cap (``--probe_cap``) under each template and
+  report, for each candidate ``max_new_tokens``, the share of answers that cap would cut (an answer
+  of L tokens is cut by cap c when L > c, or L == c and nothing else stopped it);
+- ``wild``: seconds of ``wild_scores`` per record, batched (the default settings) and one prompt at
+  a time, their ratio, and whether both gave the same answers;
+- ``capability``: one full ``CapabilityProbe`` pass (probes + perplexity; the default settings unless
+  ``--tasks/--items/--few_shots`` say otherwise), its seconds and scores.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from experiments.py.capability import CapabilityProbe, CapabilitySettings, ProbeSetupError, check_capability_settings
+from experiments.py.probe_tasks import DEFAULT_TASKS
+from experiments.py.wild import TEMPLATES, WildSettings, generate_answers, wild_pairs, wild_scores
+from util.generation import STOP_CAP
+
+LOG = logging.getLogger("experiments.py.wild_bench")
+PARTS = ("stops", "wild", "capability")
+CANDIDATE_CAPS = (16, 32, 64, 128)
+
+
+def cut_share(lengths: Sequence[tuple[int, str]], cap: int) -> float:
+    """Share of answers a cap of ``cap`` tokens would stop, from answers generated under a larger cap."""
+    return sum(n > cap or (n == cap and why == STOP_CAP) for n, why in lengths) / len(lengths)
+
+
+def stop_statistics(model: nn.Module, tok: PreTrainedTokenizerBase, records: Sequence[dict], probe_cap: int) -> dict:
+    out = {}
+    for template in TEMPLATES:
+        settings = WildSettings(max_new_tokens=probe_cap, template=template)
+        prompts = [p for r in records for pairs in wild_pairs(r, "counterfact").values() for p, _ in pairs]
+        lengths = [(len(g.token_ids), g.stopped_by) for g in generate_answers(model, tok, prompts, settings)]
+        out[template] = {
+            "answers": len(lengths),
+            "median_tokens": statistics.median(n for n, _ in lengths),
+            "max_tokens": max(n for n, _ in lengths),
+            "stopped_by": {why: sum(w == why for _, w in lengths) / len(lengths) for why in sorted({w for _, w in lengths})},
+            "cut_by_cap": {str(c): cut_share(lengths, c) for c in (*CANDIDATE_CAPS, probe_cap) if c <= probe_cap},
+        }
+        LOG.info("stops, %s: %s", template, out[template])
+    return out
+
+
+def time_wild(model: nn.Module, tok: PreTrainedTokenizerBase, records: Sequence[dict], settings: WildSettings) -> dict:
+    """Seconds per record of batched and one-prompt-at-a-time WILD scoring, and whether they agree."""
+    timings, answers = {}, {}
+    for name, s in (("batched", settings), ("one_at_a_time", dataclasses.replace(settings, batch_size=1))):
+        start = time.perf_counter()
+        answers[name] = [wild_scores(model, tok, r, "counterfact", settings=s)["wild_answers"] for r in records]
+        timings[name] = (time.perf_counter() - start) / len(records)
+    prompts = sum(len(v) for a in answers["batched"] for v in a.values())
+    same = sum(x == y for a, b in zip(answers["batched"], answers["one_at_a_time"]) for k in a for x, y in zip(a[k], b[k]))
+    return {"seconds_per_record_batched": timings["batched"], "seconds_per_record_one_at_a_time": timings["one_at_a_time"],
+            "speedup": timings["one_at_a_time"] / timings["batched"], "prompts": prompts, "same_answers": same,
+            "records": len(records), "settings": settings.as_dict()}
+
+
+def known_records(model_name: str, n: int) -> list[dict]:
+    from dsets.registry import resolve_edit_dataset
+    from util.globals import load_paths
+    from util.models import model_slug
+
+    found = resolve_edit_dataset("counterfact", load_paths(), model_slug(model_name), size=n)
+    if found.missing:
+        raise SystemExit(f"no known subset for {model_name}: build it with python -m dsets.make_known (would be {found.source_path})")
+    return found.records
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m experiments.py.wild_bench", description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--records", type=int, default=50, help="known CounterFact records for the stop statistics")
+    p.add_argument("--timing_records", type=int, default=10, help="records timed batched and one at a time")
+    p.add_argument("--probe_cap", type=int, default=128, help="max_new_tokens of the stop statistics")
+    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated from {','.join(PARTS)}")
+    p.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="capability probe tasks, comma-separated")
+    p.add_argument("--items", type=int, default=CapabilitySettings.n_items, help="items per probe task")
+    p.add_argument("--few_shots", type=int, default=CapabilitySettings.n_few_shots, help="few-shot examples per item")
+    p.add_argument("--num_threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--json", default=None, help="also write the results here")
+    args = p.parse_args(argv)
+    unknown = set(args.parts.split(",")) - set(PARTS)
+    if unknown:
+        p.error(f"--parts: unknown part(s) {sorted(unknown)}; choose from {list(PARTS)}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    from util.models import load_model
+
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    LOG.setLevel(logging.INFO)
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    parts = args.parts.split(",")
+    probe_settings = CapabilitySettings(tasks=tuple(t for t in args.tasks.split(",") if t), n_items=args.items,
+                                        n_few_shots=args.few_shots)
+    if "capability" in parts:
+        try:
+            check_capability_settings(probe_settings)
+        except ProbeSetupError as e:
+            raise SystemExit(f"error: {e}") from None
+    model, tok = load_model(args.model, device=args.device)
+    records = known_records(args.model, max(args.records, args.timing_records))
+    results: dict = {"model": args.model, "torch_threads": torch.get_num_threads(),
+                     "command": ["python", "-m", "experiments.py.wild_bench", *(sys.argv[1:] if argv is None else argv)]}
+    if "stops" in parts:
+        results["stops"] = stop_statistics(model, tok, records[: args.records], args.probe_cap)
+    if "wild" in parts:
+        results["wild"] = time_wild(model, tok, records[: args.timing_records], WildSettings())
+        LOG.info("wild: %s", results["wild"])
+    if "capability" in parts:
+        start = time.perf_counter()
+        results["capability"] = CapabilityProbe(probe_settings).run(model, tok)
+        results["capability"]["seconds_total"] = time.perf_counter() - start
+        results["capability"]["settings"] = probe_settings.as_dict()
+    print(json.dumps(results, indent=1))
+    if args.json:
+        from util.atomic_files import write_json_atomic
+
+        write_json_atomic(Path(args.json), results)
+    return results
+
+
+if __name__ == "__main__":
+    main()
