@@ -18,7 +18,8 @@ target is no no-op here.
 Other differences from ROME's code:
 - The file is ROME's ``zsre_mend_eval.json`` (also found under this environment's copy name
   ``zsre_mem_eval.json``); a record's ``portability`` field (the eval copy in ../shared has one,
-  written for MEND's ``alt`` edit) is kept on the record.
+  written for MEND's ``alt`` edit: its questions hold ``alt`` as the new fact) is kept on the record in
+  MEND's setting only, where it is the edit it was written for.
 - Neighbourhood targets are the exact text that follows the prompt (ROME's pairs hold the decoded
   next token, which may continue a word: " L" then "ec" of " Lecanorales"); the metrics score them
   as written (``util.scoring.Continuation``). With ``tok``, the pairs are ROME's token-by-token
@@ -110,7 +111,8 @@ def mend_to_record(
         "attribute_prompts": [],
         "generation_prompts": [],
     }
-    record.update({k: raw[k] for k in KEPT_FIELDS if k in raw})
+    if setting == "mend":  # the portability questions were written for MEND's edit (to alt)
+        record.update({k: raw[k] for k in KEPT_FIELDS if k in raw})
     return record
 
 

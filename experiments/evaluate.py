@@ -33,7 +33,11 @@ from editing.resources import EditResources
 from experiments.algorithms import ALGORITHMS
 from experiments.protocols import PROTOCOLS
 from experiments.protocols.split import DEFAULT_PRESERVATION_SIZE, STREAM_ORDERS
+from experiments.py.capability import CapabilitySettings
 from experiments.py.generation_metrics import DEFAULT_MAX_OUT_LEN, DEFAULT_N_GEN_PER_PROMPT
+from experiments.py.probe_tasks import DEFAULT_TASKS, PROBE_TASKS
+from experiments.py.wild import TEMPLATES as WILD_TEMPLATES
+from experiments.py.wild import WildSettings
 from experiments.run.faults import EXIT_BAD_INPUT, RunStopped, interrupt_handlers
 from experiments.run.loop import DEFAULT_CHECKPOINT_EVERY
 from experiments.run.setup import BadInputError, RunPlan, load_checked_model, prepare
@@ -124,6 +128,20 @@ def _common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--generation_max_out_len", type=int, default=DEFAULT_MAX_OUT_LEN,
                    help="tokens per generated text, prompt included (ROME: 100; lower it for cheap CPU runs)")
     p.add_argument("--generation_n_per_prompt", type=int, default=DEFAULT_N_GEN_PER_PROMPT, help="texts per generation prompt (ROME: 1)")
+    p.add_argument("--wild", action="store_true", help="also score every evaluation WILD (the Mirage paper's): "
+                   "answers generated from the prompt alone, judged by exact match, prefix and token F1")
+    p.add_argument("--wild_max_new_tokens", type=int, default=WildSettings.max_new_tokens,
+                   help="--wild: the cap of a generated answer (it stops at EOS, a newline or the first sentence's end)")
+    p.add_argument("--wild_template", choices=tuple(WILD_TEMPLATES), default=WildSettings.template,
+                   help="--wild: the prompt as it is (plain) or inside Mirage's question-answering template (qa_inst)")
+    p.add_argument("--capability_checks", default=None,
+                   help="general abilities checked on the unedited model and then at the protocol's checkpoints, "
+                   f"comma-separated from perplexity,{','.join(PROBE_TASKS)} (AlphaEdit's: perplexity,{','.join(DEFAULT_TASKS)})")
+    p.add_argument("--capability_items", type=int, default=CapabilitySettings.n_items, help="items per probe task")
+    p.add_argument("--capability_few_shots", type=int, default=CapabilitySettings.n_few_shots,
+                   help="few-shot examples before each probe item (AlphaEdit's run: 0)")
+    p.add_argument("--capability_every", type=int, default=None,
+                   help="check general abilities every N edits (where a step ends) instead of at the protocol's checkpoints")
     p.add_argument("--conserve_memory", action="store_true", help="keep weight snapshots on the CPU")
     p.add_argument("--dir_name", default=None, help="results/<dir_name>/run_NNN (default: alg_name)")
     p.add_argument("--continue_from_run", default=None, help="resume the unfinished run_NNN of results/<dir_name> (same command); 'auto': do nothing if this "

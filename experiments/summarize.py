@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from experiments.store.files import write_json_atomic
-from experiments.summary.metrics import DEFAULT_FLASH_FACTOR, Summary, summarize
+from experiments.summary.metrics import DEFAULT_FLASH_FACTOR, METRICS, Summary, summarize
 from experiments.summary.paired import format_paired_markdown, paired_differences, paired_json, paired_rows_from_json
 from experiments.summary.runs import available_dir_names, load_runs
 from util.atomic_files import write_text_atomic
@@ -183,7 +183,9 @@ def _report_paired(summary: Summary, baseline: str, metrics: Optional[Sequence[s
 def summary_from_json(data: dict[str, Any]) -> Summary:
     """A summary JSON (``summary_json``) back as a ``Summary`` with its rows (no runs): enough to print its tables."""
     rows = [{k: math.nan if v is None else v for k, v in row.items()} for row in data["rows"]]
-    return Summary(rows, data.get("per_run", []), [], [], list(data.get("notes", [])), data.get("flash_factor", 0.0))
+    extras = [m for m in data.get("metrics", []) if m not in METRICS]
+    return Summary(rows, data.get("per_run", []), [], [], list(data.get("notes", [])), data.get("flash_factor", 0.0),
+                   extras)
 
 
 def reprint(path: Path, metrics: Optional[Sequence[str]]) -> str:

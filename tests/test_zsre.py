@@ -53,7 +53,8 @@ def test_default_is_romes_setting_true_answer_and_eos_placeholder(tmp_path):
     path = _write(tmp_path, "zsre_mend_eval.json")
     records = load_zsre_file(path).records
     assert _targets(records) == [("Lecanorales", "<|endoftext|>"), ("France", "<|endoftext|>")]
-    assert records[0]["portability"] == ENTRIES[0]["portability"] and "portability" not in records[1]
+    assert "portability" not in records[0]  # written for MEND's edit to alt: kept in that setting only
+    assert load_zsre_file(path, setting="mend").records[0]["portability"] == ENTRIES[0]["portability"]
     tok = make_tokenizer()
     assert _targets(load_zsre_file(path, tok=tok).records)[0] == ("Lecanorales", tok.eos_token)
 

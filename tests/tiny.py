@@ -169,14 +169,14 @@ def rank_one_hparams(arch: str, n_layer: int, **overrides) -> dict:
 class TinyWorld:
     """Everything ``python -m experiments.evaluate`` needs, under one tmp folder, no downloads."""
 
-    def __init__(self, root, arch: str = "llama", n_layer: int = 4, seed: int = 0):
+    def __init__(self, root, arch: str = "llama", n_layer: int = 4, seed: int = 0, context: int = 128):
         import json
         from pathlib import Path
 
         self.root = Path(root)
         self.arch, self.n_layer = arch, n_layer
         self.model_dir = self.root / f"tiny-{arch}"
-        model = make_model(arch, n_layer=n_layer, seed=seed)
+        model = make_model(arch, n_layer=n_layer, seed=seed, context=context)
         model.save_pretrained(self.model_dir)
         make_tokenizer().save_pretrained(self.model_dir)
         self.data_file = self.root / "tiny_counterfact.json"

@@ -24,15 +24,21 @@ from transformers import PreTrainedTokenizerBase
 from dsets.registry import EditDataset
 from editing.editor import Editor, EditOutcome, update_norms
 from experiments.protocols.split import ProtocolSplit, retention_prompt
+from experiments.py.capability import CapabilityProbe
 from experiments.py.dataset_metrics import DatasetMetrics
 from experiments.py.locality import argmax_answers, unchanged
 from experiments.py.numerics import check_weights
+from experiments.py.wild import WildSettings, unedited_wild_answers, wild_scores_many
 from experiments.store.checkpoints import WeightLedger
 from experiments.store.files import read_json, strip_timing, write_json_atomic
 from experiments.store.run_types import RunContent
 
 LOG = logging.getLogger(__name__)
 UNEDITED_FILE = "unedited_predictions.json"
+
+
+def capability_file_name(n: int) -> str:
+    return f"capability_after_edit_{n}.json"
 
 
 class FlagError(ValueError):
@@ -57,6 +63,9 @@ class RunContext:
     generation: Optional[Any] = None  # experiments.py.generation_metrics.GenerationTests
     generation_interval: int = 1
     conserve_memory: bool = False
+    wild: Optional[WildSettings] = None  # WILD scores beside the teacher-forced ones
+    capability: Optional[CapabilityProbe] = None  # general abilities, checked at capability points
+    capability_every: Optional[int] = None  # check every N edits instead of at the protocol's checkpoints
     ledger: WeightLedger = dataclasses.field(default_factory=WeightLedger)
     replays: dict[str, bool] = dataclasses.field(default_factory=dict)  # file -> same as the killed run's
 
@@ -74,6 +83,30 @@ class RunContext:
     def generation_for(self, n: int) -> Optional[Any]:
         """The generation tests for the record edited n-th (every ``generation_interval``-th record)."""
         return self.generation if self.generation is not None and (n - 1) % self.generation_interval == 0 else None
+
+    def capability_due(self, n: int, at_checkpoint: bool) -> bool:
+        """Whether general abilities are checked after n edits (0: the unedited model)."""
+        if self.capability is None:
+            return False
+        if n == 0 or self.capability_every is None:
+            return n == 0 or at_checkpoint
+        return n % self.capability_every == 0 or n == self.edit_times
+
+    def check_capabilities(self, n: int, at_checkpoint: bool) -> None:
+        """``capability_after_edit_{n}.json`` when due: the probes' scores on the current model. The
+        unedited model's (n = 0) is computed once, before the first edit, and kept for a resumed run."""
+        name = capability_file_name(n)
+        if not self.capability_due(n, at_checkpoint) or (n == 0 and (self.run_dir / name).is_file()):
+            return
+        LOG.info("general abilities after %d edits: %s", n, ", ".join(self.capability.settings.tasks) or "perplexity")
+        self.write(name, {"edit_index": n, **self.capability.run(self.model, self.tok)})
+
+    def wild_scores(self, records: Sequence[dict], unedited: "UneditedAnswers") -> list[dict]:
+        """WILD scores of ``records`` on the current model ([{}] * n without --wild)."""
+        if self.wild is None:
+            return [{} for _ in records]
+        references = [unedited.wild[str(r["case_id"])] for r in records]
+        return wild_scores_many(self.model, self.tok, records, self.metrics.kind, references, self.wild)
 
     def write(self, name: str, result: dict) -> None:
         """Write a result file; when a resumed run replays a step, say whether it matches the old file."""
@@ -99,11 +132,13 @@ class UneditedAnswers:
         self.watched = list(watched)
         self.neighborhood: dict[str, list[list[int]]] = {}
         self.retention: dict[str, list[int]] = {}
+        self.wild: dict[str, list[list[int]]] = {}  # --wild: the generated answers to the neighbourhood prompts
 
     def load_or_compute(self) -> None:
         if self.path.is_file():
             data = read_json(self.path)
             self.neighborhood, self.retention = data["neighborhood"], data["retention"]
+            self.wild = data.get("wild_neighborhood", {})
             return
         ctx = self.ctx
         records = ctx.split.edit_stream[: ctx.edit_times]
@@ -113,7 +148,12 @@ class UneditedAnswers:
                  len(records), len(self.watched))
         answers = argmax_answers(ctx.model, ctx.tok, [retention_prompt(r, ctx.split.watched_answer) for r in self.watched])
         self.retention = {str(r["case_id"]): a for r, a in zip(self.watched, answers)}
-        write_json_atomic(self.path, {"neighborhood": self.neighborhood, "retention": self.retention})
+        data = {"neighborhood": self.neighborhood, "retention": self.retention}
+        if ctx.wild is not None:
+            LOG.info("unedited WILD answers of %d records' neighbourhood prompts", len(records))
+            self.wild = unedited_wild_answers(ctx.model, ctx.tok, records, ctx.metrics.kind, ctx.wild)
+            data["wild_neighborhood"] = self.wild
+        write_json_atomic(self.path, data)
 
     def locality(self, record: dict) -> dict[str, list]:
         """Unchanged-prediction locality of ``record``'s neighbourhood prompts on the current model."""

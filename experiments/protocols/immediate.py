@@ -64,6 +64,7 @@ class ImmediateProtocol(SequentialProtocol):
             eval_seconds = time.perf_counter() - start
             if last in self.eval_points:
                 ctx.write(preservation_file_name(last), {"edit_index": last, "preservation": self.preservation()})
+            ctx.check_capabilities(last, last in self.eval_points)
         ctx.write(batch_file_name(b), {
             "batch_index": b,
             "first_edit": first,

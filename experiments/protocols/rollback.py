@@ -6,7 +6,9 @@ targets swapped; WilKE on the same layer). Weights are never restored from a cop
 checkpoints (powers of two and multiples of 50) ``retention_of_edit_{n}.json`` counts how many of
 records 1..n and of the original-retention set the model still answers with target_true.
 ``locality_of_edit_{n}.json`` holds the edit's unchanged-prediction locality (before its roll-back),
-kept apart so the per-edit files stay the paper's.
+and with ``--wild`` ``wild_of_edit_{n}.json`` its WILD scores, kept apart so the per-edit files stay the
+paper's. With ``--capability_checks`` the general abilities are checked on the unedited model and at
+the retention checkpoints (or every ``--capability_every`` edits), after the roll-back.
 
 Summarised at each retention checkpoint n: the per-edit metrics of edits 1..n (each read right after
 its own edit), ERS = edit_retention / n and ORS = orig_retention / orig_retention_len.
@@ -54,6 +56,10 @@ def locality_file_name(n: int) -> str:
     return f"locality_of_edit_{n}.json"
 
 
+def wild_file_name(n: int) -> str:
+    return f"wild_of_edit_{n}.json"
+
+
 class RollbackProtocol(Protocol):
     name = "rollback"
     description = "the WilKE paper's: edit, evaluate, roll back; one record at a time"
@@ -76,6 +82,7 @@ class RollbackProtocol(Protocol):
 
     def prepare(self) -> None:
         self.unedited.load_or_compute()
+        self.ctx.check_capabilities(0, True)
 
     def checkpoint_steps(self) -> set[int]:
         return set(self.retention_points)
@@ -103,6 +110,7 @@ class RollbackProtocol(Protocol):
             check_metrics(post, "evaluation")
             eval_seconds = time.perf_counter() - start
             locality = self.unedited.locality(record)
+            wild = ctx.wild_scores([record], self.unedited)[0]
         _, rollback_info = ctx.edit(lambda: ctx.editor.rollback([request], outcome), "rollback")
         ctx.write(edit_file_name(n, record["case_id"]), {
             "case_id": record["case_id"],
@@ -115,9 +123,13 @@ class RollbackProtocol(Protocol):
             "eval_seconds": eval_seconds,
         })
         ctx.write(locality_file_name(n), {"edit_index": n, "case_id": record["case_id"], "post": locality})
-        if n in self.retention_points:
+        if wild:
+            ctx.write(wild_file_name(n), {"edit_index": n, "case_id": record["case_id"], "post": wild})
+        if n in self.retention_points or ctx.capability_due(n, False):
             with ctx.editor.for_evaluation():
-                self.write_retention(n)
+                if n in self.retention_points:
+                    self.write_retention(n)
+                ctx.check_capabilities(n, n in self.retention_points)
 
     def write_retention(self, n: int) -> None:
         ctx = self.ctx
@@ -171,14 +183,17 @@ def _read_edit(path: Path, index: int, case_id: str) -> EditResult:
 
 
 def _with_locality(path: Path, edit: EditResult) -> EditResult:
-    """The edit with its unchanged-prediction locality (``locality_of_edit_{n}.json``) in its post."""
-    f = path / locality_file_name(edit.index)
-    if not f.is_file():
-        return edit  # runs of earlier versions, or of the reference code
-    extra = read_object(f).get("post")
-    if not isinstance(extra, dict):
-        raise RunFolderError(f"{f.name}: no 'post' object")
-    return dataclasses.replace(edit, post={**edit.post, **extra})
+    """The edit with what is kept beside its file in its post: its unchanged-prediction locality
+    (``locality_of_edit_{n}.json``) and its WILD scores (``wild_of_edit_{n}.json``, with --wild)."""
+    post = dict(edit.post)
+    for f in (path / locality_file_name(edit.index), path / wild_file_name(edit.index)):
+        if not f.is_file():
+            continue  # runs of earlier versions or of the reference code; runs without --wild
+        extra = read_object(f).get("post")
+        if not isinstance(extra, dict):
+            raise RunFolderError(f"{f.name}: no 'post' object")
+        post.update(extra)
+    return dataclasses.replace(edit, post=post)
 
 
 def _read_retention(path: Path, n: int, edits: tuple[EditResult, ...]) -> Checkpoint:

@@ -145,6 +145,7 @@ class SequentialProtocol(Protocol):
 
     def prepare(self) -> None:
         self.unedited.load_or_compute()
+        self.ctx.check_capabilities(0, True)
 
     def checkpoint_steps(self) -> set[int]:
         return {b for b, (_, last) in enumerate(self.batches, start=1) if last in self.eval_points}
@@ -180,9 +181,11 @@ class SequentialProtocol(Protocol):
             "time": info["seconds"],
             "edit": info,
         })
-        if last in self.eval_points:
+        if last in self.eval_points or ctx.capability_due(last, False):
             with ctx.editor.for_evaluation():
-                self.evaluate(last)
+                if last in self.eval_points:
+                    self.evaluate(last)
+                ctx.check_capabilities(last, last in self.eval_points)
 
     def evaluate_edited(self, records: Sequence[dict], indices: Sequence[int], desc: str) -> list[dict]:
         """Each record's metrics and unchanged-prediction locality on the current model, many records
@@ -194,6 +197,8 @@ class SequentialProtocol(Protocol):
             part = [records[i] for i in chunk]
             unedited = [self.unedited.neighborhood[str(r["case_id"])] for r in part]
             posts = evaluate_records(ctx.model, ctx.tok, ctx.metrics, part, unedited)
+            for post, wild in zip(posts, ctx.wild_scores(part, self.unedited)):
+                post.update(wild)
             for i, record, post in zip(chunk, part, posts):
                 generation = ctx.generation_for(indices[i])
                 if generation is not None:

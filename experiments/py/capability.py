@@ -184,6 +184,10 @@ def score_task(model: nn.Module, tok: PreTrainedTokenizerBase, task: ProbeTask, 
     context = context_length(model)
     questions = [task.question_text(r) for r in items]
     prompts = [fit_few_shots(tok, task, shots, q, context) + q for q in questions]
+    longest = max(len(prompt_ids(tok, p)) for p in prompts) + max(len(target_ids(tok, w)) for w in task.label_words)
+    if longest > context:  # upstream would fail on it too; say why instead of an index error
+        raise ProbeSetupError(f"{task.name}: an item with its label needs {longest} tokens, more than the model's "
+                              f"context of {context}; give --capability_items fewer items or drop the task")
     nlls = label_nlls(model, tok, prompts, task.label_words, settings.batch_size)
     predictions = [min(range(len(row)), key=row.__getitem__) for row in nlls]
     return classification_scores([task.label(r) for r in items], predictions)

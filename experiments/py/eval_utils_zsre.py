@@ -4,7 +4,9 @@ For the rewrite prompt and each paraphrase: for every token i of " target_new", 
 after prompt + target[:i] is target[i] (teacher forced); the neighbourhood prompt (an NQ question
 followed by "?") is checked the same way against its target, the exact text that follows it
 (" " + ``loc_ans``, or one token of it in ROME's token-by-token pairs). Each ``*_prompts_correct``
-is the flat list of those token verdicts, so its mean is ROME's token-by-token accuracy.
+is the flat list of those token verdicts, so its mean is ROME's token-by-token accuracy. A record
+with a ``portability`` field (MEND's setting, ``zsre_mend``) also gets ``portability_prompts_correct``,
+the same token accuracy of each portability answer after its question (experiments/py/portability.py).
 
 One difference from ROME's code: ROME re-tokenizes ``prompt + decode(target[:i])`` for every i;
 here the prompt's and the target's token ids are concatenated and scored in one pass. The two agree
@@ -17,6 +19,7 @@ from typing import Any, Optional, Sequence
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from experiments.py.portability import portability_pairs
 from util.scoring import Continuation, TargetScore, score_targets
 
 
@@ -29,11 +32,15 @@ def neighborhood_pairs(record: dict) -> list[tuple[str, str]]:
 def _groups(record: dict) -> dict[str, list[tuple[str, str]]]:
     rw = record["requested_rewrite"]
     new = rw["target_new"]["str"]
-    return {
+    groups = {
         "rewrite_prompts": [(rw["prompt"].format(rw["subject"]), new)],
         "paraphrase_prompts": [(p, new) for p in record.get("paraphrase_prompts") or []],
         "neighborhood_prompts": neighborhood_pairs(record),
     }
+    portability = portability_pairs(record)  # questions that need the new fact (records that have them)
+    if portability:
+        groups["portability_prompts"] = portability
+    return groups
 
 
 def scored_pairs(record: dict) -> list[tuple[str, str]]:

@@ -23,6 +23,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from editing.corpus import corpus_dirs
+from util.architectures import context_length
 from util.globals import Paths
 from util.scoring import final_hidden, lm_logits, model_device, pad_right, pad_token_id
 
@@ -99,7 +100,8 @@ def perplexity(model: nn.Module, tok: PreTrainedTokenizerBase, path: Path,
                settings: PerplexitySettings = PerplexitySettings()) -> dict:
     """Perplexity of the model on the slice of ``path`` that ``settings`` fixes."""
     text = Path(path).read_text(encoding="utf-8")
-    seqs = windows(tok, slice_ids(tok, text, settings.n_tokens), settings.window)
+    window = min(settings.window, context_length(model))  # a model with a shorter context scores shorter windows
+    seqs = windows(tok, slice_ids(tok, text, settings.n_tokens), window)
     total, count = sequence_nll(model, tok, seqs, settings.batch_size)
     return {"perplexity": math.exp(total / count), "mean_nll": total / count, "predicted_tokens": count,
             "windows": len(seqs)}

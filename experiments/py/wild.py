@@ -32,7 +32,7 @@ import collections
 import dataclasses
 import re
 import string
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from torch import nn
@@ -202,8 +202,24 @@ def wild_scores(model: nn.Module, tok: PreTrainedTokenizerBase, record: dict, ki
     ``unedited_wild_answers``) is given, and the answers themselves: ``wild_answers`` and
     ``wild_stopped_by`` (group -> list), so a reader can see what was judged.
     """
-    groups = wild_pairs(record, kind)
-    gens = iter(generate_answers(model, tok, [p for pairs in groups.values() for p, _ in pairs], settings))
+    return wild_scores_many(model, tok, [record], kind, None if unedited is None else [unedited], settings)[0]
+
+
+def wild_scores_many(model: nn.Module, tok: PreTrainedTokenizerBase, records: Sequence[dict], kind: str,
+                     unedited: Sequence[Sequence[Sequence[int]]] | None = None,
+                     settings: WildSettings = WildSettings()) -> list[dict[str, Any]]:
+    """``wild_scores`` of every record, their prompts generated together in one batched pass (the same
+    answers as record by record: batched greedy generation equals one prompt at a time)."""
+    groups = [wild_pairs(r, kind) for r in records]
+    prompts = [p for g in groups for pairs in g.values() for p, _ in pairs]
+    gens = iter(generate_answers(model, tok, prompts, settings))
+    return [_scores_of(record, g, gens, None if unedited is None else unedited[i]) for i, (record, g) in
+            enumerate(zip(records, groups))]
+
+
+def _scores_of(record: dict, groups: dict[str, Pairs], gens: Iterator[Generation],
+               unedited: Sequence[Sequence[int]] | None) -> dict[str, Any]:
+    """One record's scores from its generations (taken from ``gens`` in the order of ``groups``)."""
     out: dict[str, Any] = {}
     answers: dict[str, list[str]] = {}
     stopped: dict[str, list[str]] = {}

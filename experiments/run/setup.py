@@ -20,8 +20,11 @@ from dsets.registry import EditDataset
 from experiments.algorithms import ALGORITHMS, Algorithm, get_algorithm
 from experiments.protocols import PROTOCOLS, FlagError, Protocol, get_protocol
 from experiments.protocols.split import ProtocolSplit, split_in_file_order, split_records
+from experiments.py.capability import CapabilityProbe, CapabilitySettings, ProbeSetupError
 from experiments.py.dataset_metrics import DatasetMetrics, metrics_for
 from experiments.py.generation_metrics import GenerationTests, load_consistency_reference
+from experiments.py.perplexity import PerplexitySettings
+from experiments.py.wild import WildSettings
 from experiments.run.data import build_known, build_known_dataset, resolve_dataset, resolve_known
 from experiments.run.resume import AUTO, check_resumable, choose_auto, newest_unfinished_run, resolve_run_ref
 from util import models
@@ -55,7 +58,8 @@ def bad_input(what: str, fix: str) -> Iterator[None]:
 
 def check_flags(args: argparse.Namespace) -> None:
     positive = ("dataset_size_limit", "checkpoint_every", "generation_test_interval", "generation_max_out_len",
-                "generation_n_per_prompt", "edit_times", "num_threads", "preservation_size")
+                "generation_n_per_prompt", "edit_times", "num_threads", "preservation_size", "wild_max_new_tokens",
+                "capability_items", "capability_every")
     for name in positive:
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -146,6 +150,8 @@ class RunPlan:
     resume_dir: Optional[Path] = None
     finished_dir: Optional[Path] = None  # --continue_from_run auto found this configuration finished
     known: Optional[EditDataset] = None  # --stream_order file: the known facts its watched set comes from
+    wild: Optional[WildSettings] = None  # --wild: WILD scores beside the teacher-forced ones
+    capability: Optional[CapabilityProbe] = None  # --capability_checks: general abilities at checkpoints
 
     @property
     def ready_to_split(self) -> bool:
@@ -178,7 +184,17 @@ class RunPlan:
             "num_threads": a.num_threads,
             "dtype": a.dtype,
             "generation": self.generation_settings(),
+            **self.evaluation_settings(),
         }
+
+    def evaluation_settings(self) -> dict:
+        """What run.json and the configuration record of the evaluations beside the dataset's metrics."""
+        settings = {}
+        if self.wild is not None:
+            settings["wild"] = self.wild.as_dict()
+        if self.capability is not None:
+            settings["capability"] = {**self.capability.settings.as_dict(), "every": self.args.capability_every}
+        return settings
 
     def generation_settings(self, full: bool = False) -> Optional[dict]:
         """What run.json records about the generation tests (``full``: also why consistency was skipped)."""
@@ -198,6 +214,21 @@ def make_generation_tests(args: argparse.Namespace, paths: Paths, metrics: Datas
         return None
     reference, reason = load_consistency_reference(paths)
     return GenerationTests(args.seed, args.generation_max_out_len, args.generation_n_per_prompt, reference, reason)
+
+
+def make_capability_probe(args: argparse.Namespace, paths: Paths) -> Optional[CapabilityProbe]:
+    """The probes ``--capability_checks`` names, their files found and read (before any model work)."""
+    if not args.capability_checks:
+        return None
+    names = [n.strip() for n in args.capability_checks.split(",") if n.strip()]
+    tasks = tuple(n for n in names if n != "perplexity")
+    settings = CapabilitySettings(tasks=tasks, n_items=args.capability_items, n_few_shots=args.capability_few_shots,
+                                  perplexity=PerplexitySettings() if "perplexity" in names else None)
+    with bad_input("flag --capability_checks", "name probe tasks that exist, and put their files where the message says"):
+        try:
+            return CapabilityProbe(settings, paths)
+        except ProbeSetupError as e:
+            raise ValueError(str(e)) from None
 
 
 class CheckedCommand(NamedTuple):
@@ -224,6 +255,8 @@ def check_command(args: argparse.Namespace) -> CheckedCommand:
         hparams, hparams_path = load_hparams(args, paths, algorithm, slug)
     protocol = check_protocol_flags(args, algorithm)
     parse_device_map(args.device_map)
+    with bad_input("flags --wild_*", "give --wild_max_new_tokens a positive number"):
+        WildSettings(args.wild_max_new_tokens, args.wild_template)
     return CheckedCommand(algorithm, protocol, paths, slug, hparams, hparams_path)
 
 
@@ -246,6 +279,8 @@ def plan_records(args: argparse.Namespace, command: CheckedCommand) -> RunPlan:
     with protocol_flags():
         protocol.check_dataset(ds)
     plan = RunPlan(args, paths, algorithm, hparams, hparams_path, slug, ds, skipped, generation, protocol)
+    plan.wild = WildSettings(args.wild_max_new_tokens, args.wild_template) if args.wild else None
+    plan.capability = make_capability_probe(args, paths)
     if args.stream_order == "file":
         with bad_input("known facts of the preservation set", "build them with python -m dsets.make_known"):
             plan.known = ds if args.ds_name == "counterfact" else resolve_known(args, paths, slug)

@@ -39,7 +39,8 @@ def build_protocol(plan: RunPlan, model, tok, resources: EditResources, run_dir:
     args = plan.args
     editor = plan.algorithm.make_editor(model, tok, plan.hparams, resources)
     ctx = RunContext(model, tok, editor, plan.metrics, plan.split, plan.edit_times, run_dir, plan.generation,
-                     args.generation_test_interval, args.conserve_memory)
+                     args.generation_test_interval, args.conserve_memory, wild=plan.wild, capability=plan.capability,
+                     capability_every=args.capability_every)
     return plan.protocol(ctx, plan.protocol_settings)
 
 
@@ -63,6 +64,7 @@ def new_run_meta(plan: RunPlan, model, protocol: Protocol, templates: Optional[l
         "checkpoint_every": plan.args.checkpoint_every,
         "checkpoint_file": CHECKPOINT_FILE,
         "generation": plan.generation_settings(full=True),
+        **plan.evaluation_settings(),
         "context_templates": templates,
         "edit_stream_case_ids": [r["case_id"] for r in split.edit_stream],
         "orig_retention_case_ids": [r["case_id"] for r in split.orig_retention],

@@ -35,9 +35,19 @@ PROBABILITY_SCORES = ("efficacy_score", "paraphrase_score", "neighborhood_score"
 GENERATION_SCORES = {"fluency": "ngram_entropy", "consistency": "reference_score"}
 LOCALITY_SCORES = {"LU": "neighborhood_prompts_unchanged", "LU_tokens": "neighborhood_prompts_unchanged_tokens"}
 PRESERVATION_SCORES = ("PS", "PU")
+# WILD (--wild): the same prompts answered by free generation; each beside its teacher-forced score
+WILD_SCORES = {
+    "ES_wild": "wild_rewrite_prompts_exact", "GS_wild": "wild_paraphrase_prompts_exact",
+    "LS_wild": "wild_neighborhood_prompts_exact", "LU_wild": "wild_neighborhood_prompts_unchanged",
+    "ES_wild_prefix": "wild_rewrite_prompts_lenient", "GS_wild_prefix": "wild_paraphrase_prompts_lenient",
+    "ES_wild_f1": "wild_rewrite_prompts_f1", "GS_wild_f1": "wild_paraphrase_prompts_f1",
+    "Port_wild": "wild_portability_prompts_exact",
+}
+PORTABILITY_SCORES = {"Port": "portability_prompts_correct"}  # zsRE records with portability questions
 METRICS = (*COMPONENTS, "S", *LOCALITY_SCORES, *PRESERVATION_SCORES, *PROBABILITY_SCORES, *GENERATION_SCORES,
-           "flashes")
-OPTIONAL_METRICS = {*LOCALITY_SCORES, *PRESERVATION_SCORES, *GENERATION_SCORES, "ERS", "ORS", "S"}
+           *PORTABILITY_SCORES, *WILD_SCORES, "flashes")
+OPTIONAL_METRICS = {*LOCALITY_SCORES, *PRESERVATION_SCORES, *GENERATION_SCORES, *PORTABILITY_SCORES, *WILD_SCORES,
+                    "ERS", "ORS", "S"}
 ZERO_AS = 1e-4
 DEFAULT_FLASH_FACTOR = 5.0
 CORRECT_KEYS = {"ES": "rewrite", "GS": "paraphrase", "LS": "neighborhood"}
@@ -69,8 +79,8 @@ def _nll_pair(entry: Any) -> tuple[float, float]:
 def record_scores(post: dict[str, Any]) -> dict[str, float]:
     """One record's means over its prompts (NaN for a kind it has no prompts or values of)."""
     scores = {name: _mean(post[f"{kind}_prompts_correct"]) for name, kind in CORRECT_KEYS.items()}
-    for name, key in LOCALITY_SCORES.items():
-        scores[name] = _mean(post[key]) if isinstance(post.get(key), list) else math.nan
+    for name, key in {**LOCALITY_SCORES, **PORTABILITY_SCORES, **WILD_SCORES}.items():
+        scores[name] = _mean(post[key]) if isinstance(post.get(key), list) and post[key] else math.nan
     for name, (kind, new_wins) in PROBABILITY_KEYS.items():
         pairs = [_nll_pair(p) for p in post.get(f"{kind}_prompts_probs") or []]
         scores[name] = _mean((new < true) if new_wins else (true < new) for new, true in pairs)
@@ -106,7 +116,8 @@ def update_norms(run: Run, key: str = "update_norm") -> list[float]:
 def _column_means(rows: Sequence[dict[str, float]]) -> dict[str, float]:
     """NaN-ignoring mean of each per-edit score over ``rows`` (NaN when no row has it)."""
     scores: dict[str, float] = {}
-    for name in (*CORRECT_KEYS, *LOCALITY_SCORES, *PROBABILITY_KEYS, *GENERATION_SCORES):
+    for name in (*CORRECT_KEYS, *LOCALITY_SCORES, *PROBABILITY_KEYS, *GENERATION_SCORES, *PORTABILITY_SCORES,
+                 *WILD_SCORES):
         column = np.array([e[name] for e in rows], dtype=float)
         scores[name] = float(np.nanmean(column)) if not np.all(np.isnan(column)) else math.nan
     return scores
@@ -123,7 +134,7 @@ def checkpoint_scores(run: Run, n: int, flash_factor: float = DEFAULT_FLASH_FACT
     rows = [cache.setdefault(id(post), record_scores(post)) for post in checkpoint.posts]
     scores = {m: math.nan for m in METRICS}
     scores.update(_column_means(rows))
-    scores.update({k: v for k, v in checkpoint.ratios.items() if k in scores})
+    scores.update(checkpoint.ratios)  # the protocol's ratios, and general abilities where checked
     if all(c in checkpoint.ratios for c in RETENTION_RATIOS):
         scores["S"] = harmonic_score([scores[c] for c in COMPONENTS])
     steps = sum(1 for end in run.step_ends if end <= n)
@@ -141,6 +152,7 @@ class Summary:
     skipped: list[SkippedRun]
     notes: list[str]
     flash_factor: float
+    extra_metrics: list[str] = dataclasses.field(default_factory=list)  # general abilities (capability checks)
 
     @property
     def algorithms(self) -> list[str]:
@@ -152,20 +164,20 @@ class Summary:
     def present_metrics(self) -> list[str]:
         """METRICS without the optional ones (generation, locality, protocol-specific) that no row has."""
         return [m for m in METRICS if m not in OPTIONAL_METRICS
-                or any(not _isnan(r.get(f"{m}_mean")) for r in self.rows)]
+                or any(not _isnan(r.get(f"{m}_mean")) for r in self.rows)] + list(self.extra_metrics)
 
 
 def _isnan(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
-def _aggregate(algorithm: str, n: int, run_rows: list[dict[str, Any]]) -> dict[str, Any]:
+def _aggregate(algorithm: str, n: int, run_rows: list[dict[str, Any]], metrics: Sequence[str]) -> dict[str, Any]:
     row: dict[str, Any] = {"algorithm": algorithm, "checkpoint": n, "n_runs": len(run_rows),
                            "runs": ",".join(r["run"] for r in run_rows),
                            # records the scores average over: n, or fewer at a sampled checkpoint (--eval_sample)
                            "evaluated": min((r["evaluated"] for r in run_rows), default=0)}
-    for m in METRICS:
-        values = np.array([r[m] for r in run_rows], dtype=float)
+    for m in metrics:
+        values = np.array([r.get(m, math.nan) for r in run_rows], dtype=float)
         known = values[~np.isnan(values)]
         # NaN when any run lacks the metric: a mean over a different set of runs would mislead
         complete = known.size == values.size and known.size > 0
@@ -183,6 +195,8 @@ def summarize(loaded: LoadedRuns, checkpoints: Optional[Sequence[int]] = None,
     says so."""
     notes: list[str] = []
     rows, per_run = [], []
+    extras = list(dict.fromkeys(k for r in loaded.runs for c in r.checkpoints.values() for k in c.ratios
+                                if k not in METRICS))
     for algorithm, runs in loaded.by_algorithm().items():
         caches: dict[str, dict[int, dict[str, float]]] = {r.label: {} for r in runs}
         points = sorted(checkpoints) if checkpoints else sorted({n for r in runs for n in r.checkpoints})
@@ -197,5 +211,5 @@ def summarize(loaded: LoadedRuns, checkpoints: Optional[Sequence[int]] = None,
                 run_rows.append({"algorithm": algorithm, "run": run.name, "checkpoint": n,
                                  "evaluated": len(run.checkpoints[n].posts), **scores})
             per_run += run_rows
-            rows.append(_aggregate(algorithm, n, run_rows))
-    return Summary(rows, per_run, list(loaded.runs), list(loaded.skipped), notes, flash_factor)
+            rows.append(_aggregate(algorithm, n, run_rows, [*METRICS, *extras]))
+    return Summary(rows, per_run, list(loaded.runs), list(loaded.skipped), notes, flash_factor, extras)

@@ -89,8 +89,8 @@ def _at(ids: Sequence[str], i: int) -> str:
 def _row(summary: Summary, algorithm: str, baseline: str, n: int, matched: list[tuple[Any, Run, Run]]) -> PairedRow:
     scores = {(r["algorithm"], r["run"], r["checkpoint"]): r for r in summary.per_run}
     mean, std, above, below = {}, {}, {}, {}
-    for m in METRICS:
-        diffs = np.array([scores[(algorithm, a.name, n)][m] - scores[(baseline, b.name, n)][m]
+    for m in (*METRICS, *summary.extra_metrics):
+        diffs = np.array([scores[(algorithm, a.name, n)].get(m, math.nan) - scores[(baseline, b.name, n)].get(m, math.nan)
                           for _, a, b in matched], dtype=float)
         complete = diffs.size > 0 and not np.isnan(diffs).any()
         mean[m] = float(diffs.mean()) if complete else math.nan
@@ -152,14 +152,15 @@ def paired_json(rows: Sequence[PairedRow], notes: Sequence[str]) -> dict[str, An
     def plain(x: float) -> Optional[float]:
         return None if math.isnan(x) else x
 
+    metrics = list(rows[0].mean) if rows else list(METRICS)
     return {
         "difference": "algorithm minus baseline, per seed; mean and population std (ddof=0) over the seeds",
         "rows": [{"algorithm": r.algorithm, "baseline": r.baseline, "checkpoint": r.checkpoint,
                   "seeds": list(r.seeds), "pairs": list(r.pairs),
-                  **{f"{m}_diff_mean": plain(r.mean[m]) for m in METRICS},
-                  **{f"{m}_diff_std": plain(r.std[m]) for m in METRICS},
-                  **{f"{m}_above": r.above[m] for m in METRICS},
-                  **{f"{m}_below": r.below[m] for m in METRICS}} for r in rows],
+                  **{f"{m}_diff_mean": plain(r.mean[m]) for m in metrics},
+                  **{f"{m}_diff_std": plain(r.std[m]) for m in metrics},
+                  **{f"{m}_above": r.above[m] for m in metrics},
+                  **{f"{m}_below": r.below[m] for m in metrics}} for r in rows],
         "notes": list(notes),
     }
 
@@ -169,7 +170,9 @@ def paired_rows_from_json(data: dict[str, Any]) -> list[PairedRow]:
     def num(x: Optional[float]) -> float:
         return math.nan if x is None else float(x)
 
+    rows = data.get("rows", [])
+    metrics = [k[: -len("_diff_mean")] for k in (rows[0] if rows else {}) if k.endswith("_diff_mean")]
     return [PairedRow(r["algorithm"], r["baseline"], r["checkpoint"], tuple(r["seeds"]), tuple(r["pairs"]),
-                      {m: num(r.get(f"{m}_diff_mean")) for m in METRICS}, {m: num(r.get(f"{m}_diff_std")) for m in METRICS},
-                      {m: r.get(f"{m}_above", 0) for m in METRICS}, {m: r.get(f"{m}_below", 0) for m in METRICS})
-            for r in data.get("rows", [])]
+                      {m: num(r.get(f"{m}_diff_mean")) for m in metrics}, {m: num(r.get(f"{m}_diff_std")) for m in metrics},
+                      {m: r.get(f"{m}_above", 0) for m in metrics}, {m: r.get(f"{m}_below", 0) for m in metrics})
+            for r in rows]

@@ -63,7 +63,7 @@ def _log2_x(ax, ticks: Sequence[int]) -> None:
 def score_curves_figure(summary: Summary, metrics: Sequence[str] = SCORE_PANELS, ncols: int = 3) -> Optional[Figure]:
     """Each metric against the number of edits (log x), one line per algorithm, a +-1 std band
     over runs. None when there is nothing to draw."""
-    rows = [r for r in summary.rows if r["n_runs"] > 0]
+    rows = [r for r in summary.rows if r["n_runs"] > 0 and r["checkpoint"] > 0]  # n = 0: the unedited model's checks
     metrics = [m for m in metrics if any(not _nan(r.get(f"{m}_mean")) for r in rows)]
     if not rows or not metrics:
         return None
@@ -91,6 +91,74 @@ def score_curves_figure(summary: Summary, metrics: Sequence[str] = SCORE_PANELS,
         ax.grid(alpha=0.3)
     for ax in axes[len(metrics):]:
         ax.set_visible(False)
+    axes[0].legend(fontsize=8)
+    return fig
+
+
+# WILD beside its teacher-forced score, on the same axes (solid: teacher forced; dashed: WILD)
+WILD_PAIRS = (("ES", "ES_wild"), ("GS", "GS_wild"), ("LS", "LS_wild"), ("LU", "LU_wild"), ("Port", "Port_wild"))
+
+
+def _curve(rows: Sequence[dict], alg: str, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    mine = sorted((r for r in rows if r["algorithm"] == alg), key=lambda r: r["checkpoint"])
+    return (np.array([r["checkpoint"] for r in mine], dtype=float),
+            np.array([_num(r.get(f"{metric}_mean")) for r in mine]))
+
+
+def _panels(count: int, ncols: int = 3) -> tuple[Figure, list]:
+    ncols = min(ncols, count)
+    nrows = math.ceil(count / ncols)
+    fig = Figure(figsize=(4.2 * ncols, 3.3 * nrows), layout="constrained")
+    axes = list(fig.subplots(nrows, ncols, squeeze=False).ravel())
+    for ax in axes[count:]:
+        ax.set_visible(False)
+    return fig, axes[:count]
+
+
+def wild_figure(summary: Summary) -> Optional[Figure]:
+    """Each score read teacher-forced (solid) and WILD (dashed) against the number of edits, one
+    colour per algorithm: where the two part, teacher forcing was leaking the answer."""
+    rows = [r for r in summary.rows if r["n_runs"] > 0 and r["checkpoint"] > 0]
+    pairs = [(tf, w) for tf, w in WILD_PAIRS if any(not _nan(r.get(f"{w}_mean")) for r in rows)]
+    if not pairs:
+        return None
+    fig, axes = _panels(len(pairs), ncols=2)
+    algorithms = list(dict.fromkeys(r["algorithm"] for r in rows))
+    colors = _colors(algorithms)
+    for ax, (tf, wild) in zip(axes, pairs):
+        for alg in algorithms:
+            for metric, style in ((tf, "-"), (wild, "--")):
+                x, y = _curve(rows, alg, metric)
+                ax.plot(x, y, style, marker="o", ms=3, color=colors[alg], label=f"{alg}, {metric}")
+        _log2_x(ax, sorted({r["checkpoint"] for r in rows}))
+        ax.set_ylim(-0.03, 1.03)
+        ax.set_title(f"{tf}: teacher forced (solid) and WILD (dashed)", fontsize=9)
+        ax.set_xlabel("number of edits")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    return fig
+
+
+def capability_figure(summary: Summary) -> Optional[Figure]:
+    """Each general ability against the number of edits, the unedited model's value as a dotted
+    line in the algorithm's colour (the checks at n = 0)."""
+    metrics = [m for m in summary.extra_metrics if m.endswith(("_acc", "_mcc")) or m == "perplexity"]
+    rows = [r for r in summary.rows if r["n_runs"] > 0]
+    if not metrics or not any(r["checkpoint"] > 0 for r in rows):
+        return None
+    fig, axes = _panels(len(metrics))
+    algorithms = list(dict.fromkeys(r["algorithm"] for r in rows))
+    colors = _colors(algorithms)
+    for ax, metric in zip(axes, metrics):
+        for alg in algorithms:
+            x, y = _curve(rows, alg, metric)
+            ax.plot(x[x > 0], y[x > 0], marker="o", ms=3, color=colors[alg], label=alg)
+            if (x == 0).any() and not np.isnan(y[x == 0][0]):
+                ax.axhline(y[x == 0][0], color=colors[alg], linestyle=":", linewidth=1)
+        _log2_x(ax, sorted({r["checkpoint"] for r in rows if r["checkpoint"] > 0}))
+        ax.set_title(f"{metric} (dotted: unedited)", fontsize=10)
+        ax.set_xlabel("number of edits")
+        ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     return fig
 
@@ -248,6 +316,8 @@ def figure_builders(summary: Summary) -> dict[str, Callable[[], Optional[Figure]
         "scores.png": lambda: score_curves_figure(summary),
         "rome_scores.png": lambda: score_curves_figure(summary, (*PROBABILITY_SCORES, *GENERATION_SCORES)),
         "update_norms.png": lambda: update_norm_figure(summary),
+        "wild_vs_teacher_forced.png": lambda: wild_figure(summary),
+        "capabilities.png": lambda: capability_figure(summary),
     }
     for alg in summary.algorithms:
         runs = summary.runs_of(alg)

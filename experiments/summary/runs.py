@@ -15,13 +15,15 @@ are allowed; then their finished edits count.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
+import re
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 from experiments.protocols import PROTOCOLS
 from experiments.store.files import PARAMS_FILE, RUN_DIR_RE, RUN_META_FILE
-from experiments.store.run_types import LoadedRuns, Run, RunFolderError, SkippedRun, read_object
+from experiments.store.run_types import Checkpoint, LoadedRuns, Run, RunFolderError, SkippedRun, read_object
 
 LOG = logging.getLogger(__name__)
 
@@ -38,8 +40,40 @@ def load_run(path: Path, algorithm: str, allow_partial: bool = False) -> Run:
         raise RunFolderError(f"run.json names protocol {protocol!r}, which is not registered "
                              f"(experiments/protocols/__init__.py has {', '.join(PROTOCOLS)})")
     content = PROTOCOLS[protocol].read_run(path, meta, allow_partial)
+    checkpoints = with_capabilities(path, content.checkpoints, content.step_ends[-1] if content.step_ends else 0)
     return Run(algorithm, path.name, path, meta, params, protocol, content.steps, content.step_ends,
-               content.checkpoints, partial=content.partial)
+               checkpoints, partial=content.partial)
+
+
+CAPABILITY_FILE_RE = re.compile(r"^capability_after_edit_(\d+)\.json$")
+CAPABILITY_SCORES = {"accuracy": "acc", "f1": "f1", "mcc": "mcc"}
+
+
+def capability_ratios(obj: dict, where: str) -> dict[str, float]:
+    """A capability file's scores as summary metrics: ``<task>_acc``, ``<task>_f1``, ``<task>_mcc``, ``perplexity``."""
+    ratios = {}
+    for task, scores in obj.items():
+        if task == "perplexity" and isinstance(scores, dict):
+            ratios["perplexity"] = float(scores["perplexity"])
+        elif isinstance(scores, dict) and "accuracy" in scores:
+            ratios.update({f"{task}_{short}": float(scores[key]) for key, short in CAPABILITY_SCORES.items()})
+    if not ratios:
+        raise RunFolderError(f"{where}: no probe scores")
+    return ratios
+
+
+def with_capabilities(path: Path, checkpoints: dict[int, Checkpoint], n_edits: int) -> dict[int, Checkpoint]:
+    """The checkpoints with the general abilities checked there (``capability_after_edit_{n}.json``);
+    n = 0 (the unedited model) and checks between checkpoints become checkpoints of their own."""
+    found = {int(m.group(1)): f for f in path.iterdir() if (m := CAPABILITY_FILE_RE.match(f.name))}
+    merged = dict(checkpoints)
+    for n, f in sorted(found.items()):
+        if n > n_edits:
+            continue  # written by a step whose own files the run did not finish
+        ratios = capability_ratios(read_object(f), f.name)
+        old = merged.get(n, Checkpoint(n, (), {}))
+        merged[n] = dataclasses.replace(old, ratios={**old.ratios, **ratios})
+    return dict(sorted(merged.items()))
 
 
 def available_dir_names(results_dir: Path) -> list[str]:

@@ -1,0 +1,141 @@
+"""WILD scores and general-ability checks inside runs (issue 25): both protocols write them, a resumed
+run writes them again to the byte, the summaries read them, and bad settings stop before the model."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+from experiments.evaluate import cli, main
+from experiments.store.files import strip_timing
+from tests.test_protocols import sixteen_records
+from tests.tiny import TinyWorld, rank_one_hparams
+from util.globals import REPO_ROOT
+
+SHARED = REPO_ROOT.parent / "shared" / "data"
+needs_shared = pytest.mark.skipif(not (SHARED / "glue_eval" / "sst2.json").is_file()
+                                  or not (SHARED / "corpus" / "wikitext-2-raw").is_dir(),
+                                  reason="../shared/data/glue_eval and corpus/wikitext-2-raw are not here")
+CHECKS = dict(capability_checks="perplexity,sst2", capability_items=3)
+CONTEXT = 2048  # the tiny tokenizer spells words out: a probe item is a few hundred tokens
+
+
+def memit_world(tmp_path, arch: str = "gpt2"):
+    world = TinyWorld(tmp_path, arch, context=CONTEXT)
+    world.data_file.write_text(json.dumps(sixteen_records()))
+    hp = rank_one_hparams(arch, 4, layers=[1, 2], mom2_update_weight=100.0, context_template_length_params=[[10, 5]])
+    return world, world.write_hparams("MEMIT", hp)
+
+
+def run_files(run_dir) -> dict[str, dict]:
+    names = [p.name for p in run_dir.glob("*.json") if p.name not in ("run.json", "params.json")]
+    return {n: strip_timing(json.loads((run_dir / n).read_text())) for n in sorted(names)}
+
+
+@needs_shared
+def test_sequential_run_writes_wild_scores_and_capability_checks_the_summary_reads(tmp_path):
+    from experiments.summary.metrics import summarize
+    from experiments.summary.runs import load_runs
+
+    torch.set_num_threads(1)
+    world, hp = memit_world(tmp_path)
+    run_dir = main(world.cli_args("MEMIT", hp, protocol="sequential", num_edits=2, edit_times=4, num_threads=1,
+                                  eval_checkpoints="2,4", wild=True, wild_max_new_tokens=6, **CHECKS))
+    unedited = json.loads((run_dir / "unedited_predictions.json").read_text())
+    stream = json.loads((run_dir / "run.json").read_text())["edit_stream_case_ids"]
+    assert sorted(unedited["wild_neighborhood"]) == sorted(str(c) for c in stream[:4])
+    post = json.loads((run_dir / "evaluation_after_edit_4.json").read_text())["records"][0]["post"]
+    assert {"wild_rewrite_prompts_exact", "wild_neighborhood_prompts_unchanged", "wild_answers"} <= set(post)
+    assert all(len(a) <= 6 * 8 for a in post["wild_answers"]["rewrite_prompts"])  # capped at 6 tokens
+    for n in (0, 2, 4):
+        check = json.loads((run_dir / f"capability_after_edit_{n}.json").read_text())
+        assert check["edit_index"] == n and check["sst2"]["items"] == 3 and check["perplexity"]["perplexity"] > 1
+    meta = json.loads((run_dir / "run.json").read_text())
+    assert meta["wild"]["max_new_tokens"] == 6 and meta["capability"]["tasks"] == ["sst2"]
+
+    summary = summarize(load_runs(world.results_dir, ["MEMIT"]))
+    rows = {r["checkpoint"]: r for r in summary.rows}
+    assert sorted(rows) == [0, 2, 4] and {"ES_wild", "LU_wild", "sst2_acc", "perplexity"} <= set(summary.present_metrics())
+    assert rows[0]["perplexity_mean"] == json.loads((run_dir / "capability_after_edit_0.json").read_text())["perplexity"]["perplexity"]
+    records = json.loads((run_dir / "evaluation_after_edit_4.json").read_text())["records"]
+    expected = sum(sum(r["post"]["wild_rewrite_prompts_exact"]) / len(r["post"]["wild_rewrite_prompts_exact"])
+                   for r in records) / len(records)
+    assert rows[4]["ES_wild_mean"] == pytest.approx(expected)
+
+
+@needs_shared
+def test_rollback_keeps_wild_scores_beside_the_papers_files(tmp_path):
+    from experiments.summary.metrics import summarize
+    from experiments.summary.runs import load_runs
+
+    world = TinyWorld(tmp_path, "llama", context=CONTEXT)
+    hp = world.write_hparams("ROME", rank_one_hparams("llama", 4))
+    run_dir = main(world.cli_args("ROME", hp, edit_times=2, num_threads=1, wild=True, wild_max_new_tokens=4,
+                                  capability_every=2, **CHECKS))
+    assert sorted(p.name for p in run_dir.glob("wild_of_edit_*.json")) == ["wild_of_edit_1.json", "wild_of_edit_2.json"]
+    assert not any(k.startswith("wild_") for p in run_dir.glob("edit_*_on_case_*.json")
+                   for k in json.loads(p.read_text())["post"])  # the per-edit files stay the paper's
+    assert sorted(p.name for p in run_dir.glob("capability_after_edit_*.json")) == \
+        ["capability_after_edit_0.json", "capability_after_edit_2.json"]  # every 2 edits
+    rows = {r["checkpoint"]: r for r in summarize(load_runs(world.results_dir, ["ROME"])).rows}
+    assert rows[2]["ES_wild_mean"] == rows[2]["ES_wild_mean"] and rows[2]["sst2_acc_mean"] >= 0  # not NaN
+
+
+@needs_shared
+def test_a_run_stopped_inside_a_capability_check_resumes_to_identical_files(tmp_path, monkeypatch):
+    from experiments.py.capability import CapabilityProbe
+
+    world, hp = memit_world(tmp_path)
+    args = lambda name: world.cli_args("MEMIT", hp, protocol="sequential", num_edits=2, edit_times=4,  # noqa: E731
+                                       num_threads=1, eval_checkpoints="2,4", checkpoint_every=100, dir_name=name,
+                                       **CHECKS)
+    assert cli(args("whole")) == 0
+    whole = run_files(world.results_dir / "whole" / "run_000")
+
+    real_run, calls = CapabilityProbe.run, []
+
+    def run_then_abandon(probe, model, tok):
+        calls.append(1)
+        if len(calls) == 2:  # the check after edit 2: a second signal abandons it half-way
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_run(probe, model, tok)
+
+    monkeypatch.setattr(CapabilityProbe, "run", run_then_abandon)
+    assert cli(args("stopped")) == 128 + signal.SIGTERM
+    run_dir = world.results_dir / "stopped" / "run_000"
+    assert not (run_dir / "capability_after_edit_2.json").exists()
+    monkeypatch.setattr(CapabilityProbe, "run", real_run)
+    assert cli(args("stopped") + ["--continue_from_run=run_000"]) == 0
+    assert run_files(run_dir) == whole
+
+
+def test_bad_evaluation_settings_stop_before_the_model_with_nothing_written(tmp_path, monkeypatch, caplog):
+    world = TinyWorld(tmp_path, "llama")
+    hp = world.write_hparams("ROME", rank_one_hparams("llama", 4))
+    assert cli(world.cli_args("ROME", hp, wild=True, wild_max_new_tokens=0)) == 2
+    assert cli(world.cli_args("ROME", hp, capability_checks="sst2,no_such_probe")) == 2
+    assert "no_such_probe" in caplog.text
+    import experiments.py.capability as capability
+
+    monkeypatch.setattr(capability, "glue_eval_dirs", lambda settings, paths=None: [tmp_path / "nowhere"])
+    assert cli(world.cli_args("ROME", hp, capability_checks="sst2")) == 2
+    assert "sst2.json not found" in caplog.text
+    assert not world.results_dir.exists()
+
+
+@needs_shared
+def test_summary_draws_wild_beside_teacher_forced_and_the_capability_curves(tmp_path):
+    from experiments.summarize import main as summarize_main
+
+    world, hp = memit_world(tmp_path)
+    main(world.cli_args("MEMIT", hp, protocol="sequential", num_edits=2, edit_times=4, num_threads=1,
+                        eval_checkpoints="2,4", wild=True, wild_max_new_tokens=4, **CHECKS))
+    plots = tmp_path / "plots"
+    assert summarize_main(["--dir_name", "MEMIT", "--results_dir", str(world.results_dir), "--plots", str(plots),
+                           "--markdown", "--metrics", "ES,ES_wild,sst2_acc,perplexity"]) == 0
+    assert (plots / "wild_vs_teacher_forced.png").stat().st_size > 1000
+    assert (plots / "capabilities.png").stat().st_size > 1000
