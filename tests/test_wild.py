@@ -267,7 +267,7 @@ def test_zsre_record_with_portability_teacher_forced_and_wild():
 
 
 def test_bench_counts_what_the_cap_cuts_and_compares_batching():
-    from experiments.py.wild_bench import cut_share, time_wild
+    from experiments.bench.wild import cut_share, time_wild
     from tests.tiny import tiny_records
 
     lengths = [(3, STOP_EOS), (64, STOP_CAP), (10, STOP_STRING), (64, STOP_STRING)]

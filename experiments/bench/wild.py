@@ -1,6 +1,6 @@
 """What WILD evaluation and the capability probes cost, and how often the generation cap decides.
 
-    python -m experiments.py.wild_bench --model smollm2-135m --records 50 --timing_records 10 --json wild_bench.json
+    python -m experiments.bench.wild --model smollm2-135m --records 50 --timing_records 10 --json wild_bench.json
 
 Parts (``--parts``, default all):
 - ``stops``: over the first ``--records`` known CounterFact records (every rewrite, paraphrase and
@@ -33,7 +33,7 @@ from experiments.py.probe_tasks import DEFAULT_TASKS
 from experiments.py.wild import TEMPLATES, WildSettings, generate_answers, wild_pairs, wild_scores
 from util.generation import STOP_CAP
 
-LOG = logging.getLogger("experiments.py.wild_bench")
+LOG = logging.getLogger("experiments.bench.wild")
 PARTS = ("stops", "wild", "capability")
 CANDIDATE_CAPS = (16, 32, 64, 128)
 
@@ -86,7 +86,7 @@ def known_records(model_name: str, n: int) -> list[dict]:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m experiments.py.wild_bench", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m experiments.bench.wild", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--records", type=int, default=50, help="known CounterFact records for the stop statistics")
     p.add_argument("--timing_records", type=int, default=10, help="records timed batched and one at a time")
@@ -124,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     model, tok = load_model(args.model, device=args.device)
     records = known_records(args.model, max(args.records, args.timing_records))
     results: dict = {"model": args.model, "torch_threads": torch.get_num_threads(),
-                     "command": ["python", "-m", "experiments.py.wild_bench", *(sys.argv[1:] if argv is None else argv)]}
+                     "command": ["python", "-m", "experiments.bench.wild", *(sys.argv[1:] if argv is None else argv)]}
     if "stops" in parts:
         results["stops"] = stop_statistics(model, tok, records[: args.records], args.probe_cap)
     if "wild" in parts:
