@@ -331,14 +331,19 @@ def marked_tables(path: Path) -> list[tuple[int, str, str | None, str]]:
     found = []
     for i, line in enumerate(lines):
         m = TABLE_MARKER.match(line.strip())
-        if m:
-            table = []
+        if m:  # the tables that follow, blank lines between them (a summary and its paired differences)
+            blocks: list[list[str]] = []
             for following in lines[i + 1:]:
-                if not following.startswith("|") and table:
-                    break
                 if following.startswith("|"):
-                    table.append(following)
-            found.append((i + 1, m.group(1), m.group(2), "\n".join(table)))
+                    if not blocks or blocks[-1] is None:
+                        blocks.append([])
+                    blocks[-1].append(following)
+                elif following.strip() or not blocks:
+                    if blocks:
+                        break
+                else:
+                    blocks.append(None)
+            found.append((i + 1, m.group(1), m.group(2), "\n\n".join("\n".join(b) for b in blocks if b)))
     return found
 
 
