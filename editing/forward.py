@@ -12,6 +12,13 @@ tokens of a CounterFact batch. Block inputs are captured with forward pre-hooks 
 the blocks are re-run with exactly the masks and position embeddings the model itself gave them,
 for any architecture; ``verified_forward`` checks a strategy against the full pass, with a probe
 delta injected, before it is trusted.
+
+A batched optimisation (``editing.value_optimisation``) runs several optimisations as row groups
+of one batch, each injecting its own delta; the groups may inject at different blocks (WilKE's
+candidate layers). ``Entries`` says which block each group's rows enter at: the strategies that
+run from captured block inputs run a row only from its block up, starting it from the residual
+captured there, so a batch costs what its groups cost one by one; the full pass runs every row
+through every block, with nothing injected below a row's block.
 """
 from __future__ import annotations
 
@@ -52,6 +59,82 @@ def _call_block(block: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dic
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+@dataclasses.dataclass(frozen=True)
+class Entries:
+    """The block at which each row of a batch enters the optimised part of the forward pass.
+
+    Rows are ordered by entry block: rows ``ends[k-1] <= r < ends[k]`` enter at ``blocks[k]``
+    (ascending). Below its entry block a row is the clean residual, which a strategy running from
+    captured block inputs takes from the capture instead of computing it.
+    """
+
+    blocks: tuple[int, ...]
+    ends: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if not self.blocks or len(self.blocks) != len(self.ends):
+            raise ValueError("Entries needs one row end per entry block")
+        if list(self.blocks) != sorted(set(self.blocks)) or list(self.ends) != sorted(set(self.ends)):
+            raise ValueError(f"entry blocks {self.blocks} and row ends {self.ends} must both increase")
+
+    def rows_at(self, block: int) -> int:
+        """How many leading rows run ``block``."""
+        return max((e for b, e in zip(self.blocks, self.ends) if b <= block), default=0)
+
+
+Start = int | Entries  # a block every row enters at, or per-row entry blocks
+
+
+def _entries(start: Start, n_rows: int) -> Entries:
+    if not isinstance(start, Entries):
+        return Entries((start,), (n_rows,))
+    if start.ends[-1] != n_rows:
+        raise ValueError(f"entries cover {start.ends[-1]} rows; the batch has {n_rows}")
+    return start
+
+
+def _modules(inject: str | Sequence[str]) -> list[str]:
+    return [inject] if isinstance(inject, str) else list(inject)
+
+
+def _first_rows(value: Any, n_rows: int, n: int) -> Any:
+    """A block argument cut to the first ``n`` of ``n_rows`` rows (per-row tensors, caches, nested)."""
+    if torch.is_tensor(value):
+        return value[:n] if value.dim() >= 2 and value.shape[0] == n_rows else value
+    if isinstance(value, _PrefixCache):
+        return _PrefixCache(value.keys[:n], value.values[:n])
+    if isinstance(value, (tuple, list)):
+        return type(value)(_first_rows(v, n_rows, n) for v in value)
+    if isinstance(value, dict):
+        return {k: _first_rows(v, n_rows, n) for k, v in value.items()}
+    return value
+
+
+def _run_blocks(
+    blocks: Sequence[nn.Module],
+    entries: Entries,
+    last_block: int,
+    clean_input: Callable[[int], torch.Tensor],
+    block_call: Callable[[int], tuple[tuple, dict]],
+    n_rows: int,
+) -> torch.Tensor:
+    """Blocks ``entries.blocks[0]``..``last_block``, each on the rows entered by then; a row enters
+    with ``clean_input(block)``, its captured input at its entry block."""
+    hidden: Optional[torch.Tensor] = None
+    running = 0
+    for i in range(entries.blocks[0], last_block + 1):
+        n = entries.rows_at(i)
+        if n > running:
+            joining = clean_input(i)[running:n]
+            hidden = joining if hidden is None else torch.cat([hidden, joining])
+            running = n
+        args, kwargs = block_call(i)
+        if n < n_rows:
+            args, kwargs = _first_rows(args, n_rows, n), _first_rows(kwargs, n_rows, n)
+        hidden = _call_block(blocks[i], hidden, args, kwargs)
+    return hidden
+
+
 class FullForward:
     """Reference strategy: the whole model, all positions, every step."""
 
@@ -65,9 +148,11 @@ class FullForward:
         """Where (row, col) of the right-padded prompts sits in this strategy's hidden states."""
         return rows, cols
 
-    def logits(self, start_block: int, inject_module: str, edit_fn: EditFn) -> torch.Tensor:
-        """Logits at the batch's read positions with ``edit_fn`` editing ``inject_module``'s output."""
-        with nethook.TraceDict(self.model, [inject_module], retain_output=False, edit_output=edit_fn):
+    def logits(self, start: Start, inject_module: str | Sequence[str], edit_fn: EditFn) -> torch.Tensor:
+        """Logits at the batch's read positions with ``edit_fn`` editing the injected modules' outputs.
+
+        Every row runs every block; ``start`` matters only to the faster strategies."""
+        with nethook.TraceDict(self.model, _modules(inject_module), retain_output=False, edit_output=edit_fn):
             with nethook.Trace(self.model, self.loss_layer_module) as tr:
                 self.batch.run(self.model)
         hidden = self.ln_f(tr.first_output)
@@ -126,14 +211,16 @@ class SuffixForward:
     def positions(self, rows: torch.Tensor, cols: torch.Tensor) -> Positions:
         return rows, cols
 
-    def logits(self, start_block: int, inject_module: str, edit_fn: EditFn) -> torch.Tensor:
-        if start_block not in self.calls:
-            raise ValueError(f"block {start_block} is below the first captured block {min(self.calls)}")
-        hidden = self.calls[start_block][0][0]
-        with nethook.TraceDict(self.model, [inject_module], retain_output=False, edit_output=edit_fn):
-            for i in range(start_block, self.loss_block + 1):
-                args, kwargs = self.calls[i]
-                hidden = _call_block(self.blocks[i], hidden, args, kwargs)
+    def check_start(self, entries: Entries) -> None:
+        if entries.blocks[0] not in self.calls:
+            raise ValueError(f"block {entries.blocks[0]} is below the first captured block {min(self.calls)}")
+
+    def logits(self, start: Start, inject_module: str | Sequence[str], edit_fn: EditFn) -> torch.Tensor:
+        entries = _entries(start, self.batch.input_ids.shape[0])
+        self.check_start(entries)
+        with nethook.TraceDict(self.model, _modules(inject_module), retain_output=False, edit_output=edit_fn):
+            hidden = _run_blocks(self.blocks, entries, self.loss_block, lambda i: self.calls[i][0][0],
+                                 self.calls.__getitem__, self.batch.input_ids.shape[0])
         picked = hidden[self.batch.rows, self.batch.cols]
         return lm_logits(self.model, self.ln_f(picked))
 
@@ -288,13 +375,13 @@ class PrefixCachedForward:
             out[i] = cut
         return out
 
-    def logits(self, start_block: int, inject_module: str, edit_fn: EditFn) -> torch.Tensor:
-        if start_block not in self.block_kwargs:
-            raise ValueError(f"block {start_block} is below the first captured block {min(self.block_kwargs)}")
-        hidden = self.suffix.calls[start_block][0][0][:, self.n_prefix :]
-        with nethook.TraceDict(self.model, [inject_module], retain_output=False, edit_output=edit_fn):
-            for i in range(start_block, self.suffix.loss_block + 1):
-                hidden = _call_block(self.suffix.blocks[i], hidden, (), self.block_kwargs[i])
+    def logits(self, start: Start, inject_module: str | Sequence[str], edit_fn: EditFn) -> torch.Tensor:
+        entries = _entries(start, self.suffix.batch.input_ids.shape[0])
+        self.suffix.check_start(entries)
+        with nethook.TraceDict(self.model, _modules(inject_module), retain_output=False, edit_output=edit_fn):
+            hidden = _run_blocks(self.suffix.blocks, entries, self.suffix.loss_block,
+                                 lambda i: self.suffix.calls[i][0][0][:, self.n_prefix :],
+                                 lambda i: ((), self.block_kwargs[i]), self.suffix.batch.input_ids.shape[0])
         picked = hidden[self.read_rows, self.read_cols]
         return lm_logits(self.model, self.suffix.ln_f(picked))
 
