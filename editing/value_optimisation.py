@@ -189,7 +189,7 @@ class _Optimisation:
     v0, the initial KL distribution, whether it still runs, its losses and the delta of each pass."""
 
     def __init__(self, model: nn.Module, tasks: Sequence[ValueTask], hparams: LocateEditHyperParams):
-        widths = {_output_width(model, t.inject_module) for t in tasks}
+        widths = {_output_width(model, m) for m in {t.inject_module for t in tasks}}
         if len(widths) != 1:
             raise ValueError(f"tasks optimised together must inject into outputs of one width, got {sorted(widths)}")
         device = module_device(nethook.get_module(model, tasks[0].inject_module))
@@ -381,42 +381,75 @@ def optimise_in_batches(
     batch_tokens: int,
 ) -> list[ValueResult]:
     """Every task's result, in order, optimised in batches of at most ``batch_tokens`` padded
-    prompt positions (tasks sorted by start block, then longest prompts first, to pad little).
+    prompt positions (tasks sorted by start block, then longest suffix after the fact token and
+    longest prompt first, so that a batch pads little).
 
     ``checked`` remembers which forward strategies agree with the full pass (``verified_forward``).
     """
-    order = sorted(range(len(tasks)), key=lambda i: (tasks[i].start_block, -tasks[i].problem.batch.input_ids.shape[1]))
+    order = sorted(range(len(tasks)), key=lambda i: (tasks[i].start_block, -_suffix(tasks[i]),
+                                                     -tasks[i].problem.batch.input_ids.shape[1]))
     groups = token_batches([tasks[i] for i in order], batch_tokens)
-    if len(groups) > 1 and len(groups) < len(tasks):
+    if 1 < len(groups) < len(tasks):
         LOG.info("value optimisation: %d tasks in %d batches of at most %d padded tokens", len(tasks), len(groups), batch_tokens)
     elif len(tasks) > 1 and len(groups) == len(tasks):
         LOG.info("value optimisation: %d tasks one at a time (v_batch_tokens %d holds no two)", len(tasks), batch_tokens)
+    forwards = _Forwards(model, hparams, checked)
     results: list[Optional[ValueResult]] = [None] * len(tasks)
     for group in groups:
         indices = [order[j] for j in group]
-        for i, result in zip(indices, _fitting(model, [tasks[i] for i in indices], hparams, checked)):
+        for i, result in zip(indices, _fitting(model, [tasks[i] for i in indices], hparams, forwards)):
             results[i] = result
     return results  # type: ignore[return-value]
 
 
-def _fitting(model: nn.Module, tasks: list[ValueTask], hparams: LocateEditHyperParams, checked: Optional[dict]) -> list[ValueResult]:
+def _suffix(task: ValueTask) -> int:
+    """The longest stretch of a task's prompts from the fact token on: what a prefix-cached step runs."""
+    b = task.problem.batch
+    return int((b.attention_mask.sum(1) - task.problem.fact_cols.to(b.attention_mask.device)).max())
+
+
+class _Forwards:
+    """Forward strategies of stacked tasks. The last one built serves again a stack of the same
+    prompts whose rows enter at or above its first block: WilKE's candidates one at a time share one
+    capture of block inputs, from the lowest candidate up, as the scan did before it was batched."""
+
+    def __init__(self, model: nn.Module, hparams: LocateEditHyperParams, checked: Optional[dict]):
+        self.model, self.hparams, self.checked = model, hparams, checked
+        self.last: Optional[tuple[list[ValueProblem], int, Strategy]] = None
+
+    def __call__(self, tasks: Sequence[ValueTask], stacked: StackedTasks) -> Strategy:
+        problems, first = [t.problem for t in tasks], stacked.entries.blocks[0]
+        if self.last is not None:
+            kept, kept_first, forward = self.last
+            if len(kept) == len(problems) and all(a is b for a, b in zip(kept, problems)) and kept_first <= first:
+                return forward
+        forward = stacked_forward(self.model, stacked, self.hparams, self.checked)
+        self.last = (problems, first, forward)
+        return forward
+
+    def restack(self, stacked: StackedTasks) -> Strategy:
+        return stacked_forward(self.model, stacked, self.hparams, self.checked)
+
+
+def _fitting(model: nn.Module, tasks: list[ValueTask], hparams: LocateEditHyperParams, forwards: _Forwards) -> list[ValueResult]:
     """``optimise_values`` on the tasks, split in halves (recursively) when a batch runs out of memory;
     each half restarts its optimisations, so the results are those of the smaller batches."""
-    restack = lambda stacked: stacked_forward(model, stacked, hparams, checked)  # noqa: E731
     message = ""
     try:
-        return optimise_values(model, tasks, restack(stack_tasks(tasks)), hparams, restack)
+        stacked = stack_tasks(tasks)
+        return optimise_values(model, tasks, forwards(tasks, stacked), hparams, forwards.restack)
     except RuntimeError as e:
         if not is_oom(e) or len(tasks) == 1:
             raise
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
     # Outside the except block, so the failed attempt's frames and activations are freed.
+    forwards.last = None
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     half = (len(tasks) + 1) // 2
     LOG.warning("out of memory optimising %d values in one batch (%s); retrying as %d + %d "
                 "(a smaller v_batch_tokens avoids the retries)", len(tasks), message, half, len(tasks) - half)
-    return _fitting(model, tasks[:half], hparams, checked) + _fitting(model, tasks[half:], hparams, checked)
+    return _fitting(model, tasks[:half], hparams, forwards) + _fitting(model, tasks[half:], hparams, forwards)
 
 
 def _output_width(model: nn.Module, inject_module: str) -> int:

@@ -135,15 +135,20 @@ def test_candidates_at_different_layers_equal_the_per_candidate_loop(arch, kind)
 
 
 @pytest.mark.parametrize("scan", ["exact", "approximate"])
-def test_wilke_scan_batched_equals_the_per_candidate_loop(scan):
-    """Same LA for every candidate (float rounding) and the same chosen layer as candidates one by one."""
+def test_wilke_scan_batched_equals_the_per_candidate_loop(scan, monkeypatch):
+    """Same LA for every candidate (float rounding) and the same chosen layer as candidates one by one;
+    either way a scan captures block inputs once (twice for the approximate scan's two rounds)."""
     model, tok = make_model("llama", n_layer=6), make_tokenizer()
     base = rank_one_hparams("llama", 6, mom2_adjustment=False, v_num_grad_steps=8)
     hp = WilKEHyperParams.from_dict({**base, "scanning_ceiling": 5, "scan": scan, "approx_grad_steps": 3})
     res = EditResources(load_paths(), "t", progress=False)
+    builds = []
+    monkeypatch.setattr(vo, "stacked_forward", lambda *a: builds.append(a[1].entries.blocks) or stacked_forward(*a))
     for request in requests()[:2]:
         chosen, la = choose_layer(model, tok, request, hp, res)
         chosen_loop, la_loop = choose_layer(model, tok, request, hp.replace(v_batch_tokens=0), res)
+        assert len(builds) == (2 if scan == "exact" else 4), builds
+        builds.clear()
         assert chosen.layer == chosen_loop.layer and la.keys() == la_loop.keys() == set(range(5))
         for layer in la:
             assert la[layer] == pytest.approx(la_loop[layer], rel=1e-4)
