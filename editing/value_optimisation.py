@@ -308,12 +308,12 @@ def optimise_values(
     tasks: Sequence[ValueTask],
     forward: Strategy,
     hparams: LocateEditHyperParams,
-    restack: Optional[Callable[[StackedTasks], Strategy]] = None,
+    restack: Optional[Callable[[Sequence[ValueTask], StackedTasks], Strategy]] = None,
 ) -> list[ValueResult]:
     """Every task's delta, optimised together in one batch (see the module docstring).
 
-    ``forward`` runs ``stack_tasks(tasks).batch``; ``restack`` builds the strategy for a smaller
-    stack, used once the running tasks hold half the rows or fewer (without it the batch stays).
+    ``forward`` runs ``stack_tasks(tasks).batch``; ``restack(tasks, stacked)`` builds the strategy of
+    a smaller stack, used once the running tasks hold half the rows or fewer (without it the batch stays).
     Deltas live on the first injected module's device in the working precision (float32 for a
     half-precision model, whose forward passes stay in its own dtype); the losses are float32.
     """
@@ -328,8 +328,9 @@ def optimise_values(
         if not live:
             break
         if restack is not None and len(live) < len(layout.ids) and 2 * _rows(tasks, live) <= layout.stacked.n_rows:
-            stacked = stack_tasks([tasks[g] for g in live])
-            layout = _Layout.of(live, stacked, restack(stacked), device)
+            running = [tasks[g] for g in live]
+            stacked = stack_tasks(running)
+            layout = _Layout.of(live, stacked, restack(running, stacked), device)
     results = state.results()
     LOG.debug("value optimisation of %d task(s) at %s: %d-%d passes", len(tasks), sorted(set(t.inject_module for t in tasks)),
               min(r.steps for r in results), max(r.steps for r in results))
@@ -409,26 +410,32 @@ def _suffix(task: ValueTask) -> int:
 
 
 class _Forwards:
-    """Forward strategies of stacked tasks. The last one built serves again a stack of the same
-    prompts whose rows enter at or above its first block: WilKE's candidates one at a time share one
-    capture of block inputs, from the lowest candidate up, as the scan did before it was batched."""
+    """Forward strategies of stacked tasks, capturing block inputs as rarely as possible.
+
+    Tasks that share one request's prompts (WilKE's candidates) get the strategy of those prompts
+    alone, tiled once per task, so a batch of candidates captures no more than one candidate does.
+    The last strategy built serves again a stack of the same prompts whose rows enter at or above its
+    first block: candidates one at a time (or a smaller stack of them) share its capture, as the
+    scan did before it was batched.
+    """
 
     def __init__(self, model: nn.Module, hparams: LocateEditHyperParams, checked: Optional[dict]):
         self.model, self.hparams, self.checked = model, hparams, checked
         self.last: Optional[tuple[list[ValueProblem], int, Strategy]] = None
 
     def __call__(self, tasks: Sequence[ValueTask], stacked: StackedTasks) -> Strategy:
-        problems, first = [t.problem for t in tasks], stacked.entries.blocks[0]
+        first = stacked.entries.blocks[0]
+        shared = all(t.problem is tasks[0].problem for t in tasks)
+        problems = [tasks[0].problem] if shared else [t.problem for t in tasks]
+        forward = None
         if self.last is not None:
-            kept, kept_first, forward = self.last
+            kept, kept_first, kept_forward = self.last
             if len(kept) == len(problems) and all(a is b for a, b in zip(kept, problems)) and kept_first <= first:
-                return forward
-        forward = stacked_forward(self.model, stacked, self.hparams, self.checked)
-        self.last = (problems, first, forward)
-        return forward
-
-    def restack(self, stacked: StackedTasks) -> Strategy:
-        return stacked_forward(self.model, stacked, self.hparams, self.checked)
+                forward = kept_forward
+        if forward is None:
+            forward = stacked_forward(self.model, stack_tasks(tasks[:1]) if shared else stacked, self.hparams, self.checked)
+            self.last = (problems, first, forward)
+        return forward.tiled(len(tasks)) if shared and len(tasks) > 1 else forward
 
 
 def _fitting(model: nn.Module, tasks: list[ValueTask], hparams: LocateEditHyperParams, forwards: _Forwards) -> list[ValueResult]:
@@ -437,7 +444,7 @@ def _fitting(model: nn.Module, tasks: list[ValueTask], hparams: LocateEditHyperP
     message = ""
     try:
         stacked = stack_tasks(tasks)
-        return optimise_values(model, tasks, forwards(tasks, stacked), hparams, forwards.restack)
+        return optimise_values(model, tasks, forwards(tasks, stacked), hparams, forwards)
     except RuntimeError as e:
         if not is_oom(e) or len(tasks) == 1:
             raise

@@ -117,17 +117,23 @@ def strategy(kind: str, model, hp, batch, anchor_cols, first_block: int):
     return FullForward(model, batch, hp.layer_module_tmp.format(hp.v_loss_layer), hp.ln_f_module)
 
 
+@pytest.mark.parametrize("tiled", [False, True], ids=["stacked", "tiled"])
 @pytest.mark.parametrize("kind", ["prefix", "suffix", "full"])
 @pytest.mark.parametrize("arch", ["gpt2", "gptj", "llama"])
-def test_candidates_at_different_layers_equal_the_per_candidate_loop(arch, kind):
-    """WilKE's scan as one batch: each candidate's rows enter at its own layer with its own delta."""
+def test_candidates_at_different_layers_equal_the_per_candidate_loop(arch, kind, tiled):
+    """WilKE's scan as one batch: each candidate's rows enter at its own layer with its own delta; the
+    strategy built on the stacked prompts, or built once on the request's and tiled (as the scan does)."""
     model, tok = make_model(arch), make_tokenizer()
     hp = hparams(arch, v_num_grad_steps=6)
     problem = build_value_problem(tok, requests()[1], TEMPLATES, hp.fact_token, CPU)
     tasks = [ValueTask(problem, hp.rewrite_module_tmp.format(l), l, hp.clamp_norm_factor) for l in (0, 1, 2)]
     stacked = stack_tasks(tasks)
     assert stacked.entries.blocks == (0, 1, 2) and stacked.n_rows == 3 * problem.batch.input_ids.shape[0]
-    batched = optimise_values(model, tasks, strategy(kind, model, hp, stacked.batch, stacked.fact_cols, 0), hp)
+    if tiled:
+        forward = strategy(kind, model, hp, problem.batch, problem.fact_cols, 0).tiled(len(tasks))
+    else:
+        forward = strategy(kind, model, hp, stacked.batch, stacked.fact_cols, 0)
+    batched = optimise_values(model, tasks, forward, hp)
     loop = [optimise_values(model, [t], strategy(kind, model, hp, problem.batch, problem.fact_cols, t.start_block), hp)[0]
             for t in tasks]
     assert_same(batched, loop)
