@@ -34,7 +34,7 @@ from editing.norm_anchor import anchored_block_value
 from editing.representations import fact_token_index, reprs_at_tokens
 from editing.requests import normalise_request
 from editing.resources import EditResources, default_resources
-from editing.value_optimisation import optimise_value, prepare_request
+from editing.value_optimisation import ValueTask, build_value_problem, optimise_in_batches
 from memit.compute_ks import compute_keys, template_groups
 from memit.memit_hparams import MEMITHyperParams
 from util import nethook
@@ -97,30 +97,32 @@ def compute_zs(
     resources: EditResources,
     cache_template: Optional[str] = None,
 ) -> tuple[torch.Tensor, list[int], list[Optional[float]]]:
-    """z for every request (hidden x n): v* of ROME's optimisation injected at the last block's output."""
+    """z for every request (hidden x n): v* of ROME's optimisation injected at the last block's output.
+
+    The requests' optimisations run in batches of ``hparams.v_batch_tokens`` padded prompt positions
+    (editing.value_optimisation: each z as the one-at-a-time loop of the reference finds it)."""
     z_layer = hparams.z_layer
     block = hparams.layer_module_tmp.format(z_layer)
-    zs, steps, losses = [], [], []
-    for request in requests:
-        path = _z_cache_path(cache_template, z_layer, hparams.clamp_norm_factor, request.get("case_id"))
+    zs: list[Optional[torch.Tensor]] = [None] * len(requests)
+    steps: list[int] = [0] * len(requests)
+    losses: list[Optional[float]] = [None] * len(requests)
+    paths = [_z_cache_path(cache_template, z_layer, hparams.clamp_norm_factor, r.get("case_id")) for r in requests]
+    for i, path in enumerate(paths):
         if path is not None and path.exists():
             with np.load(path) as data:
-                zs.append(torch.from_numpy(data["z"]).to(model_device(model)))
-            steps.append(0)
-            losses.append(None)
-            continue
-        prepared = prepare_request(model, tok, request, hparams, resources, first_layer=z_layer)
-        value = optimise_value(
-            model, prepared.problem, prepared.forward, block, z_layer, hparams, clamp_norm_factor=hparams.clamp_norm_factor
-        )
-        if hparams.value_norm_anchor:  # NAS: the z's MLP share rescaled to the reference norm
-            reference = resources.norm_reference(model, tok, hparams, z_layer)
-            value = anchored_block_value(model, prepared.problem, value, hparams.mlp_module_tmp.format(z_layer), reference)
-        zs.append(value.v_star)
-        steps.append(value.steps)
-        losses.append(value.losses[-1])
-        if path is not None:
-            _save_z(path, value.v_star)
+                zs[i] = torch.from_numpy(data["z"]).to(model_device(model))
+    todo = [i for i, z in enumerate(zs) if z is None]
+    templates = resources.context_templates(model, tok, hparams.template_spec)
+    tasks = [ValueTask(build_value_problem(tok, requests[i], templates, hparams.fact_token, model_device(model)),
+                       block, z_layer, hparams.clamp_norm_factor) for i in todo]
+    values = optimise_in_batches(model, tasks, hparams, resources.forward_checked, hparams.v_batch_tokens)
+    if hparams.value_norm_anchor:  # NAS: each z's MLP share rescaled to the reference norm
+        reference, mlp = resources.norm_reference(model, tok, hparams, z_layer), hparams.mlp_module_tmp.format(z_layer)
+        values = [anchored_block_value(model, task.problem, value, mlp, reference) for task, value in zip(tasks, values)]
+    for i, value in zip(todo, values):
+        zs[i], steps[i], losses[i] = value.v_star, value.steps, value.losses[-1]
+        if paths[i] is not None:
+            _save_z(paths[i], value.v_star)
     return torch.stack(zs, dim=1), steps, losses
 
 

@@ -16,6 +16,8 @@ from editing.value_optimisation import PreparedRequest, ValueResult, optimise_va
 def compute_v(model: nn.Module, prepared: PreparedRequest, hparams: Any, layer: int) -> ValueResult:
     """v* = v0 + delta with delta added to the output of W_layer at the fact token of every prompt."""
     module_name = hparams.rewrite_module_tmp.format(layer)
+    if prepared.forward is None:
+        raise ValueError("this prepared request has no forward strategy (it was prepared for a batched optimisation)")
     return optimise_value(model, prepared.problem, prepared.forward, module_name, layer, hparams)
 
 

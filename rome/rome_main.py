@@ -24,7 +24,7 @@ from editing.norm_anchor import anchored_rome_value
 from editing.representations import keys_and_values, template_keys, template_prompts
 from editing.requests import normalise_request
 from editing.resources import EditResources, default_resources
-from editing.value_optimisation import PreparedRequest, prepare_request
+from editing.value_optimisation import PreparedRequest, ValueResult, prepare_request
 from rome.compute_u import left_vector
 from rome.compute_v import compute_v, right_vector
 from rome.rome_hparams import ROMEHyperParams
@@ -49,9 +49,12 @@ class RankOneUpdate:
     v_star: torch.Tensor
     steps: int
     final_loss: float
-    # ||Delta|| had the optimisation stopped after pass 1, 2, ... (the last entry is ``norm``): lets an
-    # approximate scan's ranking (fewer passes) be read off an exact scan
-    norm_by_pass: tuple[float, ...] = ()
+    # v*'s optimisation (the delta each pass ran with), the value at ``key`` before the edit and NAS's
+    # reference norm (None: off): what the update would have been after fewer passes follows from them
+    # (experiments/bench/agreement.py)
+    value: Optional[ValueResult] = None
+    cur_value: Optional[torch.Tensor] = None
+    norm_reference: Optional[float] = None
 
     @property
     def weight_name(self) -> str:
@@ -74,8 +77,12 @@ def rome_update_at(
     layer: int,
     resources: EditResources,
     k_star: Optional[torch.Tensor] = None,
+    value: Optional[ValueResult] = None,
 ) -> RankOneUpdate:
-    """The ROME update at ``layer`` for the current model; the model is left unchanged."""
+    """The ROME update at ``layer`` for the current model; the model is left unchanged.
+
+    ``value`` is v*'s optimisation when it was already run (a WilKE scan optimises every candidate's
+    in one batch); otherwise it runs here with ``prepared.forward``."""
     request = prepared.request
     module_name = hparams.rewrite_module_tmp.format(layer)
     if k_star is None:
@@ -84,7 +91,8 @@ def rome_update_at(
     if hparams.mom2_adjustment:
         cov = resources.covariances(model, tok, hparams, [module_name])[module_name]
     u = left_vector(k_star, cov)
-    value = compute_v(model, prepared, hparams, layer)
+    if value is None:
+        value = compute_v(model, prepared, hparams, layer)
     if hparams.consistent_keys:
         templates = template_prompts(request, prepared.context_templates)
     else:
@@ -94,10 +102,7 @@ def rome_update_at(
     reference = resources.norm_reference(model, tok, hparams, layer) if hparams.value_norm_anchor else None
     v_star = anchored_rome_value(value.v_star, cur_value, reference)  # NAS; v* itself when it is off
     r = right_vector(v_star, key, cur_value, u)
-    by_pass = torch.stack([right_vector(anchored_rome_value(value.v0 + d, cur_value, reference), key, cur_value, u)
-                           for d in value.deltas]).norm(dim=1) * u.norm()
-    return RankOneUpdate(layer, module_name, u, r, key, v_star, value.steps, value.losses[-1],
-                         tuple(float(n) for n in by_pass))
+    return RankOneUpdate(layer, module_name, u, r, key, v_star, value.steps, value.losses[-1], value, cur_value, reference)
 
 
 def execute_rome(

@@ -5,11 +5,14 @@
 #      reference, bfloat16 edits);
 #   2. experiments.bench on randomly initialised models of the real shapes: GPT2-XL in float32
 #      (WilKE edit fast vs reference, ROME edit, statistics tokens/s) and in bfloat16 (fast), and a
-#      Llama-3-8B-shaped model in bfloat16 (WilKE fast, ROME, AlphaEdit, statistics tokens/s).
+#      Llama-3-8B-shaped model in bfloat16 (WilKE fast, ROME, AlphaEdit, statistics tokens/s);
+#   3. experiments.bench_batching on a Llama-3-8B-shaped model in bfloat16: MEMIT's z's one at a time
+#      against batched (batches of 1, 16, 100 requests, 10 passes each, no early stop) and WilKE's
+#      exact scan, candidates one at a time against one batch.
 # Everything it measures lands as JSON and logs under $OUT. Each step has its own time limit, so a
 # slow one costs only itself; the exit status is 1 when any step failed.
 #
-#   OUT=/some/folder bash scripts/gpu_check.sh              # the real shapes, on the GPU (~7 minutes)
+#   OUT=/some/folder bash scripts/gpu_check.sh              # the real shapes, on the GPU (~9 minutes)
 #   SHAPES=tiny OUT=/tmp/check bash scripts/gpu_check.sh    # the same steps on tiny shapes, any machine
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -42,9 +45,11 @@ PY
 cat "$OUT/environment.json"
 
 if [ "$SHAPES" = tiny ]; then
-    GPT2=random:gpt2-tiny LLAMA=random:llama-tiny STATS=40 LIMITS=(60 240 120 180)
+    GPT2=random:gpt2-tiny LLAMA=random:llama-tiny STATS=40 LIMITS=(60 240 120 180 120)
+    BATCHING=(--model tiny --dtype float32 --batches 1,4 --steps 3)
 else
-    GPT2=random:gpt2-xl LLAMA=random:llama-3-8b STATS=200 LIMITS=(90 200 100 210)
+    GPT2=random:gpt2-xl LLAMA=random:llama-3-8b STATS=200 LIMITS=(90 200 100 210 180)
+    BATCHING=(--model random:llama:32:4096 --dtype bfloat16 --batches 1,16,100 --steps 10)
 fi
 BENCH=("$PYTHON" -m experiments.bench --edits 1 --approx_edits 0 --stats_samples "$STATS")
 
@@ -55,5 +60,7 @@ step bench_gpt2_bfloat16 "${LIMITS[2]}" "${BENCH[@]}" --models "$GPT2" --dtype b
     --skip_reference --json "$OUT/bench_gpt2_bfloat16.json"
 step bench_llama_bfloat16 "${LIMITS[3]}" "${BENCH[@]}" --models "$LLAMA" --dtype bfloat16 \
     --parts stats,wilke,rome,alphaedit --skip_reference --json "$OUT/bench_llama_bfloat16.json"
+step batching "${LIMITS[4]}" "$PYTHON" -m experiments.bench_batching "${BATCHING[@]}" --scan_edits 1 \
+    --json "$OUT/batching.json"
 echo "results in $OUT"
 exit $STATUS

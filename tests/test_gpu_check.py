@@ -1,6 +1,6 @@
 """scripts/gpu_check.sh, the one command run on a lent GPU machine, runs here on tiny shapes so that
 CI exercises every step of it: the CUDA tests (skipped without a GPU) and the benchmarks on
-randomly initialised models, each writing its JSON."""
+randomly initialised models (batched value optimisation included), each writing its JSON."""
 from __future__ import annotations
 
 import json
@@ -25,3 +25,6 @@ def test_gpu_check_runs_every_step_on_tiny_shapes(tmp_path):
     llama = json.loads((tmp_path / "bench_llama_bfloat16.json").read_text())["results"][0]
     assert llama["alphaedit"]["batch"] == 4 and llama["rome_fast"]["seconds_per_edit"] > 0
     assert "prefix forward disagrees" not in (tmp_path / "bench_llama_bfloat16.log").read_text()
+    batching = json.loads((tmp_path / "batching.json").read_text())
+    assert [z["batch"] for z in batching["zs"]] == [1, 4] and batching["scan"]["same_layers"] is True
+    assert all(z["loop_over_batched"] > 0 and z["max_relative_z_difference"] < 1e-4 for z in batching["zs"])

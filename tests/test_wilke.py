@@ -128,8 +128,9 @@ def test_protocol_run_makes_exactly_n_edits_with_retention_at_checkpoints(tmp_pa
 def test_approximate_choice_read_off_an_exact_scan_equals_the_approximate_scan():
     """One exact scan predicts what every (grad_steps, top_k) approximate scan chooses."""
     from editing.requests import normalise_request
+    from experiments.bench.agreement import adaptabilities, approximate_choice, norm_by_pass
     from tests.tiny import tiny_records
-    from wilke.wilke_main import adaptabilities, approximate_choice, choose_layer
+    from wilke.wilke_main import choose_layer
 
     model, tok = make_model("llama", n_layer=6), make_tokenizer()
     hp = hparams(n_layer=6, scanning_ceiling=5, v_num_grad_steps=6)
@@ -139,7 +140,8 @@ def test_approximate_choice_read_off_an_exact_scan_equals_the_approximate_scan()
         request = normalise_request({**record["requested_rewrite"], "case_id": record["case_id"]})
         updates = scan_layers(model, tok, request, hp, hp.candidate_layers, res)
         for u in updates.values():
-            assert len(u.norm_by_pass) == u.steps and u.norm_by_pass[-1] == pytest.approx(u.norm, rel=1e-5)
+            by_pass = norm_by_pass(u)
+            assert len(by_pass) == u.steps and by_pass[-1] == pytest.approx(u.norm, rel=1e-5)
         la, la_by_pass = adaptabilities(model, updates)
         assert approximate_choice(la_by_pass, la, hp.v_num_grad_steps, 1) == min(la, key=la.get)
         for steps, top_k in [(1, 1), (2, 1), (2, 2), (3, 3)]:

@@ -7,6 +7,7 @@ the real families (GPT-2 with Conv1D, GPT-J, Llama) so that their code paths are
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -65,30 +66,36 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     return tok
 
 
-def make_model(
-    arch: str = "gpt2", n_layer: int = 4, seed: int = 0, width: int = 64, context: int = 128
-) -> torch.nn.Module:
-    """A tiny causal LM of the given family (``context`` positions), in eval mode with gradients off."""
+def make_model(arch: str = "gpt2", n_layer: int = 4, seed: int = 0, width: int = 64, context: int = 128, *,
+               heads: int = 4, mlp: Optional[int] = None, vocab: Optional[int] = None, device: Optional[str] = None,
+               dtype: Optional[torch.dtype] = None) -> torch.nn.Module:
+    """A tiny causal LM of the given family (``context`` positions), in eval mode with gradients off.
+
+    ``heads``, ``mlp`` (MLP width), ``vocab``, ``device`` and ``dtype`` build a randomly initialised
+    model of a real size where it will run (benchmarks on a GPU machine without weights)."""
     tok = make_tokenizer()
-    vocab = len(tok)
+    vocab = vocab or len(tok)
+    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     torch.manual_seed(seed)
-    if arch == "gpt2":
-        cfg = GPT2Config(vocab_size=vocab, n_positions=context, n_embd=width, n_layer=n_layer, n_head=4,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-        model = GPT2LMHeadModel(cfg)
-    elif arch == "gptj":
-        cfg = GPTJConfig(vocab_size=vocab, n_positions=context, n_embd=width, n_layer=n_layer, n_head=4,
-                         rotary_dim=8, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-        model = GPTJForCausalLM(cfg)
-    elif arch == "llama":
-        cfg = LlamaConfig(vocab_size=vocab, hidden_size=width, intermediate_size=2 * width,
-                          num_hidden_layers=n_layer, num_attention_heads=4, num_key_value_heads=2,
-                          max_position_embeddings=context, bos_token_id=tok.bos_token_id,
-                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                          tie_word_embeddings=True)
-        model = LlamaForCausalLM(cfg)
-    else:
-        raise ValueError(f"unknown tiny architecture {arch!r}")
+    with torch.device(device or "cpu"):
+        if arch == "gpt2":
+            cfg = GPT2Config(vocab_size=vocab, n_positions=context, n_embd=width, n_layer=n_layer, n_head=heads,
+                             n_inner=mlp, **ids)
+            model = GPT2LMHeadModel(cfg)
+        elif arch == "gptj":
+            cfg = GPTJConfig(vocab_size=vocab, n_positions=context, n_embd=width, n_layer=n_layer, n_head=heads,
+                             n_inner=mlp, rotary_dim=8, **ids)
+            model = GPTJForCausalLM(cfg)
+        elif arch == "llama":
+            cfg = LlamaConfig(vocab_size=vocab, hidden_size=width, intermediate_size=mlp or 2 * width,
+                              num_hidden_layers=n_layer, num_attention_heads=heads, num_key_value_heads=2,
+                              max_position_embeddings=context, pad_token_id=tok.pad_token_id, tie_word_embeddings=True,
+                              **ids)
+            model = LlamaForCausalLM(cfg)
+        else:
+            raise ValueError(f"unknown tiny architecture {arch!r}")
+    if dtype is not None:
+        model = model.to(dtype)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

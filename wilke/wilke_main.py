@@ -6,9 +6,12 @@ computed without touching the weights, so "restore after each candidate" holds b
 and the chosen update is the one the scan computed (the reference recomputes it).
 
 Fast mode shares the layer-independent work across candidates: templates and prompts are built
-once, keys for every candidate come from one partial forward pass, block inputs are captured once
-and each optimisation step runs only the blocks above the candidate. Reference mode recomputes
-everything per candidate and recomputes the chosen update after the scan, as the paper's code does.
+once, keys for every candidate come from one partial forward pass, and the candidates' v*
+optimisations run as one batch (editing.value_optimisation, at most ``v_batch_tokens`` padded prompt
+positions each; 0: one candidate after another): each candidate's rows enter the forward pass at its
+own layer, from the residual captured there, and get its own delta, so every v* is the one the
+per-candidate loop finds, within float rounding. Reference mode recomputes everything per candidate
+and recomputes the chosen update after the scan, as the paper's code does.
 
 The rank-one rule is ROME's hparams field ``consistent_keys``, which WilKE inherits. Off (every
 shipped WilKE file but the ``*_rrome.json`` ones) it is the paper's algorithm: each candidate's update
@@ -25,7 +28,7 @@ import copy as copy_module
 import dataclasses
 import logging
 import time
-from typing import Mapping, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -35,7 +38,7 @@ from editing.editor import snapshot_weights
 from editing.representations import template_keys
 from editing.requests import normalise_request
 from editing.resources import EditResources, default_resources
-from editing.value_optimisation import PreparedRequest, prepare_request
+from editing.value_optimisation import PreparedRequest, ValueTask, optimise_in_batches, prepare_request
 from rome.rome_main import RankOneUpdate, apply_update, execute_rome, rome_update_at
 from util import nethook
 from util.architectures import num_layers, weight_out_in
@@ -97,7 +100,7 @@ def prepare_scan(
     layers: Sequence[int],
     resources: EditResources,
 ) -> ScanInputs:
-    prepared = prepare_request(model, tok, request, hparams, resources, first_layer=min(layers))
+    prepared = prepare_request(model, tok, request, hparams, resources, first_layer=None)
     names = [hparams.rewrite_module_tmp.format(l) for l in sorted(layers)]
     keys = template_keys(model, tok, request, prepared.context_templates, names, hparams.fact_token)
     if hparams.mom2_adjustment:
@@ -124,10 +127,13 @@ def scan_layers(
             l: execute_rome(model, tok, request, hparams.replace(layers=[l]), resources, layer=l) for l in layers
         }
     inputs = inputs or prepare_scan(model, tok, request, hparams, layers, resources)
+    layers = sorted(layers)
+    names = [hparams.rewrite_module_tmp.format(l) for l in layers]
+    tasks = [ValueTask(inputs.prepared.problem, name, l, hparams.clamp_norm_factor) for l, name in zip(layers, names)]
+    values = optimise_in_batches(model, tasks, hparams, resources.forward_checked, hparams.v_batch_tokens)
     return {
-        l: rome_update_at(model, tok, inputs.prepared, hparams, l, resources,
-                          k_star=inputs.keys[hparams.rewrite_module_tmp.format(l)])
-        for l in layers
+        l: rome_update_at(model, tok, inputs.prepared, hparams, l, resources, k_star=inputs.keys[name], value=value)
+        for l, name, value in zip(layers, names, values)
     }
 
 
@@ -157,29 +163,6 @@ def choose_layer(
         # The paper's code edits the chosen layer again from scratch after the scan.
         chosen = execute_rome(model, tok, request, hparams.replace(layers=[best]), resources, layer=best)
     return chosen, la
-
-
-def approximate_choice(
-    la_by_pass: Mapping[int, Sequence[float]], la: Mapping[int, float], grad_steps: int, top_k: int
-) -> int:
-    """The layer ``scan: approximate`` would choose, read off an exact scan.
-
-    ``la_by_pass[l]`` is layer l's LA had its optimisation stopped after pass 1, 2, ... (from
-    ``RankOneUpdate.norm_by_pass``) and ``la[l]`` its final LA. An optimisation of ``grad_steps``
-    passes is the first ``grad_steps`` passes of the full one, so this is the choice
-    ``choose_layer`` makes, without running it: one exact scan per edit measures the agreement of
-    every (grad_steps, top_k) setting at once.
-    """
-    rough = {l: v[min(grad_steps, len(v)) - 1] for l, v in la_by_pass.items()}
-    shortlist = sorted(rough, key=rough.get)[:top_k]
-    return min(shortlist, key=lambda l: la[l])
-
-
-def adaptabilities(model: nn.Module, updates: Mapping[int, RankOneUpdate]) -> tuple[dict[int, float], dict[int, list[float]]]:
-    """(LA per layer, LA per layer after each optimisation pass) of a scan's updates."""
-    norms = {l: weight_norm(model, u.module_name) for l, u in updates.items()}
-    return ({l: u.norm / norms[l] for l, u in updates.items()},
-            {l: [n / norms[l] for n in u.norm_by_pass] for l, u in updates.items()})
 
 
 def apply_wilke_to_model(

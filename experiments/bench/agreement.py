@@ -1,7 +1,7 @@
 """The approximate scan's agreement with the exact one, measured per edit and kept on disk.
 
 Each edit gets one exact scan; the approximate choice of every (grad_steps, top_k) setting is read
-off it (``wilke_main.approximate_choice``), so one measurement covers the whole grid. Results are
+off it (``approximate_choice``), so one measurement covers the whole grid. Results are
 kept one JSON line per edit (``AgreementStore``), so a long measurement resumes where it stopped
 and can be sharded over processes.
 """
@@ -12,15 +12,51 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional, Sequence
 
+import torch
+from torch import nn
 from tqdm import tqdm
 
+from editing.norm_anchor import anchored_rome_value
 from editing.requests import normalise_request, record_request
+from rome.compute_v import right_vector
+from rome.rome_main import RankOneUpdate
 from wilke.wilke_hparams import WilKEHyperParams
-from wilke.wilke_main import adaptabilities, approximate_choice, choose_layer, scan_layers
+from wilke.wilke_main import choose_layer, scan_layers, weight_norm
 
 LOG = logging.getLogger("experiments.bench")
+
+
+def norm_by_pass(update: RankOneUpdate) -> list[float]:
+    """||Delta|| had v*'s optimisation stopped after pass 1, 2, ... (the last is ``update.norm``): the
+    right vector of v0 + the delta each pass ran with (NAS-anchored when it is on), as the update's own."""
+    value, cur, reference = update.value, update.cur_value, update.norm_reference
+    by_pass = torch.stack([right_vector(anchored_rome_value(value.v0 + d, cur, reference), update.key, cur, update.u)
+                           for d in value.deltas])
+    return (by_pass.norm(dim=1) * update.u.norm()).tolist()
+
+
+def adaptabilities(model: nn.Module, updates: Mapping[int, RankOneUpdate]) -> tuple[dict[int, float], dict[int, list[float]]]:
+    """(LA per layer, LA per layer after each optimisation pass) of a scan's updates."""
+    norms = {l: weight_norm(model, u.module_name) for l, u in updates.items()}
+    return ({l: u.norm / norms[l] for l, u in updates.items()},
+            {l: [n / norms[l] for n in norm_by_pass(u)] for l, u in updates.items()})
+
+
+def approximate_choice(
+    la_by_pass: Mapping[int, Sequence[float]], la: Mapping[int, float], grad_steps: int, top_k: int
+) -> int:
+    """The layer ``scan: approximate`` would choose, read off an exact scan.
+
+    ``la_by_pass[l]`` is layer l's LA had its optimisation stopped after pass 1, 2, ... and ``la[l]``
+    its final LA. An optimisation of ``grad_steps`` passes is the first ``grad_steps`` passes of the
+    full one, so this is the choice ``wilke_main.choose_layer`` makes, without running it: one exact
+    scan per edit measures the agreement of every (grad_steps, top_k) setting at once.
+    """
+    rough = {l: v[min(grad_steps, len(v)) - 1] for l, v in la_by_pass.items()}
+    shortlist = sorted(rough, key=rough.get)[:top_k]
+    return min(shortlist, key=lambda l: la[l])
 
 
 def mean(xs) -> float:
@@ -76,7 +112,7 @@ def bench_approximate(model, tok, wh, records, fresh_resources, store: Optional[
     """Agreement of the approximate scan with the exact one, each edit from the unedited weights.
 
     Each edit gets one exact scan; the approximate choice for every (grad_steps, top_k) of
-    APPROX_GRID is read off it (wilke_main.approximate_choice, equal by construction and tested).
+    APPROX_GRID is read off it (approximate_choice, equal by construction and tested).
     On the first ``n_timed`` edits the approximate scan is also run for real, to time it and to
     confirm the read-off choice. ``shard`` (i, n) measures only edits i, i+n, i+2n, ... so n
     processes can share one store; a later unsharded call reads all of them back.
