@@ -16,6 +16,7 @@ from editing.context_templates import TemplateSpec
 from editing.corpus_sample import ROME_SAMPLE_SEED
 from util.hparams import HParamsError, HyperParams
 
+DEFAULT_VALUE_BATCH_TOKENS = 4096
 FACT_TOKEN_STRATEGIES = ("subject_last", "subject_first", "last")
 IMPLEMENTATIONS = ("fast", "reference")
 MODULE_TEMPLATES = ("rewrite_module_tmp", "layer_module_tmp", "mlp_module_tmp", "attn_module_tmp")
@@ -56,6 +57,9 @@ class LocateEditHyperParams(HyperParams):
     # None: ROME's templates, sampled from the start token; MEMIT's hparams sample after its five prompts
     context_template_prompts: Optional[tuple[str, ...]] = None
     v_early_stop_loss: float = 5e-2
+    # padded prompt positions per batch of value optimisations (0: one after another, as the papers' code);
+    # the values are the same either way, within float rounding (editing/value_optimisation.py)
+    v_batch_tokens: int = DEFAULT_VALUE_BATCH_TOKENS
     implementation: str = "fast"  # "reference" reruns every forward in full, as the papers' code
 
     # NAS (Liu et al. 2026, "Norm Anchors Make Model Edits Last"; editing/norm_anchor.py): rescale each
@@ -77,6 +81,8 @@ class LocateEditHyperParams(HyperParams):
             raise HParamsError(f"field 'implementation' is {self.implementation!r}; expected one of {IMPLEMENTATIONS}")
         if self.v_num_grad_steps < 1:
             raise HParamsError("field 'v_num_grad_steps' must be at least 1")
+        if self.v_batch_tokens < 0:
+            raise HParamsError("field 'v_batch_tokens' must be 0 (no batching) or a positive token budget")
         for name in MODULE_TEMPLATES:
             if "{}" not in getattr(self, name):
                 raise HParamsError(f"field {name!r} must contain '{{}}' for the layer index")

@@ -11,7 +11,8 @@ Here the dataset, the sample size and the seed are hparams fields (``value_norm_
 ``_samples``, ``_seed``; multi_counterfact is not available offline, so the default is
 counterfact.json). Two differences, both written down in docs/notes/ultra.md:
 - upstream optimises 16 rewrites at once with one Adam over their deltas and stops them together when
-  the batch's mean loss is below 5e-2; here each rewrite is optimised alone (``optimise_value``),
+  the batch's mean loss is below 5e-2; here each rewrite is optimised as alone (its own early stop;
+  batched, editing.value_optimisation),
   which is upstream's arithmetic with a batch of one (Adam is per coordinate);
 - upstream reads the optimisation settings from ``hparams/MEMIT/<the same file name>``; here from the
   method's own hparams (identical for upstream's MEMIT/AlphaEdit/NAS files; ROME's clamp differs).
@@ -39,8 +40,9 @@ from dsets.registry import resolve_edit_dataset
 from editing.hparams import LocateEditHyperParams
 from editing.norm_anchor import mlp_output_at_first_prompt
 from editing.requests import normalise_request, record_request
-from editing.value_optimisation import optimise_value, prepare_request
+from editing.value_optimisation import ValueTask, build_value_problem, optimise_in_batches
 from util.atomic_files import write_json_atomic
+from util.scoring import model_device
 
 LOG = logging.getLogger(__name__)
 
@@ -70,6 +72,8 @@ class ReferenceKey:
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.as_json(), sort_keys=True).encode()).hexdigest()[:16]
+
+REWRITES_PER_GROUP = 16  # upstream's batch of rewrites; here the progress bar's step
 
 
 def upper_trimmed_mean(values: Sequence[float], quantile: float = TRIM_QUANTILE) -> tuple[float, int]:
@@ -102,15 +106,22 @@ def value_norms(
     requests: Sequence[dict],
     resources: Any,
 ) -> list[float]:
-    """||v0 + delta|| per request: the delta optimised at block ``layer``'s output on the bare prompt."""
+    """||v0 + delta|| per request: the delta optimised at block ``layer``'s output on the bare prompt.
+    The rewrites' optimisations run in batches (each as alone, editing.value_optimisation), 16 at a
+    time for the progress bar, as upstream groups them."""
     bare = hparams.replace(context_template_length_params=())  # the templates are then ["{}"] alone
     block, mlp = hparams.layer_module_tmp.format(layer), hparams.mlp_module_tmp.format(layer)
+    device = model_device(model)
     norms = []
-    for request in tqdm(requests, desc=f"NAS reference norm, layer {layer}", disable=not resources.progress):
-        prepared = prepare_request(model, tok, request, bare, resources, first_layer=layer)
-        value = optimise_value(model, prepared.problem, prepared.forward, block, layer, bare)
-        v0 = mlp_output_at_first_prompt(model, prepared.problem, mlp).to(value.delta.device)
-        norms.append(float((v0 + value.delta).norm()))
+    groups = [requests[i : i + REWRITES_PER_GROUP] for i in range(0, len(requests), REWRITES_PER_GROUP)]
+    for group in tqdm(groups, desc=f"NAS reference norm, layer {layer}", unit=f"{REWRITES_PER_GROUP} rewrites",
+                      disable=not resources.progress):
+        tasks = [ValueTask(build_value_problem(tok, r, ["{}"], bare.fact_token, device), block, layer,
+                           bare.clamp_norm_factor) for r in group]
+        values = optimise_in_batches(model, tasks, bare, resources.forward_checked, bare.v_batch_tokens)
+        for task, value in zip(tasks, values):
+            v0 = mlp_output_at_first_prompt(model, task.problem, mlp).to(value.delta.device)
+            norms.append(float((v0 + value.delta).norm()))
     return norms
 
 

@@ -44,7 +44,6 @@ LOG = logging.getLogger(__name__)
 KL_PROMPT = "{} is a"
 # Padded prompt positions per batched optimisation: a MEMIT request (6 MEMIT prompts + KL, ~20 tokens) is
 # about 140, a WilKE candidate (11 ROME prompts + KL) about 240; out-of-memory batches are halved.
-DEFAULT_VALUE_BATCH_TOKENS = 4096
 
 
 @dataclasses.dataclass

@@ -19,7 +19,6 @@ from typing import Optional
 
 from editing.context_templates import MEMIT_PROMPTS
 from editing.hparams import LocateEditHyperParams
-from editing.value_optimisation import DEFAULT_VALUE_BATCH_TOKENS
 from util.hparams import HParamsError
 
 
@@ -28,16 +27,11 @@ class MEMITHyperParams(LocateEditHyperParams):
     # lambda in Delta = R K^T (lambda C + K K^T)^{-1}; gpt2-xl 20000, gpt-j 15000
     mom2_update_weight: float
     context_template_prompts: Optional[tuple[str, ...]] = MEMIT_PROMPTS
-    # padded prompt positions per batch of z optimisations (0: one request at a time, as the reference);
-    # the z's are the same either way, within float rounding (editing/value_optimisation.py)
-    v_batch_tokens: int = DEFAULT_VALUE_BATCH_TOKENS
 
     def validate(self) -> None:
         super().validate()
         if list(self.layers) != sorted(set(self.layers)):
             raise HParamsError(f"field 'layers' must be strictly increasing, got {list(self.layers)}")
-        if self.v_batch_tokens < 0:
-            raise HParamsError("field 'v_batch_tokens' must be 0 (no batching) or a positive token budget")
         if self.mom2_update_weight <= 0:
             raise HParamsError("field 'mom2_update_weight' must be positive")
         if self.v_loss_layer < self.layers[-1]:

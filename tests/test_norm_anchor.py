@@ -86,8 +86,12 @@ class FixedTemplates(EditResources):
 
 
 def golden_hparams(cls, case: dict, root: Path, **kw):
+    """The fixture's settings, the values optimised one after another as upstream's loop does
+    (``v_batch_tokens`` 0; batched, the tiny model's chaotic v_lr 0.5 moves r by ~1e-5: float rounding
+    amplified by Adam, tests/test_value_batching.py checks batched = looped at a tamer rate)."""
     hp = {k: v for k, v in case["hparams"].items() if k != "nas_restart"}
     return cls.from_dict(rank_one_hparams("gpt2", 4, **{**hp, "context_template_length_params": [[10, 2]],
+                                                       "v_batch_tokens": 0,
                                                        "value_norm_anchor": True,
                                                        "value_norm_anchor_samples": case["hparams"]["nas_restart"],
                                                        "value_norm_anchor_dataset": str(pool_file(root)), **kw}))

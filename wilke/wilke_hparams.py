@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 
-from editing.value_optimisation import DEFAULT_VALUE_BATCH_TOKENS
 from rome.rome_hparams import ROMEHyperParams
 from util.hparams import HParamsError
 
@@ -26,9 +25,6 @@ class WilKEHyperParams(ROMEHyperParams):
     scan: str = "exact"
     approx_grad_steps: int = 5
     approx_top_k: int = 2
-    # padded prompt positions per batch of the scan's v* optimisations (0: one candidate after another);
-    # the v*'s are the same either way, within float rounding (editing/value_optimisation.py)
-    v_batch_tokens: int = DEFAULT_VALUE_BATCH_TOKENS
 
     def validate(self) -> None:
         super().validate()
@@ -36,8 +32,6 @@ class WilKEHyperParams(ROMEHyperParams):
             raise HParamsError("field 'scanning_ceiling' must be at least 1")
         if self.scan not in SCANS:
             raise HParamsError(f"field 'scan' is {self.scan!r}; expected one of {SCANS}")
-        if self.v_batch_tokens < 0:
-            raise HParamsError("field 'v_batch_tokens' must be 0 (no batching) or a positive token budget")
         if self.approx_grad_steps < 1 or self.approx_top_k < 1:
             raise HParamsError("fields 'approx_grad_steps' and 'approx_top_k' must be at least 1")
 
