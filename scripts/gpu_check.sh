@@ -6,7 +6,7 @@
 #   2. experiments.bench on randomly initialised models of the real shapes: GPT2-XL in float32
 #      (WilKE edit fast vs reference, ROME edit, statistics tokens/s) and in bfloat16 (fast), and a
 #      Llama-3-8B-shaped model in bfloat16 (WilKE fast, ROME, AlphaEdit, statistics tokens/s);
-#   3. experiments.bench_batching on a Llama-3-8B-shaped model in bfloat16: MEMIT's z's one at a time
+#   3. experiments.bench.batching on a Llama-3-8B-shaped model in bfloat16: MEMIT's z's one at a time
 #      against batched (batches of 1, 16, 100 requests, 10 passes each, no early stop) and WilKE's
 #      exact scan, candidates one at a time against one batch.
 # Everything it measures lands as JSON and logs under $OUT. Each step has its own time limit, so a
@@ -60,7 +60,7 @@ step bench_gpt2_bfloat16 "${LIMITS[2]}" "${BENCH[@]}" --models "$GPT2" --dtype b
     --skip_reference --json "$OUT/bench_gpt2_bfloat16.json"
 step bench_llama_bfloat16 "${LIMITS[3]}" "${BENCH[@]}" --models "$LLAMA" --dtype bfloat16 \
     --parts stats,wilke,rome,alphaedit --skip_reference --json "$OUT/bench_llama_bfloat16.json"
-step batching "${LIMITS[4]}" "$PYTHON" -m experiments.bench_batching "${BATCHING[@]}" --scan_edits 1 \
+step batching "${LIMITS[4]}" "$PYTHON" -m experiments.bench.batching "${BATCHING[@]}" --scan_edits 1 \
     --json "$OUT/batching.json"
 echo "results in $OUT"
 exit $STATUS

@@ -1,4 +1,4 @@
-"""experiments.bench_batching on the tiny model: both timings run, the batched results agree with the
+"""experiments.bench.batching on the tiny model: both timings run, the batched results agree with the
 one-at-a-time ones, and the figures land in the JSON."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from experiments.bench_batching import main
+from experiments.bench.batching import main
 
 
 def test_bench_batching_times_both_forms_and_checks_they_agree(tmp_path):

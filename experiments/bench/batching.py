@@ -1,6 +1,6 @@
 """Batched against one-at-a-time value optimisation, timed in one process on the same model.
 
-    python -m experiments.bench_batching --model smollm2-135m --batches 1,16,100 --scan_edits 3 --threads 1
+    python -m experiments.bench.batching --model smollm2-135m --batches 1,16,100 --scan_edits 3 --threads 1
 
 - z optimisation (MEMIT's hparams; AlphaEdit, RECT and PRUNE share it): seconds per request for a
   batch of 1, 16, 100 requests, one request at a time (``v_batch_tokens`` 0, the reference's loop)
@@ -38,7 +38,7 @@ from util.globals import load_paths
 from wilke.wilke_hparams import WilKEHyperParams
 from wilke.wilke_main import choose_layer
 
-LOG = logging.getLogger("experiments.bench_batching")
+LOG = logging.getLogger("experiments.bench.batching")
 # per family: head width, MLP width / model width (None: the config's own), vocabulary (GPT-2, GPT-J, Llama 3)
 RANDOM_FAMILIES = {"gpt2": (64, None, 50257), "gptj": (256, None, 50400), "llama": (128, 3.5, 128256)}
 UNLIMITED = 1 << 40  # a token budget that holds any batch
@@ -194,7 +194,7 @@ def table(result: dict) -> str:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m experiments.bench_batching", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m experiments.bench.batching", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2-135m", help="a model name, 'tiny' or random:<arch>:<layers>:<width>")
     p.add_argument("--batches", default="1,16,100", help="batch sizes of the z timing, comma-separated ('' skips it)")
     p.add_argument("--repeats", type=int, default=1, help="timed repetitions per batch size (the fastest counts)")
@@ -231,7 +231,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         result["scan"] = time_scan(bench, args.scan_edits)
         print(json.dumps(result["scan"]), flush=True)
     print(table(result))
-    result["command"] = ["python", "-m", "experiments.bench_batching", *(sys.argv[1:] if argv is None else argv)]
+    result["command"] = ["python", "-m", "experiments.bench.batching", *(sys.argv[1:] if argv is None else argv)]
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     return result
