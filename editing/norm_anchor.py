@@ -26,7 +26,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from editing.value_optimisation import ValueProblem, ValueResult
+from editing.value_optimisation import ValueResult
+from editing.value_problems import ValueProblem
 from util import nethook
 from util.placement import as_working
 

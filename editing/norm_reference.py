@@ -40,7 +40,8 @@ from dsets.registry import resolve_edit_dataset
 from editing.hparams import LocateEditHyperParams
 from editing.norm_anchor import mlp_output_at_first_prompt
 from editing.requests import normalise_request, record_request
-from editing.value_optimisation import ValueTask, build_value_problem, optimise_in_batches
+from editing.value_optimisation import optimise_in_batches
+from editing.value_problems import ValueTask, build_value_problem
 from util.atomic_files import write_json_atomic
 from util.scoring import model_device
 

@@ -34,7 +34,8 @@ from editing.norm_anchor import anchored_block_value
 from editing.representations import fact_token_index, reprs_at_tokens
 from editing.requests import normalise_request
 from editing.resources import EditResources, default_resources
-from editing.value_optimisation import ValueTask, build_value_problem, optimise_in_batches
+from editing.value_optimisation import optimise_in_batches
+from editing.value_problems import ValueTask, build_value_problem
 from memit.compute_ks import compute_keys, template_groups
 from memit.memit_hparams import MEMITHyperParams
 from util import nethook

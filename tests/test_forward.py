@@ -17,7 +17,8 @@ from editing.forward import (
     verified_forward,
 )
 from editing.requests import normalise_request
-from editing.value_optimisation import build_value_problem, optimise_value
+from editing.value_optimisation import optimise_value
+from editing.value_problems import build_value_problem
 from rome import ROMEHyperParams
 from tests.tiny import EIFFEL_REQUEST, make_model, make_tokenizer, rank_one_hparams
 from util.architectures import num_layers

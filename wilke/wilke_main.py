@@ -38,7 +38,8 @@ from editing.editor import snapshot_weights
 from editing.representations import template_keys
 from editing.requests import normalise_request
 from editing.resources import EditResources, default_resources
-from editing.value_optimisation import PreparedRequest, ValueTask, optimise_in_batches, prepare_request
+from editing.value_optimisation import PreparedRequest, optimise_in_batches, prepare_request
+from editing.value_problems import ValueTask
 from rome.rome_main import RankOneUpdate, apply_update, execute_rome, rome_update_at
 from util import nethook
 from util.architectures import num_layers, weight_out_in

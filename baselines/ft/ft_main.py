@@ -24,7 +24,7 @@ from transformers import PreTrainedTokenizerBase
 from baselines.ft.ft_hparams import FTHyperParams
 from editing.editor import snapshot_weights
 from editing.requests import normalise_request
-from editing.value_optimisation import KL_PROMPT
+from editing.value_problems import KL_PROMPT
 from util import nethook
 from util.scoring import final_hidden, lm_logits, model_device, pad_right, pad_token_id, prompt_ids, target_ids
 
