@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from editing.forward import PromptBatch, Strategy, verified_forward
+from editing.forward import PromptBatch
+from editing.forward_choice import Strategy, verified_forward
 from util import nethook
 from util.architectures import num_layers
 from util.hparams import HParamsError, HyperParams

@@ -32,7 +32,8 @@ from torch import nn
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from editing.forward import PromptBatch, Strategy, verified_forward
+from editing.forward import PromptBatch
+from editing.forward_choice import Strategy, verified_forward
 from editing.hparams import LocateEditHyperParams
 from editing.stats_collection import is_oom
 from editing.value_problems import StackedTasks, ValueProblem, ValueTask, build_value_problem, stack_tasks

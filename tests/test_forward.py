@@ -8,14 +8,9 @@ it drives matches the reference's, and that it steps aside when it cannot serve 
 import pytest
 import torch
 
-from editing.forward import (
-    FullForward,
-    PrefixCachedForward,
-    PromptBatch,
-    SuffixForward,
-    agrees_with_full,
-    verified_forward,
-)
+from editing.forward import FullForward, PromptBatch, SuffixForward
+from editing.forward_choice import agrees_with_full, verified_forward
+from editing.forward_prefix import PrefixCachedForward
 from editing.requests import normalise_request
 from editing.value_optimisation import optimise_value
 from editing.value_problems import build_value_problem

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 import editing.value_optimisation as vo
-from editing.forward import FullForward, PrefixCachedForward, SuffixForward
+from editing.forward import FullForward, SuffixForward
+from editing.forward_prefix import PrefixCachedForward
 from editing.requests import normalise_request
 from editing.resources import EditResources
 from editing.value_optimisation import (

@@ -22,7 +22,8 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from baselines.kn.kn_hparams import KNHyperParams
-from editing.forward import PromptBatch, verified_forward
+from editing.forward import PromptBatch
+from editing.forward_choice import verified_forward
 from editing.representations import reprs_at_tokens
 from editing.resources import EditResources
 from util import nethook
