@@ -25,7 +25,7 @@ import pytest
 
 pytest.importorskip("submitit")
 
-from experiments.sweeps import plan  # noqa: E402
+from experiments.sweeps import plan, plan_state  # noqa: E402
 from tests.test_reliability import assert_same_results, many_records  # noqa: E402
 from tests.tiny import TinyWorld, rank_one_hparams  # noqa: E402
 from util.globals import REPO_ROOT  # noqa: E402
@@ -220,7 +220,7 @@ def test_checkpoint_stops_the_command_and_returns_the_same_task(tmp_path):
     assert stopped.exists()  # SIGTERM reached the command before checkpoint() returned
     assert isinstance(delayed, DelayedSubmission) and delayed.function is task and not delayed.args
     runner.join(timeout=30)
-    assert outcome == [plan.REQUEUED] and plan.line_state(task.files) == plan.REQUEUED
+    assert outcome == [plan_state.REQUEUED] and plan.line_state(task.files) == plan_state.REQUEUED
     delayed.dump(tmp_path / "requeued.pkl")
     again = DelayedSubmission.load(tmp_path / "requeued.pkl").function
     assert isinstance(again, plan.PlanTask) and again.line == line and again._command is None

@@ -1,0 +1,115 @@
+"""The state of a plan's lines (experiments/sweeps/plan.py): which are done, running, failed or waiting.
+
+Under ``results/plans/<plan>/``, per line, named by the md5 of the line as scripts/run_plan.sh named
+them: ``<key>.done``, ``<key>.rc`` (last exit code, or ``requeued``), ``<key>.lock`` (flock, held while
+the line runs), ``<key>.job``, ``<key>.log``; ``plan.log`` one line per start, end and requeue.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import fcntl
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Iterator, Optional
+
+from util.globals import REPO_ROOT
+
+LOG = logging.getLogger("experiments.sweeps.plan")
+DEFAULT_PLANS_DIR = REPO_ROOT / "results" / "plans"
+SUBMITIT_PIN = "submitit==1.5.4"
+LOCAL_NICE = 10  # as scripts/run_plan.sh: plans run for days on machines people also work on
+NO_TIME_LIMIT_MIN = 365 * 24 * 60  # submitit's local executor stops a job after 2 min unless told otherwise
+POLL_S = 0.5
+LOCK_TRIES = 20  # a --status probe holds a line's lock for microseconds; a starting task waits that out
+KILL_WAIT_S = 10.0
+SHOWN_CHARS = 110
+REQUEUED = "requeued"
+
+
+
+
+# --------------------------------------------------------------------------------------------
+# The plan and the state of its lines
+
+
+def plan_lines(path: Path) -> list[str]:
+    """The plan's commands: every line but blank ones and ``#`` comments, unstripped (a line's key is its md5)."""
+    return [line for line in Path(path).read_text().split("\n") if line.strip() and not line.lstrip().startswith("#")]
+
+
+@dataclass(frozen=True)
+class LineFiles:
+    """Where one plan line's state lives: ``<state_dir>/<key>.<suffix>``, the names scripts/run_plan.sh used."""
+
+    state_dir: Path
+    key: str
+
+    @classmethod
+    def of(cls, state_dir: Path, line: str) -> "LineFiles":
+        return cls(Path(state_dir), hashlib.md5(line.encode()).hexdigest()[:12])
+
+    def path(self, suffix: str) -> Path:
+        return self.state_dir / f"{self.key}.{suffix}"
+
+
+def is_locked(lock: Path) -> bool:
+    """Whether a process holds ``lock`` (a task while its line runs, and the line's command)."""
+    if not lock.exists():
+        return False
+    with open(lock, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return False
+
+
+def line_state(files: LineFiles) -> str:
+    """done / running / failed rc=N / requeued / killed (started, ended with no exit code) / waiting."""
+    if files.path("done").exists():
+        return "done"
+    if is_locked(files.path("lock")):
+        return "running"
+    if files.path("rc").exists():
+        rc = files.path("rc").read_text().strip()
+        return REQUEUED if rc == REQUEUED else f"failed rc={rc}"
+    return "killed" if files.path("job").exists() else "waiting"
+
+
+def shown(line: str) -> str:
+    return line if len(line) <= SHOWN_CHARS else "..." + line[-(SHOWN_CHARS - 3):]  # evaluate lines differ at their end
+
+
+def state_row(state: str, files: LineFiles, line: str) -> str:
+    return f"{state:<14} {files.key}  {shown(line)}"
+
+
+def log_event(state_dir: Path, text: str) -> None:
+    """One line of ``plan.log`` (a single append, so concurrent tasks do not interleave within a line)."""
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
+    with open(state_dir / "plan.log", "a") as f:
+        f.write(f"{now} {text}\n")
+
+
+@contextlib.contextmanager
+def line_lock(lock: Path) -> Iterator[Optional[IO[str]]]:
+    """The line's lock file, held, or None when another process holds it."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as f:
+        for _ in range(LOCK_TRIES):
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                time.sleep(0.1)
+        else:
+            yield None
+            return
+        yield f
+
+
