@@ -9,7 +9,7 @@ It is computed on the first edit, before any weight changes, and cached per (mod
 
 Here the dataset, the sample size and the seed are hparams fields (``value_norm_anchor_dataset``,
 ``_samples``, ``_seed``; multi_counterfact is not available offline, so the default is
-counterfact.json). Two differences, both written down in docs/notes/ultra.md:
+counterfact.json). Two differences, both written down in docs/fidelity.md (UltraEdit and NAS):
 - upstream optimises 16 rewrites at once with one Adam over their deltas and stops them together when
   the batch's mean loss is below 5e-2; here each rewrite is optimised as alone (its own early stop;
   batched, editing.value_optimisation),

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run a plan of experiments: a thin wrapper, kept for its short form, around
 # `python -m experiments.sweeps.plan` (submitit; the local executor here, SLURM job arrays with
-# --executor slurm: docs/notes/plan.md). WORKERS (default 1) is --max_parallel; PLAN_STATE_DIR, when
+# --executor slurm: docs/running.md). WORKERS (default 1) is --max_parallel; PLAN_STATE_DIR, when
 # set, replaces results/plans as the folder of plan states and logs.
 #
 #   bash scripts/run_plan.sh scripts/plans/smollm2_lifelong.txt 2     # run (or go on with) the plan

@@ -156,7 +156,7 @@ def test_a_layer_the_model_lacks_fails_on_the_architecture_check(overrides, mess
 
 def test_shipped_files_carry_upstreams_values():
     """Thartvigsen/GRACE f674183 (gpt2-xl: config/editor/grace.yaml, config/model/gpt2xl.yaml) and EasyEdit
-    14cea82 hparams/GRACE/gpt-j-6b.yaml; SmolLM2's are measured (docs/notes/memory.md)."""
+    14cea82 hparams/GRACE/gpt-j-6b.yaml; SmolLM2's are measured (docs/hparams.md)."""
     expected = {"gpt2-xl": (35, "transformer.h.{}.mlp.c_fc", 100), "EleutherAI_gpt-j-6B": (25, "transformer.h.{}.mlp.fc_out", 200)}
     for model, (layer, module, n_iter) in expected.items():
         hp = json.loads((REPO_ROOT / "hparams" / "GRACE" / f"{model}.json").read_text())

@@ -59,7 +59,7 @@ _PUNCTUATION = str.maketrans("", "", string.punctuation)
 class WildSettings:
     """How WILD answers are produced; recorded in the run folder with the scores."""
 
-    max_new_tokens: int = 64  # cuts 2.5% of SmolLM2's answers; 1.8% loop past 256 (docs/notes/wild.md)
+    max_new_tokens: int = 64  # cuts 2.5% of SmolLM2's answers; 1.8% loop past 256 (docs/evaluation.md)
     template: str = "plain"
     stop_strings: tuple[str, ...] = MIRAGE_STOP_STRINGS
     batch_size: int = 16
