@@ -20,7 +20,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from editing.editor import snapshot_weights
-from editing.norm_anchor import anchored_rome_value
+from editing.norm_anchor import ROME_SKIP_FACTOR, anchored_rome_value
 from editing.representations import keys_and_values, template_keys, template_prompts
 from editing.requests import normalise_request
 from editing.resources import EditResources, default_resources
@@ -67,6 +67,13 @@ class RankOneUpdate:
     def norm(self) -> float:
         """||Delta||_F = ||r|| ||u||."""
         return float(self.r.norm() * self.u.norm())
+
+    @property
+    def skipped_by_norm_anchor(self) -> bool:
+        """NAS skipped this edit (||v*|| above 5 r): the update is zero because the edit was refused,
+        not because it was small."""
+        return (self.norm_reference is not None and self.value is not None
+                and float(self.value.v_star.norm()) > ROME_SKIP_FACTOR * self.norm_reference)
 
 
 def rome_update_at(

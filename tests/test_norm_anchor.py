@@ -256,3 +256,27 @@ def test_the_nas_hparams_files_switch_it_on_and_prepare_needs_nothing_when_off()
         "v_weight_decay": 0.5, "kl_factor": 0.0625, "mom2_update_weight": 15000, "nullspace_threshold": 0.02}
     off = MEMITHyperParams.from_json(REPO_ROOT / "hparams" / "MEMIT" / "smollm2-135m.json")
     assert not off.value_norm_anchor and prepare_norm_anchors(None, None, off, None) == {}
+
+
+def test_wilke_never_chooses_a_layer_whose_edit_nas_refused():
+    """Above 5 r NAS skips a ROME edit: its update is zero, which must not read as the smallest LA."""
+    import math
+
+    from editing.value_optimisation import ValueResult
+    from rome.rome_main import RankOneUpdate
+    from wilke.wilke_main import layer_adaptability
+
+    model = make_model("gpt2", n_layer=2)
+    name = "transformer.h.0.mlp.c_proj"
+
+    def update(v_star_norm: float, reference: float, r_scale: float) -> RankOneUpdate:
+        v = torch.zeros(64)
+        v[0] = v_star_norm
+        value = ValueResult(v, torch.zeros(64), v, 1, [0.0], [v])
+        return RankOneUpdate(0, name, torch.ones(256) / 16, torch.ones(64) * r_scale, torch.ones(256), v, 1, 0.0,
+                             value, torch.zeros(64), reference)
+
+    refused, kept = update(6.0, 1.0, 0.0), update(4.0, 1.0, 0.01)
+    assert refused.skipped_by_norm_anchor and not kept.skipped_by_norm_anchor
+    assert layer_adaptability(model, refused) == math.inf and 0 < layer_adaptability(model, kept) < math.inf
+    assert not update(6.0, None, 0.0).skipped_by_norm_anchor  # NAS off: a zero update is a small one

@@ -1,11 +1,14 @@
 """WilKE as a run's editor: the argmin-LA layer per edit; the roll-back edits that same layer again."""
 from __future__ import annotations
 
+import logging
 from typing import Optional, Sequence
 
 from editing.editor import EditOutcome, LocateEditEditor
 from editing.requests import swapped_request
 from wilke.wilke_main import apply_wilke_to_model
+
+LOG = logging.getLogger(__name__)
 
 
 class WilKEEditor(LocateEditEditor):
@@ -27,4 +30,7 @@ class WilKEEditor(LocateEditEditor):
 
     def rollback(self, requests: Sequence[dict], outcome: EditOutcome) -> EditOutcome:
         """The paper's roll-back: the swapped request at the layer the edit chose."""
-        return self.edit([swapped_request(r) for r in requests], layer=outcome.details["layer"])
+        undone = self.edit([swapped_request(r) for r in requests], layer=outcome.details["layer"])
+        LOG.info("WilKE roll-back of case %s at layer %d (the layer its edit chose)", requests[0].get("case_id"),
+                 outcome.details["layer"])
+        return undone

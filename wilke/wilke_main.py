@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy as copy_module
 import dataclasses
 import logging
+import math
 import time
 from typing import Optional, Sequence
 
@@ -81,7 +82,10 @@ def rank_one_rule(hparams: WilKEHyperParams) -> str:
 
 
 def layer_adaptability(model: nn.Module, update: RankOneUpdate) -> float:
-    """LA = ||Delta||_F / ||W||_F for the weight the update would change."""
+    """LA = ||Delta||_F / ||W||_F for the weight the update would change; infinite where the NAS norm
+    anchor refused the edit (its zero update would otherwise look like the best layer)."""
+    if update.skipped_by_norm_anchor:
+        return math.inf
     return update.norm / weight_norm(model, update.module_name)
 
 
@@ -210,6 +214,7 @@ def apply_wilke_to_model(
         edit = WilKEEdit(request.get("case_id"), update.layer, la, update.norm, w_norm, time.perf_counter() - start,
                          scan, rank_one_rule(hparams))
         result.edits.append(edit)
-        LOG.info("WilKE edit of case %s at layer %d (LA %.4f, %s update)", edit.case_id, edit.layer,
-                 update.norm / w_norm, edit.rule)
+        # a pinned layer is WilKE's roll-back under the roll-back protocol; its editor says so
+        (LOG.info if scan != "pinned" else LOG.debug)("WilKE edit of case %s at layer %d (LA %.4f, %s update, %s scan)",
+                                                      edit.case_id, edit.layer, update.norm / w_norm, edit.rule, scan)
     return model, weights_copy, result
