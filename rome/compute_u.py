@@ -1,4 +1,4 @@
-"""ROME's left vector: u = C^{-1} k* / ||C^{-1} k*||, with k* the template-averaged key.
+"""ROME's left vector (its ``compute_u``): u = C^{-1} k* / ||C^{-1} k*||, with k* the template-averaged key.
 
 k* itself is ``editing.representations.template_keys``: MEMIT, WilKE and KN read keys the same way.
 """
@@ -9,7 +9,7 @@ import torch
 from editing.covariance import FactorisedCovariance
 
 
-def left_vector(k_star: torch.Tensor, covariance: FactorisedCovariance | None) -> torch.Tensor:
+def compute_u(k_star: torch.Tensor, covariance: FactorisedCovariance | None) -> torch.Tensor:
     """u = C^{-1} k* / ||C^{-1} k*|| (or k*/||k*|| without the covariance adjustment)."""
     u = covariance.solve(k_star) if covariance is not None else k_star
     return u / u.norm()

@@ -5,15 +5,14 @@ optimisation injected at a block's output).
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
+from editing.hparams import LocateEditHyperParams
 from editing.value_optimisation import PreparedRequest, ValueResult, optimise_value
 
 
-def compute_v(model: nn.Module, prepared: PreparedRequest, hparams: Any, layer: int) -> ValueResult:
+def compute_v(model: nn.Module, prepared: PreparedRequest, hparams: LocateEditHyperParams, layer: int) -> ValueResult:
     """v* = v0 + delta with delta added to the output of W_layer at the fact token of every prompt."""
     module_name = hparams.rewrite_module_tmp.format(layer)
     if prepared.forward is None:

@@ -25,7 +25,7 @@ from editing.representations import keys_and_values, template_keys, template_pro
 from editing.requests import normalise_request
 from editing.resources import EditResources, default_resources
 from editing.value_optimisation import PreparedRequest, ValueResult, prepare_request
-from rome.compute_u import left_vector
+from rome.compute_u import compute_u
 from rome.compute_v import compute_v, right_vector
 from rome.rome_hparams import ROMEHyperParams
 from util import nethook
@@ -97,7 +97,7 @@ def rome_update_at(
     cov = None
     if hparams.mom2_adjustment:
         cov = resources.covariances(model, tok, hparams, [module_name])[module_name]
-    u = left_vector(k_star, cov)
+    u = compute_u(k_star, cov)
     if value is None:
         value = compute_v(model, prepared, hparams, layer)
     if hparams.consistent_keys:
