@@ -12,6 +12,7 @@ experiments/algorithms.py and its hparams files.
 from __future__ import annotations
 
 import contextlib
+import copy as copy_module
 import dataclasses
 from typing import Any, ClassVar, Iterator, Sequence
 
@@ -111,3 +112,36 @@ def update_norms(model: nn.Module, orig_weights: dict[str, torch.Tensor]) -> dic
         base_sq += float(old.norm()) ** 2
     total = total_sq**0.5
     return {"update_norm": total, "relative_update_norm": total / base_sq**0.5 if base_sq else 0.0, "per_weight": per}
+
+
+def apply_with_editor(
+    editor_class: type[Editor],
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    requests: Sequence[dict],
+    hparams: Any,
+    copy: bool = False,
+    return_orig_weights: bool = False,
+    resources: Any = None,
+    editor: Editor | None = None,
+    **options: Any,
+) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """ROME's and MEMIT's ``apply_<alg>_to_model`` contract over a method's editor: every method's apply
+    function is this, so it edits exactly as a run does. ``requests`` go in one ``edit`` call when the
+    method edits in batches, else one at a time; returns (model, the original of every changed weight
+    if asked). ``copy`` edits a deep copy. A method that keeps state between edits (AlphaEdit's keys,
+    UltraEdit's normaliser) continues a sequence when given the ``editor`` of the earlier calls;
+    ``options`` go to the editor's constructor (e.g. ROME's and MEMIT's ``cache_template``)."""
+    if editor is not None and copy:
+        raise ValueError("copy=True makes a new model, but the given editor edits the one it was built on")
+    if copy:
+        model = copy_module.deepcopy(model)
+    if editor is None:
+        editor = editor_class(model, tok, hparams, resources or default_resources(model), **options)
+    elif editor.model is not model:
+        raise ValueError("the given editor edits another model than the one given")
+    weights: dict[str, torch.Tensor] = {}
+    for batch in [list(requests)] if editor.batch_edits else [[r] for r in requests]:
+        for name, original in editor.edit(batch).orig_weights.items():
+            weights.setdefault(name, original)
+    return model, weights if return_orig_weights else {}

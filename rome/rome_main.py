@@ -4,22 +4,20 @@
 templates, tokenized prompts, the forward strategy with block inputs captured from ``first_layer``
 up); ``rome_update_at`` then computes the update at any layer. ROME uses one layer; WilKE calls ``rome_update_at`` for every
 candidate layer of the same prepared request. ``execute_rome`` leaves the model unchanged;
-``apply_rome_to_model`` adds the updates.
+``apply_update`` adds one (``rome/editor.py``: the editor, and ``apply_rome_to_model`` over it).
 """
 from __future__ import annotations
 
-import copy as copy_module
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from editing.editor import snapshot_weights
 from editing.norm_anchor import ROME_SKIP_FACTOR, anchored_rome_value
 from editing.representations import keys_and_values, template_keys, template_prompts
 from editing.requests import normalise_request
@@ -138,46 +136,11 @@ def apply_update(model: nn.Module, update: RankOneUpdate) -> None:
     weight.add_(update_to_weight_shape(delta, module))
 
 
-def _cached_update(cache_template: Optional[str], layer: int, case_id) -> Optional[Path]:
+def cached_update_path(cache_template: Optional[str], layer: int, case_id) -> Optional[Path]:
+    """Where ``cache_template`` (e.g. "cache/rome_{layer}_{case_id}.npz") keeps a request's update."""
     if cache_template is None or case_id is None:
         return None
     return Path(cache_template.format(layer=layer, case_id=case_id))
-
-
-def apply_rome_to_model(
-    model: nn.Module,
-    tok: PreTrainedTokenizerBase,
-    requests: Sequence[dict],
-    hparams: ROMEHyperParams,
-    copy: bool = False,
-    return_orig_weights: bool = False,
-    cache_template: Optional[str] = None,
-    resources: Optional[EditResources] = None,
-) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """Edit ``model`` with each request in turn; returns (model, original weights if asked).
-
-    ``cache_template`` (e.g. "cache/rome_{layer}_{case_id}.npz") stores each computed update
-    and reuses it when the file exists. Only sound when edits are independent (one edit per
-    fresh model); a lifelong run must not use it, since each update depends on earlier edits.
-    """
-    if copy:
-        model = copy_module.deepcopy(model)
-    resources = resources or default_resources(model)
-    weights_copy: dict[str, torch.Tensor] = {}
-    for request in requests:
-        layer = hparams.layers[0]
-        path = _cached_update(cache_template, layer, request.get("case_id"))
-        if path is not None and path.exists():
-            update = load_update(path, model)
-        else:
-            update = execute_rome(model, tok, request, hparams, resources)
-            if path is not None:
-                save_update(path, update)
-        if return_orig_weights:
-            snapshot_weights(model, [update.weight_name], weights_copy)
-        apply_update(model, update)
-        LOG.info("ROME edit at layer %d, ||Delta||=%.4f", update.layer, update.norm)
-    return model, weights_copy
 
 
 def save_update(path: Path, update: RankOneUpdate) -> None:

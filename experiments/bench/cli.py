@@ -35,8 +35,8 @@ from editing.requests import record_request, swapped_request
 from editing.resources import EditResources
 from experiments.bench.agreement import AgreementStore, agreement_config, bench_approximate
 from experiments.bench.models import load_bench_model
+from rome.editor import apply_rome_to_model
 from rome.rome_hparams import ROMEHyperParams
-from rome.rome_main import apply_rome_to_model
 from util import nethook
 from util.architectures import num_layers
 from util.globals import load_paths

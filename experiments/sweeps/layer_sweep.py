@@ -22,8 +22,8 @@ from editing.requests import record_request
 from editing.resources import EditResources
 from experiments.py.eval_utils_counterfact import compute_rewrite_quality_counterfact
 from experiments.store.files import write_json_atomic
+from rome.editor import apply_rome_to_model
 from rome.rome_hparams import ROMEHyperParams
-from rome.rome_main import apply_rome_to_model
 from util.globals import load_paths
 
 LOG = logging.getLogger("experiments.sweeps.layer_sweep")
