@@ -22,7 +22,6 @@ grows with it).
 """
 from __future__ import annotations
 
-import copy as copy_module
 import logging
 from typing import Optional, Sequence
 
@@ -31,9 +30,9 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from alphaedit.alphaedit_hparams import AlphaEditHyperParams
-from alphaedit.projection import NullSpace, ProjectorCache
-from editing.resources import EditResources, default_resources
-from memit.memit_main import KeySolver, MEMITUpdate, apply_deltas, execute_memit
+from alphaedit.projection import NullSpace
+from editing.resources import EditResources
+from memit.memit_main import KeySolver, MEMITUpdate, execute_memit
 
 LOG = logging.getLogger(__name__)
 
@@ -105,36 +104,3 @@ def execute_alphaedit(
     """The AlphaEdit deltas for a batch (the model is left unchanged; ``moments`` is not updated)."""
     solver = alphaedit_key_solver(null_spaces, moments, hparams.L2)
     return execute_memit(model, tok, requests, hparams, resources, cache_template, key_solver=solver)
-
-
-def apply_alphaedit_to_model(
-    model: nn.Module,
-    tok: PreTrainedTokenizerBase,
-    requests: Sequence[dict],
-    hparams: AlphaEditHyperParams,
-    copy: bool = False,
-    return_orig_weights: bool = False,
-    cache_template: Optional[str] = None,
-    resources: Optional[EditResources] = None,
-    moments: Optional[KeyMoments] = None,
-    projectors: Optional[ProjectorCache] = None,
-) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """Edit ``model`` with all ``requests`` as one AlphaEdit batch; returns (model, original weights if asked).
-
-    ``moments`` carries K_p K_p^T from one call to the next (upstream returns and takes ``cache_c``):
-    pass the same object to every call of a sequence; it is updated in place. Without it the batch
-    is edited as the first of its run. ``projectors`` (a ProjectorCache) spares re-reading the cached
-    null spaces; the null spaces come from the statistics of the unedited model, so a first call on
-    an already edited model must find them cached. ``cache_template`` reuses MEMIT's z cache.
-    """
-    if copy:
-        model = copy_module.deepcopy(model)
-    resources = resources or default_resources(model)
-    projectors = projectors or ProjectorCache(resources)
-    moments = moments if moments is not None else KeyMoments()
-    null_spaces = projectors.null_spaces(model, tok, hparams)
-    update = execute_alphaedit(model, tok, requests, hparams, null_spaces, moments, resources, cache_template)
-    weights_copy: dict[str, torch.Tensor] = {}
-    apply_deltas(model, update, weights_copy if return_orig_weights else None)
-    moments.add(update)
-    return model, weights_copy

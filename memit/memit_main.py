@@ -17,7 +17,6 @@ that solve (AlphaEdit's null-space projection) passes its own ``key_solver`` to 
 """
 from __future__ import annotations
 
-import copy as copy_module
 import dataclasses
 import logging
 from pathlib import Path
@@ -234,27 +233,3 @@ def apply_deltas(model: nn.Module, update: MEMITUpdate, weights_copy: Optional[d
         if weights_copy is not None:
             snapshot_weights(model, [delta.weight_name], weights_copy)
         add_delta(model, delta)
-
-
-def apply_memit_to_model(
-    model: nn.Module,
-    tok: PreTrainedTokenizerBase,
-    requests: Sequence[dict],
-    hparams: MEMITHyperParams,
-    copy: bool = False,
-    return_orig_weights: bool = False,
-    cache_template: Optional[str] = None,
-    resources: Optional[EditResources] = None,
-) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """Edit ``model`` with all ``requests`` at once; returns (model, original weights if asked).
-
-    ``cache_template`` (e.g. "cache/memit_z_{layer}_{clamp_norm_factor}_{case_id}.npz") stores
-    each request's z and reuses it when the file exists, as the reference does. Only sound when
-    every edit starts from the same model; a lifelong run must not use it.
-    """
-    if copy:
-        model = copy_module.deepcopy(model)
-    update = execute_memit(model, tok, requests, hparams, resources, cache_template)
-    weights_copy: dict[str, torch.Tensor] = {}
-    apply_deltas(model, update, weights_copy if return_orig_weights else None)
-    return model, weights_copy

@@ -12,8 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from alphaedit import AlphaEditHyperParams, KeyMoments, ProjectorCache, apply_alphaedit_to_model, execute_alphaedit
-from alphaedit.editor import AlphaEditEditor
+from alphaedit import (
+    AlphaEditEditor,
+    AlphaEditHyperParams,
+    KeyMoments,
+    ProjectorCache,
+    apply_alphaedit_to_model,
+    execute_alphaedit,
+)
 from editing.requests import normalise_request
 from editing.resources import EditResources
 from experiments.store.files import strip_timing
@@ -76,11 +82,12 @@ def test_update_solves_the_projected_normal_equations(tmp_path, arch):
     first), Delta P = Delta, and the weight change is Delta laid out as the weight (Conv1D: Delta^T)."""
     hp, res = setup(tmp_path, arch)
     model, tok = make_model(arch), make_tokenizer()
-    projectors, moments = ProjectorCache(res), KeyMoments()
-    apply_alphaedit_to_model(model, tok, requests()[:2], hp, resources=res, moments=moments, projectors=projectors)
+    editor = AlphaEditEditor(model, tok, hp, res)
+    apply_alphaedit_to_model(model, tok, requests()[:2], hp, editor=editor)
+    moments = editor.moments
     prior = {name: s.clone() for name, s in moments.sums.items()}
     assert moments.n_keys == 2 and set(prior) == {hp.rewrite_module_tmp.format(l) for l in hp.layers}
-    null_spaces = projectors.null_spaces(model, tok, hp)
+    null_spaces = ProjectorCache(res).null_spaces(model, tok, hp)
     update = execute_alphaedit(model, tok, requests()[2:], hp, null_spaces, moments, res)
     for delta in update.deltas.values():
         p, k, r = null_spaces[delta.module_name].projector, delta.keys, delta.resid
@@ -101,8 +108,9 @@ def test_accumulated_keys_are_the_keys_recomputed_on_the_edited_model(tmp_path):
     """Upstream recomputes each layer's keys after the batch; they equal the keys of the layer's solve."""
     hp, res = setup(tmp_path, "llama")
     model, tok = make_model("llama"), make_tokenizer()
-    moments = KeyMoments()
-    apply_alphaedit_to_model(model, tok, requests(), hp, resources=res, moments=moments)
+    editor = AlphaEditEditor(model, tok, hp, res)
+    apply_alphaedit_to_model(model, tok, requests(), hp, editor=editor)
+    moments = editor.moments
     groups = template_groups(res.context_templates(model, tok, hp.template_spec), hp.context_template_length_params,
                              hp.context_template_prompts)
     for layer in hp.layers:
@@ -116,9 +124,11 @@ def greedy_new(model, tok, reqs) -> list[bool]:
     return [s.correct for s in score_targets(model, tok, prompts, [r["target_new"]["str"] for r in reqs])]
 
 
-def edit_with(method: str, model, tok, reqs, hp, res, moments: KeyMoments) -> None:
+def edit_with(method: str, model, tok, reqs, hp, res, editor: dict) -> None:
+    """``editor``: {} to start with, then the sequence's AlphaEdit editor (built on the first call)."""
     if method.startswith("AlphaEdit"):
-        apply_alphaedit_to_model(model, tok, reqs, hp, resources=res, moments=moments)
+        editor.setdefault("editor", AlphaEditEditor(model, tok, hp, res))
+        apply_alphaedit_to_model(model, tok, reqs, hp, editor=editor["editor"])
     else:
         apply_deltas(model, execute_memit(model, tok, reqs, hp, res))
 
@@ -137,13 +147,13 @@ def test_an_earlier_edit_survives_later_edits_better_than_under_memit(tmp_path, 
     names = [hp.rewrite_module_tmp.format(l) for l in hp.layers]
     drift = {}
     for method in ("AlphaEdit", "AlphaEdit without K_p", "MEMIT"):
-        model, moments = make_model(arch), KeyMoments()
+        model, editor = make_model(arch), {}
         w0 = {n: out_in(model, n) for n in names}
-        edit_with(method, model, tok, first, hp, res, moments)
+        edit_with(method, model, tok, first, hp, res, editor)
         assert all(greedy_new(model, tok, first))
         w1 = {n: out_in(model, n) for n in names}
         keys = layer_keys(model, tok, hp, res, first)
-        edit_with(method, model, tok, later, hp, res, KeyMoments() if method.endswith("K_p") else moments)
+        edit_with(method, model, tok, later, hp, res, {} if method.endswith("K_p") else editor)
         assert all(greedy_new(model, tok, later))
         drift[method] = max(float(((out_in(model, n) - w1[n]) @ keys[n]).norm() / ((w1[n] - w0[n]) @ keys[n]).norm())
                             for n in names)

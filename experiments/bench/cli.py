@@ -132,19 +132,15 @@ def run_rome(model, tok, hp, records, resources) -> list[float]:
 
 def time_alphaedit(model, tok, hparams_file: Path, records: list[dict], resources: EditResources) -> dict:
     """One AlphaEdit edit of a batch, timed after its statistics and null spaces were made."""
-    from alphaedit.alphaedit_hparams import AlphaEditHyperParams
-    from alphaedit.alphaedit_main import apply_alphaedit_to_model
-    from alphaedit.projection import ProjectorCache
+    from alphaedit import AlphaEditEditor, AlphaEditHyperParams, apply_alphaedit_to_model
 
     hp = AlphaEditHyperParams.from_json(hparams_file)
-    projectors = ProjectorCache(resources)
     start = time.perf_counter()
-    projectors.null_spaces(model, tok, hp)
+    editor = AlphaEditEditor(model, tok, hp, resources)  # statistics and null spaces
     _synchronize(model)
     setup = time.perf_counter() - start
     start = time.perf_counter()
-    apply_alphaedit_to_model(model, tok, [record_request(r) for r in records], hp, resources=resources,
-                             projectors=projectors)
+    apply_alphaedit_to_model(model, tok, [record_request(r) for r in records], hp, editor=editor)
     _synchronize(model)
     seconds = time.perf_counter() - start
     return {"batch": len(records), "seconds_per_batch": seconds, "seconds_per_edit": seconds / len(records),
