@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from baselines.prune import PRUNEHyperParams, restrain, restrained_weight
+from baselines.prune import PRUNEHyperParams, apply_prune_to_model, restrain, restrained_weight
 from baselines.prune.editor import PRUNEEditor
 from baselines.rect import RECTHyperParams, apply_rect_to_model, top_relative_change_mask
 from baselines.rect.rect_main import kept_count
@@ -127,6 +127,11 @@ def test_prune_edits_as_memit_restrains_for_evaluation_and_restores_after(tmp_pa
     with pytest.raises(RuntimeError), editor.for_evaluation():
         raise RuntimeError("an evaluation that fails")
     assert all(torch.equal(nethook.get_parameter(editor.model, n), edited[n]) for n in names)
+
+    # apply_prune_to_model is the same edits restrained for good: the model the editor evaluates
+    delivered, _ = apply_prune_to_model(make_model("llama"), tok, requests(), hp, resources=res)
+    with editor.for_evaluation():
+        assert all(torch.equal(nethook.get_parameter(delivered, n), nethook.get_parameter(editor.model, n)) for n in names)
 
 
 # --------------------------------------------------------------------------------------------

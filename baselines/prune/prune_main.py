@@ -19,19 +19,12 @@ weight (W_0 + Delta + Delta') instead of W_0 (its ``evaluate.py`` :323-327); not
 """
 from __future__ import annotations
 
-import copy as copy_module
 import logging
 import math
-from typing import Optional, Sequence
 
 import torch
 from torch import nn
-from transformers import PreTrainedTokenizerBase
 
-from baselines.prune.prune_hparams import PRUNEHyperParams
-from editing.editor import snapshot_weights
-from editing.resources import EditResources
-from memit.memit_main import apply_deltas, execute_memit
 from util import nethook
 
 LOG = logging.getLogger(__name__)
@@ -81,33 +74,3 @@ def restrain_model(
         LOG.info("PRUNE %s: %d singular value(s) of the accumulated edit above sigma_max %.4g restrained",
                  name, n, sigma_max[name])
     return saved
-
-
-def apply_prune_to_model(
-    model: nn.Module,
-    tok: PreTrainedTokenizerBase,
-    requests: Sequence[dict],
-    hparams: PRUNEHyperParams,
-    copy: bool = False,
-    return_orig_weights: bool = False,
-    cache_template: Optional[str] = None,
-    resources: Optional[EditResources] = None,
-    original_weights: Optional[dict[str, torch.Tensor]] = None,
-) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """One MEMIT batch, then the accumulated edit restrained for good; returns (model, original weights if asked).
-
-    ``original_weights`` are the unedited matrices W_0 (the ``weights_copy`` of the first call of a
-    sequence); without them the weights before this call are W_0. A run restrains post hoc instead
-    (``PRUNEEditor.for_evaluation``), so later edits build on the unrestrained weights.
-    """
-    if copy:
-        model = copy_module.deepcopy(model)
-    names = [f"{hparams.rewrite_module_tmp.format(l)}.weight" for l in hparams.layers]
-    before: dict[str, torch.Tensor] = {}
-    snapshot_weights(model, names, before)
-    originals = {n: (original_weights or before)[n] for n in names}
-    update = execute_memit(model, tok, requests, hparams, resources, cache_template)
-    apply_deltas(model, update)
-    sigma = {n: largest_singular_value(w) for n, w in originals.items()}
-    restrain_model(model, originals, sigma, hparams.log_base)
-    return model, before if return_orig_weights else {}

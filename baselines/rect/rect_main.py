@@ -16,18 +16,14 @@ weight is within a few eps of zero).
 """
 from __future__ import annotations
 
-import copy as copy_module
 import logging
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from torch import nn
-from transformers import PreTrainedTokenizerBase
 
-from baselines.rect.rect_hparams import RECTHyperParams
 from editing.editor import snapshot_weights
-from editing.resources import EditResources
-from memit.memit_main import MEMITUpdate, execute_memit
+from memit.memit_main import MEMITUpdate
 from util import nethook
 from util.architectures import update_to_weight_shape
 
@@ -78,24 +74,3 @@ def apply_sparse_deltas(
         kept[delta.weight_name] = float(mask.sum()) / mask.numel()
         LOG.info("RECT layer %d: kept %d of %d entries of the update", delta.layer, int(mask.sum()), mask.numel())
     return kept
-
-
-def apply_rect_to_model(
-    model: nn.Module,
-    tok: PreTrainedTokenizerBase,
-    requests: Sequence[dict],
-    hparams: RECTHyperParams,
-    copy: bool = False,
-    return_orig_weights: bool = False,
-    cache_template: Optional[str] = None,
-    resources: Optional[EditResources] = None,
-) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """Edit ``model`` with all ``requests`` as one MEMIT batch, sparsified; returns (model, original
-    weights if asked)."""
-    if copy:
-        model = copy_module.deepcopy(model)
-    update = execute_memit(model, tok, requests, hparams, resources, cache_template)
-    weights_copy: dict[str, torch.Tensor] = {}
-    into = weights_copy if return_orig_weights else None
-    apply_sparse_deltas(model, update, hparams.keep_percent, hparams.epsilon, into)
-    return model, weights_copy
