@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from editing.editor import apply_with_editor
 from editing.forward import PromptBatch
 from editing.forward_choice import Strategy, verified_forward
 from util import nethook
@@ -95,13 +96,11 @@ def _unchanged(output: Any, _name: str) -> Any:
 
 def edit_in_turn(editor_class: type, model: nn.Module, tok: Any, requests: Sequence[dict], hparams: Any, copy: bool,
                  resources: Any, editor: Any) -> tuple[nn.Module, dict[str, torch.Tensor], Any]:
-    """The body of ``apply_grace_to_model`` / ``apply_wise_to_model``: each request through the editor
-    (a new one, or ``editor`` to continue a sequence); returns (model, {} as no weight changes, editor)."""
-    if editor is not None and copy:
-        raise ValueError("copy=True makes a new model, but the given editor holds another one")
+    """The body of ``apply_grace_to_model`` / ``apply_wise_to_model``: ``apply_with_editor`` (a new
+    editor, or ``editor`` to continue a sequence), and the editor itself, where the edits live (no
+    weight changes); evaluate inside its ``for_evaluation``."""
     if copy:
         model = copy_module.deepcopy(model)
     editor = editor or editor_class(model, tok, hparams, resources)
-    for request in requests:
-        editor.edit([request])
-    return editor.model, {}, editor
+    model, weights = apply_with_editor(editor_class, model, tok, requests, hparams, editor=editor)
+    return model, weights, editor

@@ -7,13 +7,13 @@ a sequence so that its statistics carry over (without one, the call is the first
 """
 from __future__ import annotations
 
-import copy as copy_module
 from typing import Optional, Sequence
 
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from editing.editor import apply_with_editor
 from ultraedit.editor import UltraEditEditor
 from ultraedit.ultraedit_hparams import UltraEditHyperParams
 
@@ -28,11 +28,4 @@ def apply_ultraedit_to_model(
     editor: Optional[UltraEditEditor] = None,
 ) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """Edit ``model`` with ``requests`` as one UltraEdit turn; returns (model, original weights if asked)."""
-    if copy:
-        model = copy_module.deepcopy(model)
-    if editor is None:
-        editor = UltraEditEditor(model, tok, hparams, None)
-    elif editor.model is not model:
-        raise ValueError("the editor edits another model than the one given (copy=True with an editor?)")
-    outcome = editor.edit(requests)
-    return model, outcome.orig_weights if return_orig_weights else {}
+    return apply_with_editor(UltraEditEditor, model, tok, requests, hparams, copy, return_orig_weights, editor=editor)
