@@ -46,8 +46,8 @@ def test_rome_on_cuda_maps_the_key_to_v_star(arch):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_wilke_on_cuda_chooses_the_argmin_and_fast_equals_reference(arch):
+    from wilke.editor import apply_wilke_to_model
     from wilke.wilke_hparams import WilKEHyperParams
-    from wilke.wilke_main import apply_wilke_to_model
 
     results = {}
     for implementation in ("fast", "reference"):

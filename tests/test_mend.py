@@ -197,6 +197,12 @@ def test_executor_edit_moves_the_model_toward_the_target(arch, tmp_path):
     assert set(orig) == set(trainer.hparams.inner_params) and torch.equal(orig[trainer.hparams.inner_params[0]], w)
     after = target_nll(edited, tok)
     assert after < before - 0.5, (before, after)
+    # apply_mend_to_model (ROME's apply contract, over the run's editor) makes the same edit
+    from baselines.mend import apply_mend_to_model
+
+    again, _ = apply_mend_to_model(model, tok, [record["requested_rewrite"]], trainer.hparams, copy=True)
+    name = trainer.hparams.inner_params[0]
+    assert torch.allclose(nethook.get_parameter(again, name), nethook.get_parameter(edited, name), atol=1e-6)
 
 
 def test_missing_official_checkpoint_names_the_file_and_the_url():

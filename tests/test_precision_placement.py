@@ -60,8 +60,8 @@ def world_resources(tmp_path, arch: str):
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_dispatched_model_gets_the_same_rome_and_wilke_updates(tmp_path, arch):
+    from wilke.editor import apply_wilke_to_model
     from wilke.wilke_hparams import WilKEHyperParams
-    from wilke.wilke_main import apply_wilke_to_model
 
     world, res = world_resources(tmp_path, arch)
     hp = ROMEHyperParams.from_json(world.write_hparams("ROME", rank_one_hparams(arch, 4)))

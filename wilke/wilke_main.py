@@ -24,26 +24,22 @@ same rule (``WilKEEdit.rule`` says which).
 """
 from __future__ import annotations
 
-import copy as copy_module
 import dataclasses
 import logging
 import math
-import time
 from typing import Optional, Sequence
 
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from editing.editor import snapshot_weights
 from editing.representations import template_keys
-from editing.requests import normalise_request
-from editing.resources import EditResources, default_resources
+from editing.resources import EditResources
 from editing.value_optimisation import PreparedRequest, optimise_in_batches, prepare_request
 from editing.value_problems import ValueTask
-from rome.rome_main import RankOneUpdate, apply_update, execute_rome, rome_update_at
+from rome.rome_main import RankOneUpdate, execute_rome, rome_update_at
 from util import nethook
-from util.architectures import num_layers, weight_out_in
+from util.architectures import weight_out_in
 from wilke.wilke_hparams import WilKEHyperParams
 
 LOG = logging.getLogger(__name__)
@@ -168,53 +164,3 @@ def choose_layer(
         # The paper's code edits the chosen layer again from scratch after the scan.
         chosen = execute_rome(model, tok, request, hparams.replace(layers=[best]), resources, layer=best)
     return chosen, la
-
-
-def apply_wilke_to_model(
-    model: nn.Module,
-    tok: PreTrainedTokenizerBase,
-    requests: Sequence[dict],
-    hparams: WilKEHyperParams,
-    edited_layer: Optional[int] = None,
-    copy: bool = False,
-    return_orig_weights: bool = False,
-    cache_template: Optional[str] = None,
-    resources: Optional[EditResources] = None,
-) -> tuple[nn.Module, dict[str, torch.Tensor], WilKEResult]:
-    """Edit ``model`` with each request in turn at its wise layer (or at ``edited_layer``).
-
-    Returns (model, original weights of the changed modules if asked, WilKEResult).
-    ``cache_template`` is accepted for signature compatibility with ROME/MEMIT and must be None:
-    a lifelong scan depends on every earlier edit, so cached updates would be wrong.
-    """
-    if cache_template is not None:
-        raise ValueError("WilKE does not cache updates: each scan depends on the current model")
-    n_layers = num_layers(model)
-    if hparams.scanning_ceiling > n_layers:
-        raise ValueError(f"scanning_ceiling {hparams.scanning_ceiling} exceeds the model's {n_layers} layers")
-    if edited_layer is not None and not 0 <= edited_layer < n_layers:
-        raise ValueError(f"edited_layer {edited_layer} is outside the model's layers 0..{n_layers - 1}")
-    if copy:
-        model = copy_module.deepcopy(model)
-    resources = resources or default_resources(model)
-    weights_copy: dict[str, torch.Tensor] = {}
-    result = WilKEResult()
-    for request in requests:
-        start = time.perf_counter()
-        req = normalise_request(request)
-        if edited_layer is None:
-            update, la = choose_layer(model, tok, req, hparams, resources)
-            scan = hparams.scan
-        else:
-            update, la, scan = execute_rome(model, tok, req, hparams, resources, layer=edited_layer), {}, "pinned"
-        w_norm = weight_norm(model, update.module_name)
-        if return_orig_weights:
-            snapshot_weights(model, [update.weight_name], weights_copy)
-        apply_update(model, update)
-        edit = WilKEEdit(request.get("case_id"), update.layer, la, update.norm, w_norm, time.perf_counter() - start,
-                         scan, rank_one_rule(hparams))
-        result.edits.append(edit)
-        # a pinned layer is WilKE's roll-back under the roll-back protocol; its editor says so
-        (LOG.info if scan != "pinned" else LOG.debug)("WilKE edit of case %s at layer %d (LA %.4f, %s update, %s scan)",
-                                                      edit.case_id, edit.layer, update.norm / w_norm, edit.rule, scan)
-    return model, weights_copy, result

@@ -7,12 +7,11 @@ Every parameter of the chosen modules changes (weight and, for GPT-2, bias), as 
 The loss is the mean teacher-forced NLL of the target_new tokens after each prompt (token j is
 read at position len(prompt)-1+j). ROME's code reads every target token at the last prompt
 position, which is the same for one-token targets and no likelihood for longer ones.
-``execute_ft`` restores the weights and returns the deltas; ``apply_ft_to_model`` adds them.
+``execute_ft`` restores the weights and returns the deltas; ``apply_deltas`` adds them (editor.py: the editor, and ``apply_ft_to_model`` over it).
 """
 from __future__ import annotations
 
 import contextlib
-import copy as copy_module
 import dataclasses
 import logging
 from typing import Iterator, Optional, Sequence
@@ -185,25 +184,3 @@ def apply_deltas(model: nn.Module, update: FTUpdate, weights_copy: Optional[dict
         if weights_copy is not None:
             snapshot_weights(model, [name], weights_copy)
         nethook.get_parameter(model, name).add_(delta)
-
-
-def apply_ft_to_model(
-    model: nn.Module,
-    tok: PreTrainedTokenizerBase,
-    requests: Sequence[dict],
-    hparams: FTHyperParams,
-    copy: bool = False,
-    return_orig_weights: bool = False,
-    cache_template: Optional[str] = None,
-    resources: Optional[object] = None,
-) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """Fine-tune ``model`` on all ``requests`` together; returns (model, original weights if asked).
-
-    ``cache_template`` and ``resources`` are accepted for the common apply signature and unused.
-    """
-    if copy:
-        model = copy_module.deepcopy(model)
-    update = execute_ft(model, tok, requests, hparams)
-    weights_copy: dict[str, torch.Tensor] = {}
-    apply_deltas(model, update, weights_copy if return_orig_weights else None)
-    return model, weights_copy

@@ -2,10 +2,16 @@
 from __future__ import annotations
 
 import collections
-from typing import Sequence
+from typing import Optional, Sequence
 
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from baselines.kn.kn_hparams import KNHyperParams
 from baselines.kn.kn_main import apply_update, execute_kn
-from editing.editor import Editor, EditOutcome
+from editing.editor import Editor, EditOutcome, apply_with_editor
+from editing.resources import EditResources
 
 
 class KNEditor(Editor):
@@ -23,3 +29,18 @@ class KNEditor(Editor):
             "new_token": update.new_token,
         }
         return EditOutcome(weights, details)
+
+
+def apply_kn_to_model(
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    requests: Sequence[dict],
+    hparams: KNHyperParams,
+    copy: bool = False,
+    return_orig_weights: bool = False,
+    cache_template: Optional[str] = None,
+    resources: Optional[EditResources] = None,
+) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """Edit ``model`` with each request in turn; returns (model, original weights if
+    asked). ``cache_template`` is accepted for ROME's apply signature and unused."""
+    return apply_with_editor(KNEditor, model, tok, requests, hparams, copy, return_orig_weights, resources)

@@ -9,14 +9,13 @@
    gets ``edit_scale * (E[new] - E[old])``, E the input word embeddings, new the first token of
    target_new and old the first token of target_true (``old_token='argmax'``: the model's current
    prediction, as the KN code does; the two agree on records the model knows).
-``execute_kn`` leaves the model unchanged; ``apply_kn_to_model`` edits it.
+``execute_kn`` leaves the model unchanged; ``apply_update`` edits it (editor.py: the editor, and ``apply_kn_to_model`` over it).
 """
 from __future__ import annotations
 
-import copy as copy_module
 import dataclasses
 import logging
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from torch import nn
@@ -118,24 +117,3 @@ def apply_update(model: nn.Module, update: KNUpdate, weights_copy: Optional[dict
             snapshot_weights(model, [update.weight_name(layer)], weights_copy)
         idx = torch.tensor([i for l, i in update.neurons if l == layer], device=w.device)
         w[:, idx] += update.direction.to(device=w.device, dtype=w.dtype)[:, None]
-
-
-def apply_kn_to_model(
-    model: nn.Module,
-    tok: PreTrainedTokenizerBase,
-    requests: Sequence[dict],
-    hparams: KNHyperParams,
-    copy: bool = False,
-    return_orig_weights: bool = False,
-    cache_template: Optional[str] = None,
-    resources: Optional[EditResources] = None,
-) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """Edit ``model`` with each request in turn; returns (model, original weights if asked)."""
-    if copy:
-        model = copy_module.deepcopy(model)
-    resources = resources or default_resources(model)
-    weights_copy: dict[str, torch.Tensor] = {}
-    for request in requests:
-        update = execute_kn(model, tok, request, hparams, resources)
-        apply_update(model, update, weights_copy if return_orig_weights else None)
-    return model, weights_copy

@@ -5,7 +5,8 @@ that map fine-tuning gradient factors of chosen MLP weights to weight updates.
 - ``MendRewriteExecutor().apply_to_model(model, tok, request, hparams)`` (ROME's API)
 - ``experiments.evaluate --alg_name MEND`` through ``baselines.mend.editor.MENDEditor``
 """
+from baselines.mend.editor import apply_mend_to_model
 from baselines.mend.executor import EditorExecutor, MendRewriteExecutor
 from baselines.mend.mend_hparams import MENDHyperParams
 
-__all__ = ["EditorExecutor", "MENDHyperParams", "MendRewriteExecutor"]
+__all__ = ["apply_mend_to_model", "EditorExecutor", "MENDHyperParams", "MendRewriteExecutor"]

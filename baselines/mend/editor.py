@@ -5,10 +5,16 @@ a run, so the editor object holds one executor for the run's lifetime.
 """
 from __future__ import annotations
 
-from typing import ClassVar, Sequence
+from typing import ClassVar, Optional, Sequence
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
 
 from baselines.mend.executor import EditorExecutor
-from editing.editor import Editor, EditOutcome, snapshot_weights
+from baselines.mend.mend_hparams import MENDHyperParams
+from editing.editor import Editor, EditOutcome, apply_with_editor, snapshot_weights
+from editing.resources import EditResources
 
 
 class TrainedEditor(Editor):
@@ -28,3 +34,19 @@ class TrainedEditor(Editor):
 
 class MENDEditor(TrainedEditor):
     kind = "MEND"
+
+
+def apply_mend_to_model(
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    requests: Sequence[dict],
+    hparams: MENDHyperParams,
+    copy: bool = False,
+    return_orig_weights: bool = False,
+    cache_template: Optional[str] = None,
+    resources: Optional[EditResources] = None,
+) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """Edit ``model`` with each request in turn through the trained MEND network (loaded once);
+    returns (model, original weights if asked). ``cache_template`` is accepted for ROME's apply
+    signature and unused."""
+    return apply_with_editor(MENDEditor, model, tok, requests, hparams, copy, return_orig_weights, resources)

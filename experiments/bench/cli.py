@@ -40,8 +40,8 @@ from rome.rome_hparams import ROMEHyperParams
 from util import nethook
 from util.architectures import num_layers
 from util.globals import load_paths
+from wilke.editor import apply_wilke_to_model
 from wilke.wilke_hparams import WilKEHyperParams
-from wilke.wilke_main import apply_wilke_to_model
 
 LOG = logging.getLogger("experiments.bench")
 
