@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from baselines.grace.codebook import Codebook
+from baselines.grace.grace_hparams import GRACEHyperParams
 from baselines.grace.grace_main import execute_grace, routing
 from editing.editor import Editor, EditOutcome
-from editing.resources import default_resources
+from editing.memory_layer import edit_in_turn
+from editing.resources import EditResources, default_resources
 from util import nethook
 from util.architectures import weight_out_in
 from util.placement import module_device
@@ -48,3 +50,21 @@ class GRACEEditor(Editor):
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.codebook.load_state_dict(state)
+
+
+def apply_grace_to_model(
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    requests: Sequence[dict],
+    hparams: GRACEHyperParams,
+    copy: bool = False,
+    return_orig_weights: bool = False,
+    resources: EditResources | None = None,
+    editor: Optional[GRACEEditor] = None,
+) -> tuple[nn.Module, dict[str, torch.Tensor], GRACEEditor]:
+    """Edit with each request in turn; returns (model, {} since no weight changes, the editor).
+
+    The edits live in the editor's codebook: evaluate inside ``with editor.for_evaluation():``, and
+    pass ``editor`` back to continue a sequence (then ``copy`` must be False).
+    """
+    return edit_in_turn(GRACEEditor, model, tok, requests, hparams, copy, resources, editor)

@@ -33,14 +33,14 @@ from transformers import PreTrainedTokenizerBase
 from baselines.grace.codebook import Codebook
 from baselines.grace.grace_hparams import GRACEHyperParams
 from editing.forward import PromptBatch
-from editing.memory_layer import edit_forward, edit_in_turn, logits_at, module_io, watch_output
+from editing.memory_layer import edit_forward, logits_at, module_io, watch_output
 from editing.requests import normalise_request
 from editing.resources import EditResources
 from util import nethook
 from util.scoring import model_device, pad_right, pad_token_id, prompt_ids, score_targets, target_ids
 
 if TYPE_CHECKING:
-    from baselines.grace.editor import GRACEEditor
+    pass
 
 LOG = logging.getLogger(__name__)
 
@@ -129,23 +129,3 @@ def execute_grace(model: nn.Module, tok: PreTrainedTokenizerBase, request: dict,
     return {"action": action, "key": key, "distance": distance, "n_keys": len(codebook),
             "radius": float(codebook.epsilons[key]), "loss": [losses[0], losses[-1]] if losses else None,
             "memory_bytes": codebook.nbytes}
-
-
-def apply_grace_to_model(
-    model: nn.Module,
-    tok: PreTrainedTokenizerBase,
-    requests: Sequence[dict],
-    hparams: GRACEHyperParams,
-    copy: bool = False,
-    return_orig_weights: bool = False,
-    resources: EditResources | None = None,
-    editor: GRACEEditor | None = None,
-) -> tuple[nn.Module, dict[str, torch.Tensor], GRACEEditor]:
-    """Edit with each request in turn; returns (model, {} since no weight changes, the editor).
-
-    The edits live in the editor's codebook: evaluate inside ``with editor.for_evaluation():``, and
-    pass ``editor`` back to continue a sequence (then ``copy`` must be False).
-    """
-    from baselines.grace.editor import GRACEEditor
-
-    return edit_in_turn(GRACEEditor, model, tok, requests, hparams, copy, resources, editor)

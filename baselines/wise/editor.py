@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -19,9 +19,11 @@ from transformers.activations import ACT2FN
 
 from baselines.wise.router import routing
 from baselines.wise.side_memory import SideMemory
+from baselines.wise.wise_hparams import WISEHyperParams
 from baselines.wise.wise_main import execute_wise, unrelated_texts
 from editing.editor import Editor, EditOutcome
-from editing.resources import default_resources
+from editing.memory_layer import edit_in_turn
+from editing.resources import EditResources, default_resources
 from util import nethook
 from util.architectures import mlp_activation
 
@@ -49,3 +51,21 @@ class WISEEditor(Editor):
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.memory.load_state_dict(state)
+
+
+def apply_wise_to_model(
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    requests: Sequence[dict],
+    hparams: WISEHyperParams,
+    copy: bool = False,
+    return_orig_weights: bool = False,
+    resources: EditResources | None = None,
+    editor: Optional[WISEEditor] = None,
+) -> tuple[nn.Module, dict[str, torch.Tensor], WISEEditor]:
+    """Edit with each request in turn; returns (model, {} since no weight changes, the editor).
+
+    The edits live in the editor's side memory: evaluate inside ``with editor.for_evaluation():``,
+    and pass ``editor`` back to continue a sequence (then ``copy`` must be False).
+    """
+    return edit_in_turn(WISEEditor, model, tok, requests, hparams, copy, resources, editor)

@@ -13,7 +13,6 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
@@ -23,14 +22,13 @@ from baselines.wise.training import edit_rows, train_side_memory
 from baselines.wise.wise_hparams import WISEHyperParams
 from dsets.files import locate_or_download
 from dsets.records import DataFormatError, read_json_list
-from editing.memory_layer import edit_in_turn
 from editing.requests import normalise_request
 from editing.resources import EditResources
 from util.globals import Paths
 from util.scoring import model_device, target_ids
 
 if TYPE_CHECKING:
-    from baselines.wise.editor import WISEEditor
+    pass
 
 LOG = logging.getLogger(__name__)
 
@@ -66,23 +64,3 @@ def execute_wise(model: nn.Module, tok: PreTrainedTokenizerBase, request: dict, 
     return {"loss": [losses[0], losses[-1]], "steps": len(losses), "shard_threshold": shard_threshold,
             "shard_events": done, "n_memories": len(memory.memories), "n_edits": memory.n_edits,
             "memory_bytes": memory.nbytes}
-
-
-def apply_wise_to_model(
-    model: nn.Module,
-    tok: PreTrainedTokenizerBase,
-    requests: Sequence[dict],
-    hparams: WISEHyperParams,
-    copy: bool = False,
-    return_orig_weights: bool = False,
-    resources: EditResources | None = None,
-    editor: WISEEditor | None = None,
-) -> tuple[nn.Module, dict[str, torch.Tensor], WISEEditor]:
-    """Edit with each request in turn; returns (model, {} since no weight changes, the editor).
-
-    The edits live in the editor's side memory: evaluate inside ``with editor.for_evaluation():``,
-    and pass ``editor`` back to continue a sequence (then ``copy`` must be False).
-    """
-    from baselines.wise.editor import WISEEditor
-
-    return edit_in_turn(WISEEditor, model, tok, requests, hparams, copy, resources, editor)
