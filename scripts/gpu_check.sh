@@ -8,7 +8,9 @@
 #      Llama-3-8B-shaped model in bfloat16 (WilKE fast, ROME, AlphaEdit, statistics tokens/s);
 #   3. experiments.bench.batching on a Llama-3-8B-shaped model in bfloat16: MEMIT's z's one at a time
 #      against batched (batches of 1, 16, 100 requests, 10 passes each, no early stop) and WilKE's
-#      exact scan, candidates one at a time against one batch.
+#      exact scan, candidates one at a time against one batch;
+#   4. experiments.bench.wild: WILD answers generated batched against one prompt at a time
+#      (Llama-3-8B shape, the answers compared).
 # Everything it measures lands as JSON and logs under $OUT. Each step has its own time limit, so a
 # slow one costs only itself; the exit status is 1 when any step failed.
 #
@@ -45,11 +47,14 @@ PY
 cat "$OUT/environment.json"
 
 if [ "$SHAPES" = tiny ]; then
-    GPT2=random:gpt2-tiny LLAMA=random:llama-tiny STATS=40 LIMITS=(60 240 120 180 120)
+    GPT2=random:gpt2-tiny LLAMA=random:llama-tiny STATS=40 LIMITS=(60 240 120 180 120 60)
     BATCHING=(--model tiny --dtype float32 --batches 1,4 --steps 3)
+    WILD_MODEL=random:llama-tiny
 else
-    GPT2=random:gpt2-xl LLAMA=random:llama-3-8b STATS=200 LIMITS=(90 200 100 210 180)
+    # the whole script must fit one device command (10 minutes): 560 s of step limits
+    GPT2=random:gpt2-xl LLAMA=random:llama-3-8b STATS=200 LIMITS=(60 150 60 150 90 50)
     BATCHING=(--model random:llama:32:4096 --dtype bfloat16 --batches 1,16,100 --steps 10)
+    WILD_MODEL=random:llama-3-8b
 fi
 BENCH=("$PYTHON" -m experiments.bench --edits 1 --approx_edits 0 --stats_samples "$STATS")
 
@@ -62,5 +67,7 @@ step bench_llama_bfloat16 "${LIMITS[3]}" "${BENCH[@]}" --models "$LLAMA" --dtype
     --parts stats,wilke,rome,alphaedit --skip_reference --json "$OUT/bench_llama_bfloat16.json"
 step batching "${LIMITS[4]}" "$PYTHON" -m experiments.bench.batching "${BATCHING[@]}" --scan_edits 1 \
     --json "$OUT/batching.json"
+step wild "${LIMITS[5]}" "$PYTHON" -m experiments.bench.wild --model "$WILD_MODEL" --parts wild --timing_records 4 \
+    --json "$OUT/wild.json"
 echo "results in $OUT"
 exit $STATUS

@@ -25,6 +25,8 @@ def test_gpu_check_runs_every_step_on_tiny_shapes(tmp_path):
     llama = json.loads((tmp_path / "bench_llama_bfloat16.json").read_text())["results"][0]
     assert llama["alphaedit"]["batch"] == 4 and llama["rome_fast"]["seconds_per_edit"] > 0
     assert "prefix forward disagrees" not in (tmp_path / "bench_llama_bfloat16.log").read_text()
+    wild = json.loads((tmp_path / "wild.json").read_text())["wild"]
+    assert wild["records"] == 4 and wild["same_answers"] == wild["prompts"], wild
     batching = json.loads((tmp_path / "batching.json").read_text())
     assert [z["batch"] for z in batching["zs"]] == [1, 4] and batching["scan"]["same_layers"] is True
     assert all(z["loop_over_batched"] > 0 and z["max_relative_z_difference"] < 1e-4 for z in batching["zs"])

@@ -105,8 +105,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def bench_model_and_records(name: str, n: int, device: str | None, tmp: Path) -> tuple:
+    """A real model and its known records, or (``tiny``, ``random:<shape>``: a GPU machine without
+    weights) a built one and the first valid CounterFact records (or the tiny test records)."""
+    from experiments.bench.cli import bench_records
+    from experiments.bench.models import load_bench_model
+
+    model, tok, *_ = load_bench_model(name, tmp, device=device)
+    synthetic = name == "tiny" or name.startswith("random:")
+    return model, tok, bench_records(n) if synthetic else known_records(name, n)
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
-    from util.models import load_model
+    import tempfile
 
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -121,8 +132,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
             check_capability_settings(probe_settings)
         except ProbeSetupError as e:
             raise SystemExit(f"error: {e}") from None
-    model, tok = load_model(args.model, device=args.device)
-    records = known_records(args.model, max(args.records, args.timing_records))
+    tmp = tempfile.TemporaryDirectory()
+    model, tok, records = bench_model_and_records(args.model, max(args.records, args.timing_records), args.device,
+                                                  Path(tmp.name))
     results: dict = {"model": args.model, "torch_threads": torch.get_num_threads(),
                      "command": ["python", "-m", "experiments.bench.wild", *(sys.argv[1:] if argv is None else argv)]}
     if "stops" in parts:
