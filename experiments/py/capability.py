@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from sklearn.metrics import f1_score, matthews_corrcoef
 from torch import nn
+from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from experiments.py.perplexity import PerplexitySettings, find_wikitext_test, perplexity
@@ -205,7 +206,7 @@ class CapabilityProbe:
         """{task: scores, 'perplexity': {...}, 'seconds': {...}}, JSON-ready."""
         results: dict = {}
         seconds: dict[str, float] = {}
-        for name in self.settings.tasks:
+        for name in tqdm(self.settings.tasks, desc="general-ability probes", unit="task", leave=False, disable=None):
             start = time.perf_counter()
             results[name] = score_task(model, tok, PROBE_TASKS[name], self.records[name], self.settings)
             seconds[name] = time.perf_counter() - start
