@@ -16,8 +16,8 @@ import argparse
 import re
 import time
 from pathlib import Path
+from typing import Sequence
 
-from editing.requests import record_request
 from experiments.protocols.sequential import (
     SequentialProtocol,
     add_batch_arguments,
@@ -52,29 +52,20 @@ class ImmediateProtocol(SequentialProtocol):
     def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
         add_batch_arguments(group)
 
-    def step(self, b: int) -> None:
+    def evaluates_after(self, last: int) -> bool:
+        return True
+
+    def evaluate_after(self, b: int, records: Sequence[dict]) -> dict:
+        """The batch's records right after their edit (kept in its file); preservation at checkpoints."""
         ctx = self.ctx
         first, last = self.batches[b - 1]
-        records = self.step_records(b)
-        requests = [record_request(r) for r in records]
-        _, info = ctx.edit(lambda: ctx.editor.edit(requests), "edit")
         start = time.perf_counter()
-        with ctx.editor.for_evaluation():
-            rows = self.evaluate_edited(records, range(first, last + 1), f"evaluation of batch {b}")
-            eval_seconds = time.perf_counter() - start
-            if last in self.eval_points:
-                ctx.write(preservation_file_name(last), {"edit_index": last, "preservation": self.preservation()})
-            ctx.check_capabilities(last, last in self.eval_points)
-        ctx.write(batch_file_name(b), {
-            "batch_index": b,
-            "first_edit": first,
-            "last_edit": last,
-            "case_ids": [r["case_id"] for r in records],
-            "time": info["seconds"],
-            "edit": info,
-            "records": rows,
-            "eval_seconds": eval_seconds,
-        })
+        rows = self.evaluate_edited(records, range(first, last + 1), f"evaluation of batch {b}")
+        eval_seconds = time.perf_counter() - start
+        if last in self.eval_points:
+            ctx.write(preservation_file_name(last), {"edit_index": last, "preservation": self.preservation()})
+        ctx.check_capabilities(last, last in self.eval_points)
+        return {"records": rows, "eval_seconds": eval_seconds}
 
     @classmethod
     def read_run(cls, path: Path, meta: dict, allow_partial: bool) -> RunContent:

@@ -168,11 +168,16 @@ class SequentialProtocol(Protocol):
         return fields
 
     def step(self, b: int) -> None:
+        """Edit batch b; then what this protocol evaluates after it; then ``batch_{b}.json``."""
         ctx = self.ctx
         first, last = self.batches[b - 1]
         records = self.step_records(b)
         requests = [record_request(r) for r in records]
         _, info = ctx.edit(lambda: ctx.editor.edit(requests), "edit")
+        extra = {}
+        if self.evaluates_after(last):
+            with ctx.editor.for_evaluation():
+                extra = self.evaluate_after(b, records)
         ctx.write(batch_file_name(b), {
             "batch_index": b,
             "first_edit": first,
@@ -180,12 +185,21 @@ class SequentialProtocol(Protocol):
             "case_ids": [r["case_id"] for r in records],
             "time": info["seconds"],
             "edit": info,
+            **extra,
         })
-        if last in self.eval_points or ctx.capability_due(last, False):
-            with ctx.editor.for_evaluation():
-                if last in self.eval_points:
-                    self.evaluate(last)
-                ctx.check_capabilities(last, last in self.eval_points)
+
+    def evaluates_after(self, last: int) -> bool:
+        """Whether the model is evaluated after the batch that ends at edit ``last``."""
+        return last in self.eval_points or self.ctx.capability_due(last, False)
+
+    def evaluate_after(self, b: int, records: Sequence[dict]) -> dict:
+        """At a checkpoint every record edited so far and the untouched half; general abilities where due.
+        Returns what the batch's file adds (nothing here)."""
+        last = self.batches[b - 1][1]
+        if last in self.eval_points:
+            self.evaluate(last)
+        self.ctx.check_capabilities(last, last in self.eval_points)
+        return {}
 
     def evaluate_edited(self, records: Sequence[dict], indices: Sequence[int], desc: str) -> list[dict]:
         """Each record's metrics and unchanged-prediction locality on the current model, many records
