@@ -57,6 +57,10 @@ class LocateEditHyperParams(HyperParams):
     # None: ROME's templates, sampled from the start token; MEMIT's hparams sample after its five prompts
     context_template_prompts: Optional[tuple[str, ...]] = None
     v_early_stop_loss: float = 5e-2
+    # ENCORE's most-probable early stopping (MPES; upstream ``prob_cutoff``, same sign): -n stops a value
+    # optimisation at the n-th pass on which the target is the argmax on every prefixed rewriting prompt
+    # (editing/value_optimisation.py); 0 is off (the reference methods)
+    mpes_prob_cutoff: int = 0
     # padded prompt positions per batch of value optimisations (0: one after another, as the papers' code);
     # the values are the same either way, within float rounding (editing/value_optimisation.py)
     v_batch_tokens: int = DEFAULT_VALUE_BATCH_TOKENS
@@ -81,6 +85,10 @@ class LocateEditHyperParams(HyperParams):
             raise HParamsError(f"field 'implementation' is {self.implementation!r}; expected one of {IMPLEMENTATIONS}")
         if self.v_num_grad_steps < 1:
             raise HParamsError("field 'v_num_grad_steps' must be at least 1")
+        if self.mpes_prob_cutoff > 0:
+            raise HParamsError("field 'mpes_prob_cutoff' must be 0 (off) or negative (-n: stop at the n-th pass where "
+                               "the target is the most probable token); upstream's positive prob_cutoff (a mean "
+                               "probability threshold) is in none of ENCORE's files and not implemented")
         if self.v_batch_tokens < 0:
             raise HParamsError("field 'v_batch_tokens' must be 0 (no batching) or a positive token budget")
         for name in MODULE_TEMPLATES:

@@ -9,6 +9,16 @@ subject token of "{} is a" (as ROME's code computes it, KL(current || initial)),
 ``v_weight_decay * ||delta|| / ||v0||^2``; Adam; early stop below ``v_early_stop_loss``; after each
 step ||delta|| is clamped to ``clamp_norm_factor * ||v0||``.
 
+ENCORE's most-probable early stopping (MPES, ``mpes_prob_cutoff = -n``; off at 0) adds a stop, as its
+``compute_z`` does: on each pass, count the target positions of the rewriting prompts after the first
+(the prefixed ones; the bare prompt is left out) whose argmax is the target; a pass whose count equals
+the number of those prompts increments a counter that is never reset, and the optimisation stops on
+the pass that brings it to n, keeping the delta that pass ran with (no step after it). For a one-token
+target that is "the target is the most probable token on every prefixed prompt". Upstream compares
+the count of positions with the number of prompts (its hard-coded 5) also for longer targets, where
+the pass counts when exactly that many positions are right; so does this code. Without prefixed
+prompts (NAS's bare-prompt reference optimisation) it never fires: upstream's count is then 0, never 5.
+
 Batched: the optimisations of several requests (MEMIT's z's) or of one request at several layers
 (WilKE's candidates) are independent, so ``optimise_values`` runs them as row groups of one padded
 batch, each injecting its own delta, and sums their losses: a group's gradient is its own loss's
@@ -63,7 +73,8 @@ def _main_tensor(out: Any) -> torch.Tensor:
 
 class _Optimisation:
     """Per-task state of a batched optimisation, by task index: deltas (each its own Adam parameter),
-    v0, the initial KL distribution, whether it still runs, its losses and the delta of each pass."""
+    v0, the initial KL distribution, whether it still runs, its losses, the delta of each pass and
+    its MPES counter."""
 
     def __init__(self, model: nn.Module, tasks: Sequence[ValueTask], hparams: LocateEditHyperParams):
         widths = {_output_width(model, m) for m in {t.inject_module for t in tasks}}
@@ -81,9 +92,13 @@ class _Optimisation:
         self.running = [True] * n
         self.losses: list[list[float]] = [[] for _ in tasks]
         self.history: list[list[torch.Tensor]] = [[] for _ in tasks]
+        self.target_lengths = [len(t.problem.target) for t in tasks]  # the bare prompt's reads come first
+        self.mpes_prompts = [t.problem.n_rewrite - 1 for t in tasks]  # the prefixed rewriting prompts
+        self.mpes_passes = [0] * n  # passes on which all of them were right (never reset)
 
-    def pass_losses(self, layout: "_Layout") -> torch.Tensor:
-        """One forward pass of the laid-out tasks; each one's loss (in the layout's order)."""
+    def pass_losses(self, layout: "_Layout") -> tuple[torch.Tensor, Optional[list[int]]]:
+        """One forward pass of the laid-out tasks; each one's loss (in the layout's order) and, with
+        MPES on, each one's count of prefixed target positions whose argmax is the target."""
         ids, stacked = layout.ids, layout.stacked
         deltas = torch.stack([self.deltas[g] if self.running[g] else self.deltas[g].detach() for g in ids])
         ran = deltas.detach().clone()
@@ -103,7 +118,17 @@ class _Optimisation:
         kl_init = self.kl_init[layout.index.to(self.kl_init.device)]
         kl = self.hparams.kl_factor * (kl_logp.exp() * (kl_logp - kl_init)).sum(1)
         decay = self.hparams.v_weight_decay * (deltas.norm(dim=1) / self.v0[layout.index].norm(dim=1) ** 2)
-        return nll + kl + decay.to(nll.device)
+        correct = self._prefixed_hits(layout, logp) if self.hparams.mpes_prob_cutoff else None
+        return nll + kl + decay.to(nll.device), correct
+
+    def _prefixed_hits(self, layout: "_Layout", logp: torch.Tensor) -> list[int]:
+        """Per laid-out task: how many target positions of its prefixed rewriting prompts have the
+        target as argmax (its rewriting reads, prompt by prompt, less the bare prompt's first ones)."""
+        rewriting = layout.stacked.read_weights.to(logp.device) > 0
+        bare = torch.tensor([self.target_lengths[g] for g in layout.ids], device=logp.device)
+        prefixed = rewriting & (rewriting.cumsum(dim=1) > bare[:, None])
+        hits = logp.detach().argmax(dim=1) == layout.stacked.read_target.to(logp.device)
+        return (prefixed & hits[None, :]).sum(dim=1).tolist()
 
     def _edit(self, layout: "_Layout", deltas: torch.Tensor, read_v0: bool) -> Callable:
         """The output edit: each task's delta added at its fact tokens, in its own module's output."""
@@ -119,16 +144,19 @@ class _Optimisation:
 
         return edit
 
-    def step(self, loss: torch.Tensor, ids: list[int], last: bool) -> None:
-        """Record each running task's loss, stop those below the threshold (all on the last pass),
-        and take an Adam step, then the clamp, for those still running."""
+    def step(self, loss: torch.Tensor, ids: list[int], last: bool, correct: Optional[list[int]] = None) -> None:
+        """Record each running task's loss, stop those below the threshold or at MPES's count (all on
+        the last pass), and take an Adam step, then the clamp, for those still running."""
         values = loss.detach().float().cpu().tolist()
         keep, stopping = [], []
         for k, g in enumerate(ids):
             if not self.running[g]:
                 continue
             self.losses[g].append(values[k])
-            if values[k] < self.hparams.v_early_stop_loss or last:
+            if correct is not None and correct[k] == self.mpes_prompts[g] > 0:
+                self.mpes_passes[g] += 1
+            most_probable = self.hparams.mpes_prob_cutoff and self.mpes_passes[g] >= -self.hparams.mpes_prob_cutoff
+            if values[k] < self.hparams.v_early_stop_loss or last or most_probable:
                 self.running[g] = False
                 stopping.append(g)
             else:
@@ -203,8 +231,8 @@ def optimise_values(
                leave=False, disable=None)  # None: shown on a terminal, silent in logs that are files
     for it in range(hparams.v_num_grad_steps):
         state.adam.zero_grad()
-        loss = state.pass_losses(layout)
-        state.step(loss, layout.ids, last=it == hparams.v_num_grad_steps - 1)
+        loss, correct = state.pass_losses(layout)
+        state.step(loss, layout.ids, it == hparams.v_num_grad_steps - 1, correct)
         live = [g for g in layout.ids if state.running[g]]
         bar.update()
         bar.set_postfix(running=len(live))
