@@ -48,6 +48,7 @@ ALGORITHMS: dict[str, Algorithm] = {
         Algorithm("GRACE", "baselines.grace.grace_hparams:GRACEHyperParams", "baselines.grace.editor:GRACEEditor"),
         Algorithm("WISE", "baselines.wise.wise_hparams:WISEHyperParams", "baselines.wise.editor:WISEEditor"),
         Algorithm("UltraEdit", "ultraedit.ultraedit_hparams:UltraEditHyperParams", "ultraedit.editor:UltraEditEditor"),
+        Algorithm("ENCORE", "encore.encore_hparams:ENCOREHyperParams", "encore.editor:ENCOREEditor"),
     )
 }
 
