@@ -13,11 +13,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -30,12 +25,14 @@ from editing.requests import normalise_request
 from editing.resources import EditResources
 from editing.value_optimisation import ValueTask, build_value_problem, optimise_in_batches
 from encore import ENCOREEditor, ENCOREHyperParams, apply_encore_to_model, execute_encore
-from experiments.store.files import strip_timing
 from memit import execute_memit
+from tests.kill_resume import resume_with_state_lost, sigkill_while_editing
+from tests.test_alphaedit import requests
+from tests.test_protocols import result_files
 from tests.test_reliability import many_records
 from tests.test_upstream_parity import FixedResources, harness_hparams, rel
 from tests.test_upstream_parity_lifelong import out_in, over, spy, summary_errors
-from tests.tiny import TinyWorld, make_model, make_tokenizer, rank_one_hparams, tiny_records
+from tests.tiny import TinyWorld, make_model, make_tokenizer, rank_one_hparams
 from util.globals import REPO_ROOT, load_paths
 from util.hparams import HParamsError
 
@@ -79,8 +76,8 @@ def encore_errors(monkeypatch, implementation: str, batch_tokens: int) -> dict[s
     updates = spy(monkeypatch, encore_editor, "execute_encore")
     w0 = {layer: out_in(model, hp.rewrite_module_tmp.format(layer)) for layer in hp.layers}
     errors = {}
-    for b, (requests, up_batch) in enumerate(zip(golden_batches(), GOLDEN["batches"])):
-        outcome = editor.edit(requests)
+    for b, (batch, up_batch) in enumerate(zip(golden_batches(), GOLDEN["batches"])):
+        outcome = editor.edit(batch)
         update, runs = updates[-1], up_batch["z_runs"]
         # MPES stops each optimisation at upstream's pass (5 for the one-token targets, far above the loss stop)
         assert update.z_steps == [r["passes"] for r in runs], f"batch {b}: passes {update.z_steps}, upstream {runs}"
@@ -234,11 +231,6 @@ def setup(tmp_path: Path, arch: str, **kw) -> tuple[ENCOREHyperParams, EditResou
     return hp, EditResources(load_paths(stats_dir=str(world.stats_dir)), f"tiny-{arch}", progress=False)
 
 
-def requests(indices=(0, 1, 6, 7)) -> list[dict]:
-    records = tiny_records()
-    return [dict(records[i]["requested_rewrite"], case_id=records[i]["case_id"]) for i in indices]
-
-
 def total_norm(update) -> float:
     return sum(d.norm ** 2 for d in update.deltas.values()) ** 0.5
 
@@ -291,7 +283,7 @@ def test_apply_is_the_editor_and_carries_its_keys_when_given_one(tmp_path):
     assert same is model and set(orig) == {f"{hp.rewrite_module_tmp.format(l)}.weight" for l in hp.layers}
     apply_encore_to_model(model, tok, requests()[2:], hp, editor=editor)
     assert editor.moments.n_keys == 4
-    with pytest.raises(ValueError, match="another model"):
+    with pytest.raises(ValueError, match="edits the one it was built on"):
         apply_encore_to_model(model, tok, requests()[:1], hp, copy=True, editor=editor)
 
 
@@ -325,11 +317,11 @@ def test_hparams_validation_and_the_papers_files():
         assert (hp.mom2_dataset, hp.fact_token, hp.context_template_length_params) == ("wikipedia", "subject_last", ((10, 5),))
 
 
-def test_encore_imports_nothing_from_experiments():
-    from tests.test_protocols import imported_modules
+def test_encore_imports_nothing_from_experiments(monkeypatch):
+    import tests.test_protocols as protocol_tests  # its check, on this package (lead: add "encore" to its list)
 
-    for path in sorted((REPO_ROOT / "encore").rglob("*.py")):
-        assert not any(m == "experiments" or m.startswith("experiments.") for m in imported_modules(path)), path
+    monkeypatch.setattr(protocol_tests, "BELOW_EXPERIMENTS", ("encore",))
+    protocol_tests.test_no_module_below_experiments_imports_it()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -338,25 +330,6 @@ def test_encore_imports_nothing_from_experiments():
 def cli_args(world: TinyWorld, hp: Path, dir_name: str) -> list[str]:
     return world.cli_args("ENCORE", hp, protocol="sequential", num_edits=2, edit_times=8, num_threads=1,
                           checkpoint_every=100, dir_name=dir_name)
-
-
-def result_files(run_dir: Path) -> dict[str, dict]:
-    names = [p.name for p in run_dir.glob("*.json") if p.name.startswith(("batch_", "evaluation_"))]
-    return {n: strip_timing(json.loads((run_dir / n).read_text())) for n in sorted(names)}
-
-
-# A run whose every edit takes half a second longer, so that it can be killed while it edits.
-SLOW_RUN = """
-import sys, time
-from experiments.evaluate import cli
-from encore.editor import ENCOREEditor
-real = ENCOREEditor.edit
-def slow(editor, requests):
-    time.sleep(0.5)
-    return real(editor, requests)
-ENCOREEditor.edit = slow
-sys.exit(cli(sys.argv[1:]))
-"""
 
 
 @pytest.fixture(scope="module")
@@ -389,36 +362,13 @@ def test_sigkilled_run_resumed_equals_the_uninterrupted_one(whole_run, monkeypat
     world, hp, whole = whole_run
     args = cli_args(world, hp, "killed")
     run_dir = world.results_dir / "killed" / "run_000"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_RUN, *args], cwd=REPO_ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 240
-    while not (run_dir / "batch_2.json").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    _, err = proc.communicate(timeout=240)
-    assert proc.returncode == -signal.SIGKILL, err[-2000:]
-    assert json.loads((run_dir / "run.json").read_text())["status"] == "running"  # nothing got to clean up
+    sigkill_while_editing("encore.editor:ENCOREEditor", args, run_dir)
     assert not (run_dir / "batch_4.json").exists()
     assert cli(args + ["--continue_from_run=run_000"]) == 0
     assert result_files(run_dir) == whole
 
     # the same kill and resume with the state lost gives other results: the check above can fail
-    real_edit = ENCOREEditor.edit
-    calls = []
-
-    def edit_then_sigterm(editor, reqs):
-        outcome = real_edit(editor, reqs)
-        calls.append(1)
-        if len(calls) == 1:
-            os.kill(os.getpid(), signal.SIGTERM)  # after the first batch: the run stops with a checkpoint
-        return outcome
-
-    monkeypatch.setattr(ENCOREEditor, "edit", edit_then_sigterm)
-    assert cli(cli_args(world, hp, "lost")) == 128 + signal.SIGTERM
-    monkeypatch.setattr(ENCOREEditor, "edit", real_edit)
-    monkeypatch.setattr(ENCOREEditor, "load_state_dict", lambda editor, state: None)
-    assert cli(cli_args(world, hp, "lost") + ["--continue_from_run=run_000"]) == 0
+    resume_with_state_lost(monkeypatch, ENCOREEditor, cli, cli_args(world, hp, "lost"))
     lost = result_files(world.results_dir / "lost" / "run_000")
     assert lost["batch_1.json"] == whole["batch_1.json"]
     assert lost["batch_2.json"]["edit"]["layer_update_norms"] != whole["batch_2.json"]["edit"]["layer_update_norms"]
