@@ -14,25 +14,21 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from alphaedit.alphaedit_hparams import AlphaEditHyperParams
-from alphaedit.alphaedit_main import KeyMoments, execute_alphaedit
+from alphaedit.alphaedit_main import execute_alphaedit
 from alphaedit.projection import ProjectorCache
 from editing.editor import EditOutcome, apply_with_editor
 from editing.resources import EditResources, default_resources
-from memit.editor import MEMITEditor
-from util import nethook
-from util.placement import module_device
+from memit.editor import MomentsEditor
 
 
-class AlphaEditEditor(MEMITEditor):
+class AlphaEditEditor(MomentsEditor):
     batch_edits = True
 
     def __init__(self, model: nn.Module, tok: PreTrainedTokenizerBase, hparams: Any, resources: Any,
                  cache_template: Optional[str] = None):
         super().__init__(model, tok, hparams, resources or default_resources(model), cache_template)
-        self.module_names = [hparams.rewrite_module_tmp.format(l) for l in hparams.layers]
         self.null_spaces = ProjectorCache(self.resources).null_spaces(model, tok, hparams, self.module_names)
         self.resources.release(hparams, self.module_names)  # the solve reads P, never C0 again
-        self.moments = KeyMoments()
 
     def edit(self, requests: Sequence[dict]) -> EditOutcome:
         update = execute_alphaedit(self.model, self.tok, list(requests), self.hparams, self.null_spaces,
@@ -40,13 +36,6 @@ class AlphaEditEditor(MEMITEditor):
         self.moments.add(update)
         dims = {str(l): self.null_spaces[n].dim for l, n in zip(self.hparams.layers, self.module_names)}
         return self.apply(update, {"null_space_dims": dims, "accumulated_keys": self.moments.n_keys})
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.moments.state_dict()
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        devices = {n: module_device(nethook.get_module(self.model, n)) for n in self.module_names}
-        self.moments.load_state_dict(state, devices)
 
 
 def apply_alphaedit_to_model(

@@ -14,36 +14,25 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from alphaedit.alphaedit_main import KeyMoments
 from editing.editor import EditOutcome, apply_with_editor
 from editing.resources import EditResources
 from encore.encore_hparams import ENCOREHyperParams
 from encore.encore_main import execute_encore
-from memit.editor import MEMITEditor
-from util import nethook
-from util.placement import module_device
+from memit.editor import MomentsEditor
 
 
-class ENCOREEditor(MEMITEditor):
+class ENCOREEditor(MomentsEditor):
     batch_edits = True
 
     def __init__(self, model: nn.Module, tok: PreTrainedTokenizerBase, hparams: ENCOREHyperParams, resources: Any,
                  cache_template: Optional[str] = None):
         super().__init__(model, tok, hparams, resources, cache_template)  # NAS's reference norms when asked
-        self.moments = KeyMoments()
 
     def edit(self, requests: Sequence[dict]) -> EditOutcome:
         update = execute_encore(self.model, self.tok, list(requests), self.hparams, self.moments, self.resources,
                                 self.cache_template)
         self.moments.add(update)
         return self.apply(update, {"accumulated_keys": self.moments.n_keys})
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.moments.state_dict()
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        names = [self.hparams.rewrite_module_tmp.format(l) for l in self.hparams.layers]
-        self.moments.load_state_dict(state, {n: module_device(nethook.get_module(self.model, n)) for n in names})
 
 
 def apply_encore_to_model(

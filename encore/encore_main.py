@@ -29,10 +29,10 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from alphaedit.alphaedit_main import KeyMoments
 from editing.covariance import FactorisedCovariance
 from editing.resources import EditResources, default_resources
 from encore.encore_hparams import ENCOREHyperParams
+from memit.key_moments import KeyMoments
 from memit.memit_main import KeySolver, MEMITUpdate, execute_memit
 
 

@@ -10,8 +10,11 @@ from transformers import PreTrainedTokenizerBase
 
 from editing.editor import EditOutcome, LocateEditEditor, apply_with_editor
 from editing.resources import EditResources
+from memit.key_moments import KeyMoments
 from memit.memit_hparams import MEMITHyperParams
 from memit.memit_main import MEMITUpdate, apply_deltas, execute_memit
+from util import nethook
+from util.placement import module_device
 
 
 class MEMITEditor(LocateEditEditor):
@@ -44,6 +47,23 @@ class MEMITEditor(LocateEditEditor):
             "layer_update_norms": {str(d.layer): d.norm for d in update.deltas.values()},
             "z_errors": {str(d.layer): d.z_error for d in update.deltas.values()},
         }
+
+
+class MomentsEditor(MEMITEditor):
+    """A MEMIT-family editor that keeps the keys of earlier edits (AlphaEdit, ENCORE): saved with the
+    weight checkpoints and restored on resume."""
+
+    def __init__(self, model: nn.Module, tok: PreTrainedTokenizerBase, hparams: MEMITHyperParams, resources: Any,
+                 cache_template: Optional[str] = None):
+        super().__init__(model, tok, hparams, resources, cache_template)
+        self.module_names = [hparams.rewrite_module_tmp.format(l) for l in hparams.layers]
+        self.moments = KeyMoments()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.moments.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.moments.load_state_dict(state, {n: module_device(nethook.get_module(self.model, n)) for n in self.module_names})
 
 
 def apply_memit_to_model(

@@ -20,12 +20,12 @@ import torch
 
 import editing.value_optimisation as vo
 import encore.editor as encore_editor
-from alphaedit.alphaedit_main import KeyMoments
 from editing.requests import normalise_request
 from editing.resources import EditResources
 from editing.value_optimisation import ValueTask, build_value_problem, optimise_in_batches
 from encore import ENCOREEditor, ENCOREHyperParams, apply_encore_to_model, execute_encore
 from memit import execute_memit
+from memit.key_moments import KeyMoments
 from tests.kill_resume import resume_with_state_lost, sigkill_while_editing
 from tests.test_alphaedit import requests
 from tests.test_protocols import result_files
@@ -287,14 +287,6 @@ def test_apply_is_the_editor_and_carries_its_keys_when_given_one(tmp_path):
         apply_encore_to_model(model, tok, requests()[:1], hp, copy=True, editor=editor)
 
 
-def test_nas_composes_with_encore(tmp_path, monkeypatch):
-    """The norm anchor rescales ENCORE's MPES-stopped z's (the reference norm, on bare prompts, never sees MPES)."""
-    import tests.test_norm_anchor as nas_tests
-
-    monkeypatch.setitem(nas_tests.EXTRAS, "ENCORE", {k: v for k, v in TINY.items()})
-    nas_tests.test_every_locate_then_edit_method_anchors_its_values(tmp_path, "ENCORE", monkeypatch)
-
-
 # ---------------------------------------------------------------------------------------------
 # The hparams files
 
@@ -315,13 +307,6 @@ def test_hparams_validation_and_the_papers_files():
                 hp.update_norm_lambda, hp.mpes_prob_cutoff) == (layers, steps, loss_layer, lam, samples, alpha, cutoff)
         assert (hp.v_lr, hp.clamp_norm_factor, hp.kl_factor, hp.v_weight_decay, hp.add_prev_edits) == (0.5, 0.75, 0.0625, 0.5, True)
         assert (hp.mom2_dataset, hp.fact_token, hp.context_template_length_params) == ("wikipedia", "subject_last", ((10, 5),))
-
-
-def test_encore_imports_nothing_from_experiments(monkeypatch):
-    import tests.test_protocols as protocol_tests  # its check, on this package (lead: add "encore" to its list)
-
-    monkeypatch.setattr(protocol_tests, "BELOW_EXPERIMENTS", ("encore",))
-    protocol_tests.test_no_module_below_experiments_imports_it()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -171,6 +171,7 @@ EXTRAS = {
     "AlphaEdit": {**MEMIT_TINY, "nullspace_threshold": 1e-4, "L2": 1e-2},
     "RECT": {**MEMIT_TINY, "keep_percent": 40, "epsilon": 1e-8},
     "PRUNE": {**MEMIT_TINY, "log_base": 2.718281828459045},
+    "ENCORE": {**MEMIT_TINY, "update_norm_lambda": 0.1, "mpes_prob_cutoff": -2},  # NAS rescales its MPES-stopped z's
 }
 
 
