@@ -99,8 +99,9 @@ def snapshot_weights(model: nn.Module, weight_names: Sequence[str], into: dict[s
 
 @torch.no_grad()
 def update_norms(model: nn.Module, orig_weights: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """||W_new - W_old||_F per changed weight, their total, and the total relative to ||W_old||."""
-    per = {}
+    """||W_new - W_old||_F per changed weight, their total, the total relative to ||W_old||, and each
+    changed weight's own norm ||W_new||_F after the edit (NAS's growth of the edited layers)."""
+    per, after = {}, {}
     total_sq, base_sq = 0.0, 0.0
     for name, old in orig_weights.items():
         new = nethook.get_parameter(model, name).detach().to(old.device)
@@ -108,10 +109,12 @@ def update_norms(model: nn.Module, orig_weights: dict[str, torch.Tensor]) -> dic
             new, old = new.float(), old.float()
         diff = float((new - old).norm())
         per[name] = diff
+        after[name] = float(new.norm())
         total_sq += diff**2
         base_sq += float(old.norm()) ** 2
     total = total_sq**0.5
-    return {"update_norm": total, "relative_update_norm": total / base_sq**0.5 if base_sq else 0.0, "per_weight": per}
+    return {"update_norm": total, "relative_update_norm": total / base_sq**0.5 if base_sq else 0.0, "per_weight": per,
+            "weight_norms": after}
 
 
 def apply_with_editor(

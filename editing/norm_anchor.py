@@ -16,6 +16,10 @@ at one place per method family (upstream SasyaTitech/NAS 5acab48, ``*/compute_z.
   rescaled to r. Upstream's log line says "> 2x" there too; its code tests 5r.
 
 Either way the direction of v* is unchanged and its norm is r (or the delta is gone).
+
+Every edit of these methods records the norms NAS's probe logs (upstream ``experiments/memit_probe_norms.py``:
+``v0_norm``, ``v_star_norm_orig``, with the edited weight's norm), NAS on or off, so a run shows
+whether they grow as edits accumulate: ``value_norms`` below.
 """
 from __future__ import annotations
 
@@ -67,11 +71,31 @@ def mlp_output_at_first_prompt(model: nn.Module, problem: ValueProblem, mlp_modu
     return as_working(out[0, problem.fact_cols[0].to(out.device)].detach())
 
 
-def anchored_block_value(
-    model: nn.Module, problem: ValueProblem, value: ValueResult, mlp_module: str, reference: float
-) -> ValueResult:
-    """MEMIT's z with its MLP share anchored: z = (h - v0) + anchor(v0 + delta) (the module docstring)."""
-    v0 = mlp_output_at_first_prompt(model, problem, mlp_module).to(value.delta.device)
+def value_norms(v0: torch.Tensor, v_star: torch.Tensor, written: torch.Tensor) -> dict[str, float]:
+    """||v0|| (the value before the edit), ||v*|| as optimised, and ||v*|| as written (after NAS's anchor;
+    the same as optimised when NAS is off): what NAS's probe logs per request."""
+    return {"v0": float(v0.norm()), "v_star": float(v_star.norm()), "written": float(written.norm())}
+
+
+def block_values(
+    model: nn.Module, problems: list[ValueProblem], values: list[ValueResult], mlp_module: str,
+    reference: Optional[float],
+) -> tuple[list[ValueResult], list[dict[str, float]]]:
+    """MEMIT's family: each z with its MLP share anchored when ``reference`` is given (NAS), and each
+    request's ``value_norms`` of that MLP share (v0 = the MLP's output at the first prompt, on the model
+    as it is now; one forward pass per request)."""
+    out, norms = [], []
+    for problem, value in zip(problems, values):
+        v0 = mlp_output_at_first_prompt(model, problem, mlp_module).to(value.delta.device)
+        anchored = value if reference is None else anchored_block_value(v0, value, mlp_module, reference)
+        out.append(anchored)
+        norms.append(value_norms(v0, v0 + value.delta, v0 + anchored.delta))
+    return out, norms
+
+
+def anchored_block_value(v0: torch.Tensor, value: ValueResult, mlp_module: str, reference: float) -> ValueResult:
+    """MEMIT's z with its MLP share anchored: z = (h - v0) + anchor(v0 + delta) (the module docstring);
+    ``v0`` the MLP's output at the first prompt's fact token (``mlp_output_at_first_prompt``)."""
     v_star, dropped = anchor(v0 + value.delta, v0, reference, SKIP_FACTOR)
     if dropped:
         LOG.info("NAS: ||v*|| %.4f > %g x reference %.4f at %s; the delta is dropped (v* = v0)",

@@ -46,6 +46,7 @@ class MEMITEditor(LocateEditEditor):
             "z_final_loss": update.z_losses[0] if single else list(update.z_losses),
             "layer_update_norms": {str(d.layer): d.norm for d in update.deltas.values()},
             "z_errors": {str(d.layer): d.z_error for d in update.deltas.values()},
+            "value_norms": update.value_norms,  # one per request (None where its z came from the cache)
         }
 
 

@@ -29,7 +29,7 @@ from transformers import PreTrainedTokenizerBase
 
 from editing.covariance import FactorisedCovariance
 from editing.editor import snapshot_weights
-from editing.norm_anchor import anchored_block_value
+from editing.norm_anchor import block_values
 from editing.representations import fact_token_index, reprs_at_tokens
 from editing.requests import normalise_request
 from editing.resources import EditResources, default_resources
@@ -81,6 +81,7 @@ class MEMITUpdate:
     zs: torch.Tensor  # hidden x n
     z_steps: list[int]  # optimisation passes per request (0 when loaded from the cache)
     z_losses: list[Optional[float]]  # final loss per request (None when loaded from the cache)
+    value_norms: list[Optional[dict[str, float]]]  # editing.norm_anchor.value_norms (None from the cache)
 
 
 def _z_cache_path(cache_template: Optional[str], layer: int, clamp: float, case_id) -> Optional[Path]:
@@ -96,8 +97,9 @@ def compute_zs(
     hparams: MEMITHyperParams,
     resources: EditResources,
     cache_template: Optional[str] = None,
-) -> tuple[torch.Tensor, list[int], list[Optional[float]]]:
-    """z for every request (hidden x n): v* of ROME's optimisation injected at the last block's output.
+) -> tuple[torch.Tensor, list[int], list[Optional[float]], list[Optional[dict[str, float]]]]:
+    """z for every request (hidden x n): v* of ROME's optimisation injected at the last block's output;
+    with each request's passes, final loss and value norms.
 
     The requests' optimisations run in batches of ``hparams.v_batch_tokens`` padded prompt positions
     (editing.value_optimisation: each z as the one-at-a-time loop of the reference finds it)."""
@@ -116,14 +118,16 @@ def compute_zs(
     tasks = [ValueTask(build_value_problem(tok, requests[i], templates, hparams.fact_token, model_device(model)),
                        block, z_layer, hparams.clamp_norm_factor) for i in todo]
     values = optimise_in_batches(model, tasks, hparams, resources.forward_checked, hparams.v_batch_tokens)
-    if hparams.value_norm_anchor:  # NAS: each z's MLP share rescaled to the reference norm
-        reference, mlp = resources.norm_reference(model, tok, hparams, z_layer), hparams.mlp_module_tmp.format(z_layer)
-        values = [anchored_block_value(model, task.problem, value, mlp, reference) for task, value in zip(tasks, values)]
-    for i, value in zip(todo, values):
-        zs[i], steps[i], losses[i] = value.v_star, value.steps, value.losses[-1]
+    # NAS (value_norm_anchor): each z's MLP share rescaled to the reference norm; the norms either way
+    reference = resources.norm_reference(model, tok, hparams, z_layer) if hparams.value_norm_anchor else None
+    values, value_norms = block_values(model, [t.problem for t in tasks], values,
+                                       hparams.mlp_module_tmp.format(z_layer), reference)
+    norms: list[Optional[dict[str, float]]] = [None] * len(requests)
+    for i, value, norm in zip(todo, values, value_norms):
+        zs[i], steps[i], losses[i], norms[i] = value.v_star, value.steps, value.losses[-1], norm
         if paths[i] is not None:
             _save_z(paths[i], value.v_star)
-    return torch.stack(zs, dim=1), steps, losses
+    return torch.stack(zs, dim=1), steps, losses, norms
 
 
 def _save_z(path: Path, z: torch.Tensor) -> None:
@@ -209,7 +213,7 @@ def execute_memit(
     if key_solver is None:
         covs = resources.covariances(model, tok, hparams, names, keep_matrix=True) if hparams.mom2_adjustment else {}
         key_solver = memit_key_solver(covs, hparams.mom2_update_weight)
-    zs, z_steps, z_losses = compute_zs(model, tok, requests, hparams, resources, cache_template)
+    zs, z_steps, z_losses, value_norms = compute_zs(model, tok, requests, hparams, resources, cache_template)
     block = hparams.layer_module_tmp.format(hparams.z_layer)
     saved: dict[str, torch.Tensor] = {}
     deltas: dict[str, LayerDelta] = {}
@@ -224,7 +228,7 @@ def execute_memit(
             deltas[delta.weight_name] = delta
     finally:
         _restore(model, saved)
-    return MEMITUpdate(deltas, zs, z_steps, z_losses)
+    return MEMITUpdate(deltas, zs, z_steps, z_losses, value_norms)
 
 
 def apply_deltas(model: nn.Module, update: MEMITUpdate, weights_copy: Optional[dict[str, torch.Tensor]] = None) -> None:

@@ -39,7 +39,7 @@ class ROMEEditor(LocateEditEditor):
         snapshot_weights(self.model, [update.weight_name], weights)
         apply_update(self.model, update)
         LOG.info("ROME edit at layer %d, ||Delta||=%.4f", update.layer, update.norm)
-        return EditOutcome(weights, {"layer": layer})
+        return EditOutcome(weights, {"layer": layer, "value_norms": update.value_norms()})
 
 
 def apply_rome_to_model(

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from editing.norm_anchor import ROME_SKIP_FACTOR, anchored_rome_value
+from editing.norm_anchor import ROME_SKIP_FACTOR, anchored_rome_value, value_norms
 from editing.representations import keys_and_values, template_keys, template_prompts
 from editing.requests import normalise_request
 from editing.resources import EditResources, default_resources
@@ -57,6 +57,13 @@ class RankOneUpdate:
     @property
     def weight_name(self) -> str:
         return f"{self.module_name}.weight"
+
+    def value_norms(self) -> list[dict[str, float]]:
+        """[||v0||, ||v*|| as optimised, ||v*|| written] (editing.norm_anchor.value_norms; v0 the module's
+        output at the first prompt's fact token); [] for an update loaded from a cache."""
+        if self.value is None:
+            return []
+        return [value_norms(self.value.v0, self.value.v_star, self.v_star)]
 
     def delta_out_in(self) -> torch.Tensor:
         return torch.outer(self.r, self.u)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import editing.norm_anchor as norm_anchor
+from editing.editor import update_norms
 from editing.norm_anchor import ROME_SKIP_FACTOR, SKIP_FACTOR, anchor, anchored_rome_value, scale_to_norm
 from editing.norm_reference import prepare_norm_anchors, upper_trimmed_mean
 from editing.resources import EditResources
@@ -19,6 +20,7 @@ from memit.memit_main import compute_zs
 from rome import ROMEHyperParams, execute_rome
 from tests.test_reliability import many_records
 from tests.tiny import EIFFEL_REQUEST, TinyWorld, make_model, make_tokenizer, rank_one_hparams, tiny_records
+from util import nethook
 from util.globals import REPO_ROOT, load_paths
 from util.hparams import HParamsError
 
@@ -111,8 +113,12 @@ def test_memit_z_and_reference_norm_match_upstream(tmp_path):
     assert abs(r - want["mean_vstar_norm"]) < 1e-6 * want["mean_vstar_norm"]  # measured 4e-9
     stored = json.loads(next((tmp_path / "stats").rglob("*.json")).read_text())
     assert rel(torch.tensor(stored["norms"]), want["norms"]) < 1e-6 and stored["dropped"] == want["outlier_drop_count"]
-    zs, steps, losses = compute_zs(model, tok, [eiffel()], hp, res)
+    zs, steps, losses, norms = compute_zs(model, tok, [eiffel()], hp, res)
     assert rel(zs[:, 0], case["z"]) < 1e-5  # measured 2.0e-7
+    # the norms a run records for NAS's plots are upstream's debug norms (v0, v* optimised, v* written)
+    debug = case["debug"]
+    assert norms[0] == pytest.approx({"v0": debug["v0_norm"], "v_star": debug["v_star_norm_orig"],
+                                      "written": debug["v_star_norm_real"]}, rel=1e-5)
     assert steps == [case["passes"]] and abs(losses[0] - case["final_loss"]) < 1e-5
     # the anchored MLP share: z - (h - v0) has the reference norm
     v_star = zs[:, 0] - (torch.tensor(case["target_init"]) - torch.tensor(case["v0_mlp"]))
@@ -130,6 +136,9 @@ def test_rome_variant_matches_upstream(tmp_path):
     assert rel(update.v_star, case["v_star_anchored"]) < 3e-5  # measured 7.5e-6
     assert rel(update.r, case["right_vector"]) < 3e-5  # measured 8.1e-6
     assert not case["skipped"] and abs(float(update.v_star.norm()) - case["reference"]) < 1e-5
+    debug = case["debug"]
+    assert update.value_norms() == [pytest.approx({"v0": debug["v0_norm"], "v_star": debug["v_star_norm_orig"],
+                                                   "written": debug["v_star_norm_real"]}, rel=3e-5)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -204,20 +213,29 @@ def test_every_locate_then_edit_method_anchors_its_values(tmp_path, method, monk
 
     monkeypatch.setattr(norm_anchor, "anchor", spy)
     request = dict(tiny_records()[0]["requested_rewrite"], case_id=100)
-    editor.edit([request])
+    outcome = editor.edit([request])
     assert calls, f"{method} never anchored its value"
     skip = SKIP_FACTOR if alg not in ("ROME", "WilKE") else ROME_SKIP_FACTOR
     for reference, skip_factor, (value, dropped) in calls:
         assert reference in references and skip_factor == skip
         assert dropped or abs(float(value.norm()) - reference) < 1e-5 * reference
+    # the edit records the norms NAS plots: the written v* is one the anchor returned (WilKE's scan
+    # anchors every candidate layer's and writes the chosen one's)
+    (norms,) = outcome.details["value_norms"]
+    assert any(norms["written"] == pytest.approx(float(out.norm()), rel=1e-5) for _, _, (out, _) in calls)
+    assert norms["v_star"] > 0 and norms["v0"] > 0
+    for name, after in update_norms(model, outcome.orig_weights)["weight_norms"].items():
+        assert after == pytest.approx(float(nethook.get_parameter(model, name).norm()), rel=1e-6)
     # nothing new was computed on the edited model: the references are those made at construction
     assert sorted(p.name for p in world.stats_dir.rglob("norm_anchor/*.json")) == made
     # and with the switch off nothing is anchored and nothing is made
     calls.clear()
     off = hp.replace(value_norm_anchor=False)
-    algorithm.make_editor(make_model("llama"), tok, off, EditResources(
+    outcome = algorithm.make_editor(make_model("llama"), tok, off, EditResources(
         load_paths(stats_dir=str(tmp_path / "off")), "tiny-llama", progress=False)).edit([request])
     assert not calls and not list((tmp_path / "off").rglob("norm_anchor/*.json"))
+    (norms,) = outcome.details["value_norms"]  # recorded all the same: written as optimised
+    assert norms["written"] == norms["v_star"] > 0
 
 
 # --------------------------------------------------------------------------------------------

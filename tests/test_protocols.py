@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from editing.requests import record_request
 from editing.resources import EditResources
@@ -75,10 +76,18 @@ def same_results(got, golden, where: str = "") -> list[str]:
     return [] if got == golden and type(got) is type(golden) else [f"{where}: {got!r} != {golden!r}"]
 
 
+# edit details recorded since the golden files were written (issue 27: NAS's norms); checked on their own
+ADDED_SINCE_GOLDEN = ("value_norms", "weight_norms")
+
+
 @pytest.mark.parametrize("alg", ["WilKE", "ROME"])
 def test_rollback_protocol_writes_the_files_of_the_code_before_the_restructuring(tmp_path, alg):
     torch.set_num_threads(1)
     got = stripped_results(run_alg(alg, tmp_path))
+    for obj in got.values():
+        for part in ("edit", "rollback"):
+            for key in ADDED_SINCE_GOLDEN:
+                obj.get(part, {}).pop(key, None)
     golden = {p.name: json.loads(p.read_text()) for p in sorted((GOLDEN_DIR / alg).glob("*.json"))}
     assert sorted(got) == sorted(golden)
     for name, obj in got.items():
@@ -147,6 +156,32 @@ def test_sequential_evaluates_every_edited_record_at_each_checkpoint(tmp_path, n
         post = evaluation["records"][0]["post"]
         assert {"rewrite_prompts_correct", "neighborhood_prompts_unchanged", "neighborhood_prompts_probs"} <= set(post)
         assert evaluation["preservation"]["n_records"] == len(meta["orig_retention_case_ids"]) == 8
+
+
+def test_a_run_records_the_norms_nas_plots_and_the_summary_draws_them(tmp_path):
+    """Issue 27: each step's edited weights' norm (checked against the weights of the final checkpoint on
+    a fresh model) and each request's ||v0||, ||v*|| (= written, NAS off), read back as curves and drawn."""
+    from experiments.store.checkpoints import CHECKPOINT_FILE
+    from experiments.summary.norm_growth import norm_growth_figure, value_norm_curve, weight_norm_curve
+    from experiments.summary.runs import load_run
+
+    world, hp = memit_world(tmp_path)
+    run_dir = main(world.cli_args("MEMIT", hp, protocol="sequential", num_edits=2, edit_times=6, num_threads=1))
+    batches = [json.loads((run_dir / f"batch_{b}.json").read_text())["edit"] for b in (1, 2, 3)]
+    assert all(len(b["value_norms"]) == 2 and b["weight_norms"].keys() == b["per_weight"].keys() for b in batches)
+    assert all(n["written"] == n["v_star"] > 0 and n["v0"] > 0 for b in batches for n in b["value_norms"])
+    model = AutoModelForCausalLM.from_pretrained(world.model_dir)
+    assert load_checkpoint(run_dir / CHECKPOINT_FILE, model, WeightLedger()) == 3  # steps
+    for name, norm in batches[-1]["weight_norms"].items():
+        assert norm == pytest.approx(float(dict(model.named_parameters())[name].norm()), rel=1e-6)
+    run = load_run(run_dir, "MEMIT")
+    x, y = weight_norm_curve(run)
+    assert x.tolist() == [2, 4, 6] and y[-1] == pytest.approx(
+        sum(v**2 for v in batches[-1]["weight_norms"].values()) ** 0.5)
+    x, y = value_norm_curve(run)
+    assert x.tolist() == [2, 4, 6] and y.tolist() == pytest.approx(
+        [sum(n["v_star"] for n in b["value_norms"]) / 2 for b in batches])
+    assert norm_growth_figure([("MEMIT", [run])], {"MEMIT": (0, 0, 1, 1)}) is not None
 
 
 def test_immediate_reads_each_batch_right_after_its_own_edit(tmp_path):

@@ -175,7 +175,8 @@ def _is_informative_png(path: Path) -> bool:
 
 def test_cli_writes_informative_pngs(cli):
     proc, _, _, plots = cli
-    names = {"scores.png", "rome_scores.png", "update_norms.png", "WilKE_layer_histogram.png", "WilKE_la_heatmap.png"}
+    names = {"scores.png", "rome_scores.png", "update_norms.png", "norm_growth.png", "WilKE_layer_histogram.png",
+             "WilKE_la_heatmap.png"}
     assert {p.name for p in plots.glob("*.png")} == names, proc.stdout
     assert all(_is_informative_png(plots / n) for n in names)
     assert not any(p.name.startswith(".") for p in plots.iterdir())  # no temporary files left behind
@@ -362,13 +363,15 @@ def test_plots_survive_odd_runs(results, tmp_path):
         if n == 2:
             record["edit"]["update_norm"] = 0.0
             record["edit"]["layer_adaptability"] = {}
+            record["edit"]["value_norms"] = []
         if n == 3:
             del record["edit"]["update_norm"]
+            del record["edit"]["weight_norms"]
         f.write_text(json.dumps(record))
     summary = summarize(load_runs(root, ["WilKE"]), checkpoints=[4])
     saved = save_figures(summary, tmp_path / "plots")
     assert saved.failures == {}
-    assert set(saved.paths) == {"scores.png", "rome_scores.png", "update_norms.png",
+    assert set(saved.paths) == {"scores.png", "rome_scores.png", "update_norms.png", "norm_growth.png",
                                 "WilKE_layer_histogram.png", "WilKE_la_heatmap.png"}
     assert all(_is_informative_png(p) for p in saved.paths.values())
 

@@ -59,6 +59,7 @@ class WilKEEditor(LocateEditEditor):
             "scan": edit.scan,
             "layer_adaptability": {str(k): v for k, v in sorted(edit.layer_adaptability.items())},
             "chosen_la": edit.update_norm / edit.weight_norm,
+            "value_norms": update.value_norms(),
         }
         return EditOutcome(weights, details)
 

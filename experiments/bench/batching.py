@@ -147,7 +147,7 @@ def time_zs(bench: Bench, batch: int, repeats: int, steps: Optional[int], batch_
     zs: dict[str, torch.Tensor] = {}
     for _ in range(repeats):
         for mode, tokens in (("loop", 0), ("batched", batch_tokens)):
-            (wall, cpu), (zs[mode], passes, _) = _timed(bench.model, lambda: compute_zs(
+            (wall, cpu), (zs[mode], passes, _, _) = _timed(bench.model, lambda: compute_zs(
                 bench.model, bench.tok, reqs, hp.replace(v_batch_tokens=tokens), res))
             if set(passes) != {hp.v_num_grad_steps}:
                 raise RuntimeError(f"z's ran {sorted(set(passes))} passes, not {hp.v_num_grad_steps}: the timing is unfair")

@@ -30,6 +30,7 @@ from experiments.summary.metrics import (
     toxicity_flashes,
     update_norms,
 )
+from experiments.summary.norm_growth import norm_growth_figure
 from util.atomic_files import atomic_path
 
 LOG = logging.getLogger(__name__)
@@ -318,6 +319,8 @@ def figure_builders(summary: Summary) -> dict[str, Callable[[], Optional[Figure]
         "update_norms.png": lambda: update_norm_figure(summary),
         "wild_vs_teacher_forced.png": lambda: wild_figure(summary),
         "capabilities.png": lambda: capability_figure(summary),
+        "norm_growth.png": lambda: norm_growth_figure([(a, summary.runs_of(a)) for a in summary.algorithms],
+                                                      _colors(summary.algorithms)),
     }
     for alg in summary.algorithms:
         runs = summary.runs_of(alg)
