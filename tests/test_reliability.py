@@ -357,6 +357,32 @@ def test_auto_starts_resumes_then_skips_the_finished_run(world, reference, patch
     assert [p.name for p in (world.results_dir / "auto").iterdir()] == ["run_000"]
 
 
+def test_auto_resumes_a_run_started_before_an_hparams_field_existed(world, reference, patched_edit, caplog):
+    """A field added to the code later with a default that keeps the old behaviour (here ENCORE's
+    ``mpes_prob_cutoff``, 0 = off) does not orphan an unfinished run; a non-default value does."""
+    from experiments.run.resume import choose_auto
+
+    args = args_for(world, "added_field", checkpoint_every=100, continue_from_run="auto")
+    patched_edit(crash_call=7)
+    with pytest.raises(SimulatedKill):
+        cli(args)
+    run_dir = world.results_dir / "added_field" / "run_000"
+    meta = json.loads((run_dir / "run.json").read_text())
+    assert meta["config"]["hparams"].pop("mpes_prob_cutoff") == 0
+    (run_dir / "run.json").write_text(json.dumps(meta))  # as the code before the field wrote it
+    config = {**meta["config"], "hparams": {**meta["config"]["hparams"], "mpes_prob_cutoff": 0}}
+    assert choose_auto(run_dir.parent, config) == (None, None)  # without the defaults: a different configuration
+    assert choose_auto(run_dir.parent, config, {"hparams.mpes_prob_cutoff": 0}) == (None, run_dir)
+    changed = {**config, "hparams": {**config["hparams"], "mpes_prob_cutoff": -2}}
+    assert choose_auto(run_dir.parent, changed, {"hparams.mpes_prob_cutoff": 0}) == (None, None)
+    caplog.set_level(logging.INFO)
+    patched_edit()
+    assert cli(args) == 0
+    assert f"resuming {run_dir}" in caplog.text
+    assert_same_results(run_dir, reference[0])
+    assert [p.name for p in run_dir.parent.iterdir()] == ["run_000"]
+
+
 def test_auto_leaves_a_run_another_process_writes_and_ignores_other_configurations(world, reference, tmp_path):
     from experiments.run.resume import ResumeError, choose_auto
 

@@ -17,7 +17,7 @@ import logging
 import os
 import socket
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 from experiments.store.files import RUN_META_FILE, existing_runs, read_json
 
@@ -36,14 +36,23 @@ def normalised(obj: Any) -> Any:
     return json.loads(json.dumps(obj))
 
 
-def config_differences(old: Any, new: Any, where: str = "") -> list[str]:
-    """Human-readable 'field: old -> new' lines for every leaf that differs."""
+ABSENT = "<absent>"
+
+
+def config_differences(old: Any, new: Any, where: str = "", defaults: Optional[Mapping[str, Any]] = None) -> list[str]:
+    """Human-readable 'field: old -> new' lines for every leaf that differs.
+
+    ``defaults`` ('hparams.field' -> its default): a field the old run.json lacks because it was added
+    to the code later does not differ when the new value is its default, which by this project's rule
+    keeps the earlier behaviour (e.g. ``mpes_prob_cutoff`` 0 = off); so an unfinished run resumes."""
     if isinstance(old, dict) and isinstance(new, dict):
         out = []
         for key in sorted(set(old) | set(new), key=str):
             path = f"{where}.{key}" if where else str(key)
-            out += config_differences(old.get(key, "<absent>"), new.get(key, "<absent>"), path)
+            out += config_differences(old.get(key, ABSENT), new.get(key, ABSENT), path, defaults)
         return out
+    if old == ABSENT and defaults and where in defaults and normalised(defaults[where]) == new:
+        return []
     return [] if old == new else [f"{where or '<config>'}: {old!r} -> {new!r}"]
 
 
@@ -81,14 +90,14 @@ def still_running(meta: dict) -> bool:
     return True
 
 
-def check_resumable(run_dir: Path, config: dict) -> dict:
+def check_resumable(run_dir: Path, config: dict, defaults: Optional[Mapping[str, Any]] = None) -> dict:
     """``run_dir``'s run.json when this command may continue it; else a ResumeError saying why."""
     meta = read_meta(run_dir)
     if meta.get("status") == FINISHED:
         raise ResumeError(f"{run_dir} is already finished; nothing to continue")
     if still_running(meta):
         raise ResumeError(f"{run_dir} is still being written by process {meta['pid']}; stop it first")
-    diffs = config_differences(meta["config"], normalised(config))
+    diffs = config_differences(meta["config"], normalised(config), defaults=defaults)
     if diffs:
         raise ResumeError(f"{run_dir} was started with a different configuration ({'; '.join(diffs)}); "
                           "rerun its original command (see 'argv' in its run.json) with --continue_from_run, "
@@ -96,7 +105,8 @@ def check_resumable(run_dir: Path, config: dict) -> dict:
     return meta
 
 
-def newest_unfinished_run(alg_dir: Path, config: dict) -> Optional[tuple[Path, dict]]:
+def newest_unfinished_run(alg_dir: Path, config: dict, defaults: Optional[Mapping[str, Any]] = None
+                          ) -> Optional[tuple[Path, dict]]:
     """The newest run in ``alg_dir`` when it is unfinished and has this configuration."""
     runs = existing_runs(alg_dir)
     if not runs:
@@ -105,12 +115,12 @@ def newest_unfinished_run(alg_dir: Path, config: dict) -> Optional[tuple[Path, d
         meta = read_meta(runs[-1])
     except ResumeError:
         return None
-    if meta.get("status") == FINISHED or config_differences(meta["config"], normalised(config)):
+    if meta.get("status") == FINISHED or config_differences(meta["config"], normalised(config), defaults=defaults):
         return None
     return runs[-1], meta
 
 
-def runs_of_config(alg_dir: Path, config: dict) -> list[tuple[Path, dict]]:
+def runs_of_config(alg_dir: Path, config: dict, defaults: Optional[Mapping[str, Any]] = None) -> list[tuple[Path, dict]]:
     """Every run folder in ``alg_dir`` whose run.json has this configuration, oldest first."""
     found = []
     for run_dir in existing_runs(alg_dir):
@@ -118,19 +128,20 @@ def runs_of_config(alg_dir: Path, config: dict) -> list[tuple[Path, dict]]:
             meta = read_meta(run_dir)
         except ResumeError:
             continue
-        if not config_differences(meta["config"], normalised(config)):
+        if not config_differences(meta["config"], normalised(config), defaults=defaults):
             found.append((run_dir, meta))
     return found
 
 
-def choose_auto(alg_dir: Path, config: dict) -> tuple[Optional[Path], Optional[Path]]:
+def choose_auto(alg_dir: Path, config: dict, defaults: Optional[Mapping[str, Any]] = None
+                ) -> tuple[Optional[Path], Optional[Path]]:
     """``--continue_from_run auto``: (a finished run of this configuration, None), or (None, the newest
     unfinished one to resume), or (None, None) to start a new run.
 
     An unfinished run that another process on this host is still writing is neither resumed nor
     duplicated: that is a ResumeError, so two workers of one plan never run the same command twice.
     """
-    matching = runs_of_config(alg_dir, config)
+    matching = runs_of_config(alg_dir, config, defaults)
     finished = [run_dir for run_dir, meta in matching if meta.get("status") == FINISHED]
     if finished:
         return finished[-1], None

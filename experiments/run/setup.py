@@ -166,6 +166,16 @@ class RunPlan:
     def alg_dir(self) -> Path:
         return self.paths.results_dir / (self.args.dir_name or self.algorithm.name)
 
+    def config_defaults(self) -> dict[str, Any]:
+        """'hparams.<field>' -> the field's default: what a run started before the field existed ran with."""
+        out = {}
+        for f in dataclasses.fields(self.hparams):
+            if f.default is not dataclasses.MISSING:
+                out[f"hparams.{f.name}"] = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                out[f"hparams.{f.name}"] = f.default_factory()
+        return out
+
     def config(self) -> dict:
         """Everything that changes the results; a run is resumed only under the same config."""
         a = self.args
@@ -344,18 +354,18 @@ def decide_run_folder(plan: RunPlan) -> None:
     args = plan.args
     with bad_input("--continue_from_run", "name an unfinished run of this same command, or drop the flag"):
         if args.continue_from_run == AUTO:
-            plan.finished_dir, plan.resume_dir = choose_auto(plan.alg_dir, plan.config())
+            plan.finished_dir, plan.resume_dir = choose_auto(plan.alg_dir, plan.config(), plan.config_defaults())
             LOG.info("--continue_from_run auto: %s", f"{plan.finished_dir} has finished this configuration; nothing to do"
                      if plan.finished_dir else f"resuming {plan.resume_dir}" if plan.resume_dir else "no run yet; a new one")
         elif args.continue_from_run:
             plan.resume_dir = resolve_run_ref(plan.alg_dir, args.continue_from_run)
-            check_resumable(plan.resume_dir, plan.config())
+            check_resumable(plan.resume_dir, plan.config(), plan.config_defaults())
         else:
             offer_resume(plan)
 
 
 def offer_resume(plan: RunPlan) -> None:
-    found = newest_unfinished_run(plan.alg_dir, plan.config())
+    found = newest_unfinished_run(plan.alg_dir, plan.config(), plan.config_defaults())
     if found is not None:
         run_dir, meta = found
         LOG.warning("%s is an unfinished run of this same configuration (status %s); a NEW run is started. "
