@@ -47,8 +47,10 @@ def test_sequential_run_writes_wild_scores_and_capability_checks_the_summary_rea
     unedited = json.loads((run_dir / "unedited_predictions.json").read_text())
     stream = json.loads((run_dir / "run.json").read_text())["edit_stream_case_ids"]
     assert sorted(unedited["wild_neighborhood"]) == sorted(str(c) for c in stream[:4])
-    post = json.loads((run_dir / "evaluation_after_edit_4.json").read_text())["records"][0]["post"]
+    evaluation = json.loads((run_dir / "evaluation_after_edit_4.json").read_text())
+    post = evaluation["records"][0]["post"]
     assert {"wild_rewrite_prompts_exact", "wild_neighborhood_prompts_unchanged", "wild_answers"} <= set(post)
+    assert 0 < evaluation["wild_seconds"] < evaluation["eval_seconds"]  # WILD's share of the evaluation
     assert all(len(a) <= 6 * 8 for a in post["wild_answers"]["rewrite_prompts"])  # capped at 6 tokens
     for n in (0, 2, 4):
         check = json.loads((run_dir / f"capability_after_edit_{n}.json").read_text())
@@ -76,6 +78,7 @@ def test_rollback_keeps_wild_scores_beside_the_papers_files(tmp_path):
     run_dir = main(world.cli_args("ROME", hp, edit_times=2, num_threads=1, wild=True, wild_max_new_tokens=4,
                                   capability_every=2, **CHECKS))
     assert sorted(p.name for p in run_dir.glob("wild_of_edit_*.json")) == ["wild_of_edit_1.json", "wild_of_edit_2.json"]
+    assert json.loads((run_dir / "wild_of_edit_2.json").read_text())["seconds"] > 0
     assert not any(k.startswith("wild_") for p in run_dir.glob("edit_*_on_case_*.json")
                    for k in json.loads(p.read_text())["post"])  # the per-edit files stay the paper's
     assert sorted(p.name for p in run_dir.glob("capability_after_edit_*.json")) == \

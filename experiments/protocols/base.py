@@ -68,6 +68,7 @@ class RunContext:
     capability_every: Optional[int] = None  # check every N edits instead of at the protocol's checkpoints
     ledger: WeightLedger = dataclasses.field(default_factory=WeightLedger)
     replays: dict[str, bool] = dataclasses.field(default_factory=dict)  # file -> same as the killed run's
+    wild_seconds: float = 0.0  # time spent in WILD generation so far by this process (evaluation files note their share)
 
     def edit(self, apply: Callable[[], EditOutcome], stage: str) -> tuple[EditOutcome, dict]:
         """Run one edit (or roll-back), check its weights, and measure its update."""
@@ -106,7 +107,10 @@ class RunContext:
         if self.wild is None:
             return [{} for _ in records]
         references = [unedited.wild[str(r["case_id"])] for r in records]
-        return wild_scores_many(self.model, self.tok, records, self.metrics.kind, references, self.wild)
+        start = time.perf_counter()
+        scores = wild_scores_many(self.model, self.tok, records, self.metrics.kind, references, self.wild)
+        self.wild_seconds += time.perf_counter() - start
+        return scores
 
     def write(self, name: str, result: dict) -> None:
         """Write a result file; when a resumed run replays a step, say whether it matches the old file."""

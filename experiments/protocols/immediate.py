@@ -59,13 +59,13 @@ class ImmediateProtocol(SequentialProtocol):
         """The batch's records right after their edit (kept in its file); preservation at checkpoints."""
         ctx = self.ctx
         first, last = self.batches[b - 1]
-        start = time.perf_counter()
+        start, wild_before = time.perf_counter(), ctx.wild_seconds
         rows = self.evaluate_edited(records, range(first, last + 1), f"evaluation of batch {b}")
         eval_seconds = time.perf_counter() - start
         if last in self.eval_points:
             ctx.write(preservation_file_name(last), {"edit_index": last, "preservation": self.preservation()})
         ctx.check_capabilities(last, last in self.eval_points)
-        return {"records": rows, "eval_seconds": eval_seconds}
+        return {"records": rows, "eval_seconds": eval_seconds, "wild_seconds": ctx.wild_seconds - wild_before}
 
     @classmethod
     def read_run(cls, path: Path, meta: dict, allow_partial: bool) -> RunContent:

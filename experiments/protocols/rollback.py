@@ -110,7 +110,9 @@ class RollbackProtocol(Protocol):
             check_metrics(post, "evaluation")
             eval_seconds = time.perf_counter() - start
             locality = self.unedited.locality(record)
+            wild_before = ctx.wild_seconds
             wild = ctx.wild_scores([record], self.unedited)[0]
+            wild_seconds = ctx.wild_seconds - wild_before
         _, rollback_info = ctx.edit(lambda: ctx.editor.rollback([request], outcome), "rollback")
         ctx.write(edit_file_name(n, record["case_id"]), {
             "case_id": record["case_id"],
@@ -124,7 +126,8 @@ class RollbackProtocol(Protocol):
         })
         ctx.write(locality_file_name(n), {"edit_index": n, "case_id": record["case_id"], "post": locality})
         if wild:
-            ctx.write(wild_file_name(n), {"edit_index": n, "case_id": record["case_id"], "post": wild})
+            ctx.write(wild_file_name(n), {"edit_index": n, "case_id": record["case_id"], "post": wild,
+                                          "seconds": wild_seconds})
         if n in self.retention_points or ctx.capability_due(n, False):
             with ctx.editor.for_evaluation():
                 if n in self.retention_points:

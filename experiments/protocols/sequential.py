@@ -229,7 +229,7 @@ class SequentialProtocol(Protocol):
 
     def evaluate(self, n: int) -> None:
         """Every record edited so far (or the seeded sample of them), and the untouched half."""
-        start = time.perf_counter()
+        start, wild_before = time.perf_counter(), self.ctx.wild_seconds
         indices = eval_sample(n, self.settings.get("eval_sample"), self.ctx.split.seed, final=n == self.ctx.edit_times)
         records = [self.ctx.split.edit_stream[k - 1] for k in indices]
         rows = self.evaluate_edited(records, indices, f"evaluation after {n} edits")
@@ -238,6 +238,7 @@ class SequentialProtocol(Protocol):
             "records": rows,
             "preservation": self.preservation(),
             "eval_seconds": time.perf_counter() - start,
+            "wild_seconds": self.ctx.wild_seconds - wild_before,  # of eval_seconds
         })
 
     # --- reading -------------------------------------------------------------------------------
