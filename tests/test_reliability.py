@@ -240,6 +240,22 @@ def test_killed_run_resumes_by_replaying_from_the_last_checkpoint(world, referen
     assert json.loads((run_dir / "run.json").read_text())["replayed_files"] == {edit_3: True, "locality_of_edit_3.json": True}
 
 
+def test_resume_refuses_a_folder_whose_files_before_the_checkpoint_are_gone(world, patched_edit, caplog):
+    """A folder moved away while its process still wrote a step leaves a fragment: a checkpoint after
+    step k and no files of the steps before it. Resuming would leave that hole; it is refused, saying why."""
+    args = args_for(world, "holed", checkpoint_every=100)
+    patched_edit(crash_call=7)
+    with pytest.raises(SimulatedKill):
+        cli(args)
+    run_dir = world.results_dir / "holed" / "run_000"
+    next(iter(run_dir.glob("edit_1_on_case_*.json"))).unlink()
+    before = sorted(p.name for p in run_dir.iterdir())
+    patched_edit()
+    assert cli(args + ["--continue_from_run=run_000"]) == 2
+    assert "the result files of step 1 are missing" in caplog.text and "--continue_from_run" in caplog.text
+    assert sorted(p.name for p in run_dir.iterdir()) == before  # nothing written
+
+
 @pytest.mark.parametrize("n_sigint", [1, 2])
 def test_ctrl_c_finishes_or_abandons_the_current_edit(world, patched_edit, n_sigint):
     patched_edit(sigint_call=3, n_sigint=n_sigint)  # during the edit of step 2

@@ -112,6 +112,11 @@ def open_resumed_run(plan: RunPlan, model, tok, resources: EditResources, argv) 
     loop = RunLoop(protocol, meta, plan.args.checkpoint_every, f"{plan.algorithm.name} {protocol.name}")
     start = loop.restore()
     first_missing = protocol.first_unfinished_step()
+    with bad_input("--continue_from_run", "start a new run (drop --continue_from_run, or move this folder away)"):
+        if first_missing < start:  # a checkpoint past steps whose files are gone: resuming would leave a hole
+            raise ResumeError(f"{run_dir}: the weights checkpoint is after step {start - 1}, but the result files of "
+                              f"step {first_missing} are missing (the folder was moved or files were deleted "
+                              "while the run was writing it)")
     note_resume(meta, start, first_missing, argv)
     LOG.info("resuming %s: checkpoint after step %d; replaying steps %d..%d, then new steps from %d",
              run_dir, start - 1, start, first_missing - 1, first_missing)
