@@ -26,6 +26,7 @@ from experiments.store.files import write_json_atomic
 from experiments.summary.metrics import DEFAULT_FLASH_FACTOR, METRICS, Summary, summarize
 from experiments.summary.paired import format_paired_markdown, paired_differences, paired_json, paired_rows_from_json
 from experiments.summary.runs import available_dir_names, load_runs
+from experiments.summary.timing import format_timing
 from util.atomic_files import write_text_atomic
 from util.globals import load_paths
 
@@ -68,6 +69,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--from_summary", default=None,
                    help="print the tables of a summary JSON this command wrote earlier (no run folders read): "
                    "how docs/results/*.json reprint the tables of docs/results.md")
+    p.add_argument("--timing", action="store_true",
+                   help="also print where each run's time went (editing, evaluation, WILD, probes, statistics)")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     if args.flash_factor <= 0:
@@ -212,6 +215,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     loaded = load_runs(results_dir, dir_names, _csv_list(args.runs), args.include_partial)
     summary = summarize(loaded, args.checkpoints, args.flash_factor)
     _report(summary)
+    if args.timing and summary.runs:
+        print("\nWhere the time went (from the runs' files):\n" + format_timing(summary.runs))
     if args.markdown and summary.runs:
         try:
             print("\n" + format_markdown(summary, _csv_list(args.metrics)))

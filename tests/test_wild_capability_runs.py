@@ -67,6 +67,23 @@ def test_sequential_run_writes_wild_scores_and_capability_checks_the_summary_rea
                    for r in records) / len(records)
     assert rows[4]["ES_wild_mean"] == pytest.approx(expected)
 
+    # where the time went, read back from the same files
+    from experiments.summary.timing import format_timing, run_timing
+
+    (run,) = summary.runs
+    timing = run_timing(run)
+    batches = [json.loads((run_dir / f"batch_{b}.json").read_text()) for b in (1, 2)]
+    evaluations = [json.loads((run_dir / f"evaluation_after_edit_{n}.json").read_text()) for n in (2, 4)]
+    probes = [json.loads((run_dir / f"capability_after_edit_{n}.json").read_text()) for n in (0, 2, 4)]
+    assert timing["editing"] == pytest.approx(sum(b["edit"]["seconds"] for b in batches))
+    assert timing["evaluation"] + timing["wild"] == pytest.approx(sum(e["eval_seconds"] for e in evaluations))
+    assert timing["wild"] == pytest.approx(sum(e["wild_seconds"] for e in evaluations)) and timing["wild"] > 0
+    assert timing["capability"] == pytest.approx(sum(sum(p["seconds"].values()) for p in probes)) and timing["capability"] > 0
+    assert timing["total"] == pytest.approx(sum(timing[p] for p in ("editing", "evaluation", "wild", "capability",
+                                                                     "statistics")))
+    table = format_timing([run])
+    assert "| MEMIT/run_000 | 4 |" in table and table.count("min (") == 5
+
 
 @needs_shared
 def test_rollback_keeps_wild_scores_beside_the_papers_files(tmp_path):
