@@ -400,11 +400,12 @@ def test_notebook_runs_headless(results, tmp_path):
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     images = [o for o in outputs if "image/png" in o.get("data", {})]
-    assert len(images) >= 5  # scores, ROME scores, WilKE histogram and heat map, update norms
+    assert len(images) >= 6  # scores, ROME scores, WilKE histogram and heat map, update norms, norm growth
     text = "".join(o.get("text", "") for o in outputs)
     assert "4 run(s) of ROME, WilKE" in text and "WilKE/run_001" in text and "skipped" not in text
     paired = "".join(o.get("data", {}).get("text/markdown", "") for o in outputs)
     assert "| WilKE - ROME | 4 | 1,2 |" in paired
+    assert "| WilKE/run_001 | 4 |" in paired  # where the time went
 
 
 # ------------------------------------------------------------------------------------------------
@@ -494,3 +495,5 @@ def test_notebook_runs_headless_on_sequential_runs(sequential_results, tmp_path)
     assert not [o for o in outputs if o.output_type == "error"]
     text = "".join(o.get("text", "") for o in outputs)
     assert "2 run(s) of MEMIT_seq" in text and "in 2 batchs" not in text and "flash(es) in 2 batches" in text
+    markdown = "".join(o.get("data", {}).get("text/markdown", "") for o in outputs)
+    assert "| MEMIT_seq/run_000 | 4 |" in markdown
