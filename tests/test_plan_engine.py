@@ -203,6 +203,24 @@ def test_a_killed_line_shows_killed_and_the_next_submission_finishes_it(world, r
     assert_resumed_like_the_reference(world, "killed")
 
 
+def test_sigterm_to_the_controller_stops_its_lines_as_ctrl_c_does(world, ran, tmp_path):
+    """``kill`` of a controller running in the background: its commands (sessions of their own) are
+    stopped at their checkpoint, not left running unmanaged; the next submission finishes the line."""
+    line = evaluate_line(world, "terminated")
+    path, files = write_plan(tmp_path / "one.txt", [line]), files_of(tmp_path / "state" / "one", line)
+    cli = start_plan_cli(path, tmp_path / "state")
+    job = wait_for_first_edit(world, "terminated", files)
+    cli.send_signal(signal.SIGTERM)
+    out, _ = cli.communicate(timeout=120)
+    assert cli.returncode == 143 and "started lines stop at their checkpoint" in out, out
+    wait_for(lambda: not Path(f"/proc/{job['command_pid']}").exists(), "the command to stop", 120)
+    meta = json.loads((world.results_dir / "terminated" / "run_000" / "run.json").read_text())
+    assert meta["status"] != "finished"  # stopped mid-way, not run to the end unmanaged
+    code, out = run_main(path, "--plans_dir", tmp_path / "state")
+    assert code == 0 and "1 of 1 lines done" in out
+    assert_resumed_like_the_reference(world, "terminated")
+
+
 def test_checkpoint_stops_the_command_and_returns_the_same_task(tmp_path):
     """The contract submitit relies on at a SLURM timeout or preemption (its handler calls checkpoint(),
     pickles what it returns and requeues): the command is stopped first, then the same task comes back."""

@@ -35,6 +35,7 @@ import argparse
 import contextlib
 import logging
 import os
+import signal
 import sys
 import time
 from collections import deque
@@ -98,18 +99,36 @@ def make_executor(args: argparse.Namespace, state_dir: Path) -> Any:
     return executor
 
 
+class PlanStopped(Exception):
+    """The controller got SIGTERM (``kill``, a service manager): it stops its lines as Ctrl-C does."""
+
+
+def _raise_plan_stopped(signum: int, frame: Any) -> None:
+    raise PlanStopped(f"signal {signum}")
+
+
 def run_window(executor: Any, tasks: Sequence[PlanTask], max_parallel: int, poll_s: float = POLL_S) -> None:
-    """Local executor: at most ``max_parallel`` jobs at once, the next submitted when one ends."""
+    """Local executor: at most ``max_parallel`` jobs at once, the next submitted when one ends.
+
+    Ctrl-C reaches the tasks from the terminal (one process group); SIGTERM reaches only this
+    controller, so on PlanStopped each running task is cancelled (SIGINT), which stops its command at
+    its checkpoint (SIGTERM to the command); the commands run in sessions of their own and would
+    otherwise go on unmanaged."""
     waiting, running = deque(tasks), {}
-    while waiting or running:
-        while waiting and len(running) < max_parallel:
-            task = waiting.popleft()
-            running[task.files.key] = (task, executor.submit(task))
-        time.sleep(poll_s)
-        for key, (task, job) in list(running.items()):
-            if job.done():
-                del running[key]
-                print(state_row(line_state(task.files), task.files, task.line), flush=True)
+    try:
+        while waiting or running:
+            while waiting and len(running) < max_parallel:
+                task = waiting.popleft()
+                running[task.files.key] = (task, executor.submit(task))
+            time.sleep(poll_s)
+            for key, (task, job) in list(running.items()):
+                if job.done():
+                    del running[key]
+                    print(state_row(line_state(task.files), task.files, task.line), flush=True)
+    except PlanStopped:
+        for _task, job in running.values():
+            job.cancel(check=False)
+        raise
 
 
 def submit_array(executor: Any, tasks: Sequence[PlanTask], args: argparse.Namespace) -> None:
@@ -214,12 +233,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if args.executor == "slurm":
                 submit_array(executor, tasks, args)
                 return 0
+            previous = signal.signal(signal.SIGTERM, _raise_plan_stopped)
             try:
                 run_window(executor, tasks, args.max_parallel)
-            except KeyboardInterrupt:
+            except (KeyboardInterrupt, PlanStopped) as stop:
                 print("plan: interrupted; started lines stop at their checkpoint; submit the plan again to go on",
                       file=sys.stderr)
-                return 130
+                return 143 if isinstance(stop, PlanStopped) else 130
+            finally:
+                signal.signal(signal.SIGTERM, previous)
     done = sum(line_state(LineFiles.of(state_dir, line)) == "done" for line in lines)
     print(f"plan {args.plan}: {done} of {len(lines)} lines done; logs {state_dir}/<key>.log, events {state_dir}/plan.log")
     return 0 if done == len(lines) else 1
