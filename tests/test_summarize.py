@@ -497,3 +497,11 @@ def test_notebook_runs_headless_on_sequential_runs(sequential_results, tmp_path)
     assert "2 run(s) of MEMIT_seq" in text and "in 2 batchs" not in text and "flash(es) in 2 batches" in text
     markdown = "".join(o.get("data", {}).get("text/markdown", "") for o in outputs)
     assert "| MEMIT_seq/run_000 | 4 |" in markdown
+
+
+def test_running_mean_is_the_mean_of_each_value_and_the_window_before_it():
+    from experiments.summary.norm_growth import running_mean
+
+    values = np.array([4.0, 2.0, 6.0, 8.0, 0.0])
+    assert running_mean(values, 3).tolist() == [4.0, 3.0, 4.0, 16 / 3, 14 / 3]
+    assert running_mean(values, 1).tolist() == values.tolist() and running_mean(np.array([]), 4).size == 0
