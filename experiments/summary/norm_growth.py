@@ -75,7 +75,7 @@ def norm_growth_figure(groups: Sequence[tuple[str, Sequence[Run]]], colors: dict
             if written.size and not np.allclose(written, optimised, rtol=1e-6):
                 value_ax.plot(x_w, written, "--", lw=1, color=colors[alg])
     weight_ax.set_title("edited weights: ||W||_F after each step", fontsize=10)
-    value_ax.set_title("value vectors: ||v*|| per step (faint), running mean of 16 (dashed: as written)", fontsize=10)
+    value_ax.set_title("||v*|| per step (faint), mean of 16 (dashed: written)", fontsize=10)
     for ax in (weight_ax, value_ax):
         ax.set_xlabel("number of edits")
         ax.set_yscale("log")
