@@ -1,4 +1,4 @@
-"""What the repository tracks: nothing a run or a cache writes.
+"""What the repository tracks: nothing a run or a cache writes, nothing large.
 
 A symlink committed at data/stats (a worktree's link to the main checkout's statistics) once made a
 fast-forward merge replace the ignored statistics, known subsets and converted models with that link:
@@ -13,6 +13,7 @@ import pytest
 from util.globals import REPO_ROOT
 
 WRITTEN_BY_RUNS = ("data/stats", "data/models", "data/dsets", "data/cache", "results")
+LARGEST_FILE = 1 << 20  # bytes; the largest tracked files are result figures (~360 KiB) and golden fixtures
 
 
 def tracked() -> list[tuple[str, str]]:
@@ -31,3 +32,10 @@ def test_nothing_runs_or_caches_write_is_tracked():
 
 def test_no_symlink_is_tracked():
     assert [path for mode, path in tracked() if mode == "120000"] == []
+
+
+def test_no_large_file_is_tracked():
+    """Data is read from ../shared, packages come from the registries: nothing megabyte-sized is committed
+    (a 10 MiB ruff wheel once was)."""
+    big = [path for _, path in tracked() if (REPO_ROOT / path).is_file() and (REPO_ROOT / path).stat().st_size > LARGEST_FILE]
+    assert big == [], f"tracked files over {LARGEST_FILE} bytes: {big}"
