@@ -123,3 +123,15 @@ def test_half_precision_overflow_stops_the_run_and_names_float32_as_the_fix(tmp_
     failure = json.loads((world.results_dir / "ROME" / "run_000" / "failure.json").read_text())
     assert "non-finite" in failure["problem"] and "--dtype float32" in failure["problem"]
     assert "rerun with --dtype float32" in caplog.text
+
+
+def test_synchronize_and_device_name_follow_the_model_not_a_named_device():
+    from util.placement import device_name, synchronize
+
+    model = make_model("gpt2", 2)
+    synchronize(model)  # CPU: a no-op through torch.cpu, no device type written in the code
+    assert device_name(model) == "cpu"
+    if torch.cuda.is_available():
+        model = model.to("cuda")
+        synchronize(model)
+        assert device_name(model) == torch.cuda.get_device_name(0)

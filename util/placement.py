@@ -55,3 +55,18 @@ def module_device(module: nn.Module) -> torch.device:
         if p.device.type != "meta":
             return p.device
     return torch.device("cpu")
+
+
+def synchronize(module: nn.Module) -> None:
+    """Wait for the work queued on ``module``'s device, so that wall-clock timings include it (any
+    accelerator through its torch device module; a no-op on CPU)."""
+    device = module_device(module)
+    torch.get_device_module(device).synchronize(device)
+
+
+def device_name(module: nn.Module) -> str:
+    """The name of the device ``module`` computes on, as its torch device module reports it (e.g. the
+    GPU's model), else the device type ("cpu")."""
+    device = module_device(module)
+    named = getattr(torch.get_device_module(device), "get_device_name", None)
+    return named(device) if named is not None else device.type

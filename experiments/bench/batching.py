@@ -35,6 +35,7 @@ from editing.resources import EditResources
 from memit.memit_hparams import MEMITHyperParams
 from memit.memit_main import compute_zs
 from util.globals import load_paths
+from util.placement import synchronize
 from wilke.wilke_hparams import WilKEHyperParams
 from wilke.wilke_main import choose_layer
 
@@ -110,19 +111,14 @@ def requests(bench: Bench, n: int) -> list[dict]:
     return [normalise_request(record_request(bench.records[i % len(bench.records)])) for i in range(n)]
 
 
-def _synchronize(model) -> None:
-    device = next(model.parameters()).device
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
 
 def _timed(model, fn: Callable[[], Any]) -> tuple[tuple[float, float], Any]:
     """((wall seconds, this process's CPU seconds), fn()). On a shared CPU the CPU seconds of a
     one-thread run do not count the time other processes held the cores; on a GPU the wall counts."""
-    _synchronize(model)
+    synchronize(model)
     start, cpu = time.perf_counter(), time.process_time()
     out = fn()
-    _synchronize(model)
+    synchronize(model)
     return (time.perf_counter() - start, time.process_time() - cpu), out
 
 

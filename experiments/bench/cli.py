@@ -40,6 +40,7 @@ from rome.rome_hparams import ROMEHyperParams
 from util import nethook
 from util.architectures import num_layers
 from util.globals import load_paths
+from util.placement import device_name, synchronize
 from wilke.editor import apply_wilke_to_model
 from wilke.wilke_hparams import WilKEHyperParams
 
@@ -79,27 +80,17 @@ def time_stats(model, tok, hp, slug: str, stats_dir: Path, one_pass: bool, n_sam
     """Collect the candidate layers' statistics from scratch into ``stats_dir`` and time it."""
     names = [hp.rewrite_module_tmp.format(l) for l in range(hp.scanning_ceiling)]
     paths = load_paths(stats_dir=str(stats_dir))
-    _synchronize(model)
+    synchronize(model)
     start = time.perf_counter()
     stats = layer_stats(model, tok, names, hp.mom2_dataset, n_samples, paths, slug,
                         dtype=hp.mom2_dtype, max_length=hp.mom2_max_length, one_pass=one_pass, progress=False)
-    _synchronize(model)
+    synchronize(model)
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "forward_tokens": stats.run.forward_tokens, "real_tokens": stats.run.real_tokens,
             "real_tokens_per_second": stats.run.real_tokens / seconds, "corpus_passes": stats.run.corpus_passes,
             "layers": len(names), "samples": n_samples}
 
 
-def _synchronize(model) -> None:
-    """Wait for queued GPU work, so wall-clock timings measure it."""
-    device = next(model.parameters()).device
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _device_name(model) -> str:
-    device = next(model.parameters()).device
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def run_wilke(model, tok, hp, records, resources) -> WilKETrace:
@@ -112,7 +103,7 @@ def run_wilke(model, tok, hp, records, resources) -> WilKETrace:
         name = next(iter(orig))
         delta = nethook.get_parameter(model, name).detach() - orig[name]
         apply_wilke_to_model(model, tok, [swapped_request(request)], hp, edited_layer=layer, resources=resources)
-        _synchronize(model)
+        synchronize(model)
         trace.seconds.append(time.perf_counter() - start)
         trace.layers.append(layer)
         trace.deltas.append(delta)
@@ -125,7 +116,7 @@ def run_rome(model, tok, hp, records, resources) -> list[float]:
         request = record_request(record)
         start = time.perf_counter()
         apply_rome_to_model(model, tok, [request], hp, resources=resources)
-        _synchronize(model)
+        synchronize(model)
         seconds.append(time.perf_counter() - start)
     return seconds
 
@@ -137,11 +128,11 @@ def time_alphaedit(model, tok, hparams_file: Path, records: list[dict], resource
     hp = AlphaEditHyperParams.from_json(hparams_file)
     start = time.perf_counter()
     editor = AlphaEditEditor(model, tok, hp, resources)  # statistics and null spaces
-    _synchronize(model)
+    synchronize(model)
     setup = time.perf_counter() - start
     start = time.perf_counter()
     apply_alphaedit_to_model(model, tok, [record_request(r) for r in records], hp, editor=editor)
-    _synchronize(model)
+    synchronize(model)
     seconds = time.perf_counter() - start
     return {"batch": len(records), "seconds_per_batch": seconds, "seconds_per_edit": seconds / len(records),
             "layers": list(hp.layers), "statistics_and_null_spaces_seconds": setup}
@@ -172,7 +163,7 @@ def bench_model(name: str, n_edits: int, n_approx: int, skip_reference: bool, st
         wh, rh = wh.replace(mom2_n_samples=edit_stats_samples), rh.replace(mom2_n_samples=edit_stats_samples)
     out: dict[str, Any] = {"model": name, "candidate_layers": wh.scanning_ceiling, "edits": n_edits,
                            "edit_stats_samples": wh.mom2_n_samples, "dtype": dtype,
-                           "device": str(next(model.parameters()).device), "device_name": _device_name(model)}
+                           "device": str(next(model.parameters()).device), "device_name": device_name(model)}
     n_stats = min(stats_samples, wh.mom2_n_samples)
     if "stats" in parts:
         if not skip_reference:
