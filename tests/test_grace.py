@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -197,3 +198,14 @@ def test_cli_sequential_run(tmp_path):
     assert len(evaluation["records"]) == 4 and evaluation["preservation"]["n_records"] > 0
     first = json.loads((run_dir / "batch_1.json").read_text())["edit"]
     assert first["update_norm"] == 0.0 and first["n_keys"] == 1
+    # the memory curve the summary draws is the codebook's bytes after each edit, one key's bytes a new key
+    from experiments.summary.memory_growth import bytes_per_edit, memory_curve, memory_growth_figure
+    from experiments.summary.runs import load_run
+
+    steps = [json.loads((run_dir / f"batch_{b}.json").read_text())["edit"] for b in range(1, 5)]
+    x, y = memory_curve(load_run(run_dir, "GRACE"))
+    assert x.tolist() == [1, 2, 3, 4] and y.tolist() == [s["memory_bytes"] for s in steps]
+    grew = [b > a for a, b in zip(y, y[1:])]
+    assert grew == [s["n_keys"] > r["n_keys"] for r, s in zip(steps, steps[1:])]  # bytes grow with the keys
+    assert bytes_per_edit(load_run(run_dir, "GRACE")) == pytest.approx(float(np.polyfit(x, y, 1)[0]))
+    assert memory_growth_figure([("GRACE", [load_run(run_dir, "GRACE")])], {"GRACE": (0, 0, 1, 1)}) is not None

@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
 
 from experiments.store.run_types import Run
+from experiments.summary.memory_growth import memory_growth_figure
 from experiments.summary.metrics import (
     COMPONENTS,
     GENERATION_SCORES,
@@ -321,6 +322,8 @@ def figure_builders(summary: Summary) -> dict[str, Callable[[], Optional[Figure]
         "capabilities.png": lambda: capability_figure(summary),
         "norm_growth.png": lambda: norm_growth_figure([(a, summary.runs_of(a)) for a in summary.algorithms],
                                                       _colors(summary.algorithms)),
+        "memory_growth.png": lambda: memory_growth_figure([(a, summary.runs_of(a)) for a in summary.algorithms],
+                                                          _colors(summary.algorithms)),
     }
     for alg in summary.algorithms:
         runs = summary.runs_of(alg)
