@@ -2,7 +2,8 @@
 # Every GPU check of the project in one call, for the device machine (one GPU; torch, transformers
 # and accelerate installed; no internet, no model weights; at most 10 minutes a command):
 #   1. the CUDA tests (tests/test_cuda.py: tiny models on cuda: W k* = v*, WilKE's argmin, fast =
-#      reference, bfloat16 edits);
+#      reference, bfloat16 edits; AlphaEdit and ENCORE with NAS's anchor and UltraEdit writing what
+#      they write on the CPU, GRACE and WISE answering from their memory with the weights untouched);
 #   2. experiments.bench on randomly initialised models of the real shapes: GPT2-XL in float32
 #      (WilKE edit fast vs reference, ROME edit, statistics tokens/s) and in bfloat16 (fast), and a
 #      Llama-3-8B-shaped model in bfloat16 (WilKE fast, ROME, AlphaEdit, statistics tokens/s);
@@ -52,7 +53,7 @@ if [ "$SHAPES" = tiny ]; then
     WILD_MODEL=random:llama-tiny
 else
     # the whole script must fit one device command (10 minutes): 560 s of step limits
-    GPT2=random:gpt2-xl LLAMA=random:llama-3-8b STATS=200 LIMITS=(60 150 60 150 90 50)
+    GPT2=random:gpt2-xl LLAMA=random:llama-3-8b STATS=200 LIMITS=(90 120 60 150 90 50)
     BATCHING=(--model random:llama:32:4096 --dtype bfloat16 --batches 1,16,100 --steps 10)
     WILD_MODEL=random:llama-3-8b
 fi
