@@ -275,3 +275,36 @@ def test_cli_rollback_run(tmp_path):
     result = json.loads(first.read_text())
     assert (result["edit"]["n_edits"], result["rollback"]["n_edits"]) == (1, 2)  # the roll-back trains W' back
     assert result["rollback"]["shard_events"] == ["stored"] and result["edit"]["update_norm"] == 0.0
+
+
+def test_routing_report_rebuilds_the_run_and_reads_what_its_evaluation_read(tmp_path):
+    """experiments.py.wise_routing on a finished run: under the run's own act_ratio the rewrite prompts
+    answer as the run's last evaluation scored them; act_ratio 0 sends every prompt to the memory;
+    with the router off nothing is routed and the untouched facts answer as the unedited model."""
+    from experiments.evaluate import cli
+    from experiments.py.wise_routing import main as routing_main
+
+    torch.set_num_threads(1)
+    world = TinyWorld(tmp_path, "llama")
+    write_unrelated(world)
+    hp = world.write_hparams("WISE", wise_dict(n_iter=10))
+    assert cli(cli_args(world, hp, "seq", protocol="sequential", checkpoint_every=1)) == 0
+    run_dir = world.results_dir / "seq" / "run_000"
+    rows = routing_main([str(run_dir), "--act_ratios", "0", "--data_dir", str(world.root), "--json", str(tmp_path / "r.json")])
+    by = {(r["kind"], r["act_ratio"]): r for r in rows}
+    assert {k for k, _ in by} == {"rewrite", "paraphrase", "neighbourhood", "untouched"}
+    evaluation = json.loads((run_dir / "evaluation_after_edit_4.json").read_text())["records"]
+    rewrite = [v for r in evaluation for v in r["post"]["rewrite_prompts_correct"]]
+    assert by["rewrite", 0.5]["n"] == len(rewrite) == 4
+    assert by["rewrite", 0.5]["correct"] == pytest.approx(sum(rewrite) / len(rewrite))
+    assert all(by[kind, 0.0]["to_memory"] == 1.0 for kind in ("rewrite", "paraphrase", "neighbourhood", "untouched"))
+    assert all(by[kind, None]["to_memory"] == 0.0 for kind in ("rewrite", "untouched"))
+    model = make_model("llama")
+    untouched = [r for r in rows if r["kind"] == "untouched" and r["act_ratio"] is None][0]
+    meta = json.loads((run_dir / "run.json").read_text())
+    records = {r["case_id"]: r for r in json.loads(world.data_file.read_text())}
+    kept = [records[c]["requested_rewrite"] for c in meta["orig_retention_case_ids"][:4]]
+    plain = score_targets(model, make_tokenizer(), [k["prompt"].format(k["subject"]) for k in kept],
+                          [k["target_true"]["str"] for k in kept])
+    assert untouched["n"] == len(kept) and untouched["correct"] == pytest.approx(sum(s.correct for s in plain) / len(kept))
+    assert json.loads((tmp_path / "r.json").read_text())["rows"] == rows
