@@ -150,11 +150,16 @@ def test_commands_run_single_threaded_and_niced_from_the_repository_root(tmp_pat
 # Interrupted lines end with the files of the uninterrupted run
 
 
+def _as_a_background_job() -> None:
+    """``nohup python -m experiments.sweeps.plan ... &`` from a script: SIGINT ignored, inherited by every child."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def start_plan_cli(path: Path, state_root: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     return subprocess.Popen([sys.executable, "-m", "experiments.sweeps.plan", str(path), "--plans_dir", str(state_root)],
                             cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_as_a_background_job)
 
 
 def wait_for_first_edit(world, dir_name: str, files: plan.LineFiles) -> dict:

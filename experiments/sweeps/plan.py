@@ -234,6 +234,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 submit_array(executor, tasks, args)
                 return 0
             previous = signal.signal(signal.SIGTERM, _raise_plan_stopped)
+            # the local executor cancels a job with SIGINT; started in the background (``nohup ... &``)
+            # this process ignores SIGINT and its jobs would inherit that, so cancelling would do nothing
+            previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
             try:
                 run_window(executor, tasks, args.max_parallel)
             except (KeyboardInterrupt, PlanStopped) as stop:
@@ -242,6 +245,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 return 143 if isinstance(stop, PlanStopped) else 130
             finally:
                 signal.signal(signal.SIGTERM, previous)
+                signal.signal(signal.SIGINT, previous_int)
     done = sum(line_state(LineFiles.of(state_dir, line)) == "done" for line in lines)
     print(f"plan {args.plan}: {done} of {len(lines)} lines done; logs {state_dir}/<key>.log, events {state_dir}/plan.log")
     return 0 if done == len(lines) else 1
