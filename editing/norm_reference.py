@@ -28,6 +28,7 @@ import hashlib
 import json
 import logging
 import random
+import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -182,14 +183,18 @@ class NormReferences:
         return value
 
     def _compute(self, model, tok, hparams, key: ReferenceKey, requests: list[dict], resources: Any) -> float:
+        start = time.perf_counter()
         norms = value_norms(model, tok, hparams, key.layer, requests, resources)
+        seconds = time.perf_counter() - start
+        if hasattr(resources, "stats_seconds"):  # a statistic of the unedited model: the run's "statistics" time
+            resources.stats_seconds += seconds
         r, dropped = upper_trimmed_mean(norms, key.trim_quantile)
         LOG.info("NAS reference norm of layer %d: %.6f over %d rewrites (raw mean %.6f, top %d dropped)",
                  key.layer, r, len(norms), float(np.mean(norms)), dropped)
         file = self.file(key)
         if file is not None:
             write_json_atomic(file, {"key": key.as_json(), "reference_norm": r, "raw_mean": float(np.mean(norms)),
-                                     "dropped": dropped, "norms": norms,
+                                     "dropped": dropped, "norms": norms, "seconds": seconds,
                                      "case_ids": [q.get("case_id") for q in requests]})
         return r
 

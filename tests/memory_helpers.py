@@ -14,7 +14,7 @@ import torch
 
 from experiments.evaluate import cli
 from experiments.store.files import strip_timing
-from tests.tiny import TinyWorld
+from util.tiny_models import TinyWorld
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 

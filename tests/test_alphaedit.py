@@ -26,12 +26,12 @@ from experiments.store.files import strip_timing
 from memit import execute_memit
 from memit.compute_ks import compute_keys, template_groups
 from memit.memit_main import apply_deltas
-from tests.tiny import TinyWorld, make_model, make_tokenizer, rank_one_hparams, tiny_records
 from util import nethook
 from util.architectures import update_to_weight_shape, weight_out_in
 from util.globals import REPO_ROOT, load_paths
 from util.hparams import HParamsError
 from util.scoring import score_targets
+from util.tiny_models import TinyWorld, make_model, make_tokenizer, rank_one_hparams, tiny_records
 
 # Tiny random models' keys are small (norm 0.1 to 1) and C0 = E[k k^T] has eigenvalues 1e-9 .. 0.2:
 # a threshold of 1e-4 keeps about half the directions, and L2 = 1e-2 lets the projected edits succeed.

@@ -6,7 +6,7 @@ import pytest
 from experiments.bench import cli as bench
 from experiments.evaluate import main as evaluate
 from experiments.summary import compare_runs
-from tests.tiny import TinyWorld, rank_one_hparams
+from util.tiny_models import TinyWorld, rank_one_hparams
 
 
 def test_bench_on_tiny_reports_same_layers_ratios_and_resumes_agreement(tmp_path, capsys):

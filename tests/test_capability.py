@@ -20,8 +20,8 @@ from experiments.py.capability import (
 )
 from experiments.py.perplexity import PerplexitySettings, perplexity, slice_ids
 from experiments.py.probe_tasks import PROBE_TASKS
-from tests.tiny import TRAINING_TEXT, make_model, make_tokenizer
 from util.scoring import target_ids
+from util.tiny_models import TRAINING_TEXT, make_model, make_tokenizer
 
 TOK = make_tokenizer()
 SENTENCES = [s.strip() for s in TRAINING_TEXT.split(".")[:15] if s.strip()]

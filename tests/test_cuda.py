@@ -17,12 +17,12 @@ import torch
 
 from editing.resources import EditResources
 from rome import ROMEHyperParams, apply_rome_to_model, execute_rome
-from tests.tiny import EIFFEL_PROMPT as PROMPT
-from tests.tiny import EIFFEL_REQUEST as REQUEST
-from tests.tiny import make_model, make_tokenizer, rank_one_hparams
 from util import nethook
 from util.globals import load_paths
 from util.scoring import score_targets
+from util.tiny_models import EIFFEL_PROMPT as PROMPT
+from util.tiny_models import EIFFEL_REQUEST as REQUEST
+from util.tiny_models import make_model, make_tokenizer, rank_one_hparams
 
 DEVICE = os.environ.get("TEST_CUDA_DEVICE", "cuda")
 pytestmark = [pytest.mark.cuda,
@@ -98,7 +98,7 @@ WEIGHT_EDITORS = {
 def lifelong_editor(tmp_path, alg: str, device: str):
     """(model on ``device``, tokenizer, editor) with resources of that device's own (statistics, NAS's r)."""
     from experiments.algorithms import ALGORITHMS
-    from tests.tiny import TinyWorld
+    from util.tiny_models import TinyWorld
 
     world_dir = tmp_path / "world"
     world = TinyWorld(world_dir, "llama") if not world_dir.exists() else None
@@ -127,7 +127,7 @@ def lifelong_editor(tmp_path, alg: str, device: str):
 
 
 def lifelong_requests() -> list[dict]:
-    from tests.tiny import tiny_records
+    from util.tiny_models import tiny_records
     return [dict(r["requested_rewrite"], case_id=r["case_id"]) for r in tiny_records()[:2]]
 
 

@@ -14,9 +14,9 @@ from experiments.py.dataset_metrics import metrics_for
 from experiments.py.eval_utils_zsre import compute_rewrite_quality_zsre
 from experiments.py.locality import argmax_answers, unchanged
 from rome import ROMEHyperParams, apply_rome_to_model
-from tests.tiny import TinyWorld, make_model, make_tokenizer, rank_one_hparams, tiny_records
 from util.globals import load_paths
 from util.scoring import prompt_ids
+from util.tiny_models import TinyWorld, make_model, make_tokenizer, rank_one_hparams, tiny_records
 
 
 class LookupLM(torch.nn.Module):

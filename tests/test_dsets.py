@@ -29,9 +29,9 @@ from dsets import (
     validate_record,
 )
 from dsets.make_known import build_known_subset, filter_known
-from tests.tiny import make_model, make_tokenizer
 from util.globals import REPO_ROOT, Paths
 from util.scoring import prompt_ids, score_targets, target_ids
+from util.tiny_models import make_model, make_tokenizer
 
 SHARED = REPO_ROOT.parent / "shared" / "data"
 SHARED_DSETS = SHARED / "dsets"

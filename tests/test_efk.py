@@ -16,8 +16,8 @@ from baselines.mend.checkpoints import EditorCheckpointMissingError, load_editor
 from baselines.mend.executor import compute_edit
 from baselines.mend.functional import EditRunner, RunnerFactory, gradient_factors, inner_params
 from tests.test_mend import REQUEST, run_cli_two_edits, target_nll, tiny_editor_hparams, train_tiny
-from tests.tiny import make_model, make_tokenizer, tiny_records
 from util import nethook
+from util.tiny_models import make_model, make_tokenizer, tiny_records
 
 HPARAMS_DIR = Path(__file__).resolve().parent.parent / "hparams"
 

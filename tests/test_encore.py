@@ -32,9 +32,9 @@ from tests.test_protocols import result_files
 from tests.test_reliability import many_records
 from tests.test_upstream_parity import FixedResources, harness_hparams, rel
 from tests.test_upstream_parity_lifelong import out_in, over, spy, summary_errors
-from tests.tiny import TinyWorld, make_model, make_tokenizer, rank_one_hparams
 from util.globals import REPO_ROOT, load_paths
 from util.hparams import HParamsError
+from util.tiny_models import TinyWorld, make_model, make_tokenizer, rank_one_hparams
 
 GOLDEN = json.loads((Path(__file__).resolve().parent / "fixtures" / "upstream_golden_encore.json").read_text())
 TEMPLATES = GOLDEN["templates"]  # "{}" and five prefixes, as upstream's generated templates

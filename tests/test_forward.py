@@ -15,8 +15,8 @@ from editing.requests import normalise_request
 from editing.value_optimisation import optimise_value
 from editing.value_problems import build_value_problem
 from rome import ROMEHyperParams
-from tests.tiny import EIFFEL_REQUEST, make_model, make_tokenizer, rank_one_hparams
 from util.architectures import num_layers
+from util.tiny_models import EIFFEL_REQUEST, make_model, make_tokenizer, rank_one_hparams
 
 REQUEST = normalise_request(EIFFEL_REQUEST)
 # contexts of different lengths, so rows need different amounts of left padding

@@ -6,13 +6,13 @@ import torch
 
 from baselines.ft import FTHyperParams, apply_ft_to_model, execute_ft
 from baselines.ft.ft_main import mean_target_nll, target_batch
-from tests.tiny import EIFFEL_PROMPT as PROMPT
-from tests.tiny import EIFFEL_REQUEST as REQUEST
-from tests.tiny import TinyWorld, make_model, make_tokenizer
 from util import nethook
 from util.architectures import ARCHITECTURES
 from util.hparams import HParamsError
 from util.scoring import score_targets
+from util.tiny_models import EIFFEL_PROMPT as PROMPT
+from util.tiny_models import EIFFEL_REQUEST as REQUEST
+from util.tiny_models import TinyWorld, make_model, make_tokenizer
 
 
 def ft_dict(arch: str, **kw) -> dict:

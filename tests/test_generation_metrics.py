@@ -20,9 +20,9 @@ from experiments.py.generation_metrics import (
     sample_tokens,
     tfidf_similarity,
 )
-from tests.tiny import TinyWorld, make_model, make_tokenizer, rank_one_hparams, tiny_records
 from util.globals import load_paths
 from util.scoring import prompt_ids
+from util.tiny_models import TinyWorld, make_model, make_tokenizer, rank_one_hparams, tiny_records
 
 # Four distinct words: 3 equally likely bigrams (log2 3 bits), 2 trigrams (1 bit).
 FOUR_DISTINCT = (2 / 3 * math.log2(3) + 4 / 3 * 1.0) / 2

@@ -14,11 +14,11 @@ from baselines.grace.editor import GRACEEditor
 from editing.resources import EditResources
 from experiments.store.checkpoints import load_editor_state
 from tests.memory_helpers import b64_tensor, fixture, killed_and_resumed, request
-from tests.tiny import TinyWorld, make_model, make_tokenizer
 from util.architectures import ARCHITECTURES, check_hparams_against_model
 from util.globals import REPO_ROOT, load_paths
 from util.hparams import HParamsError
 from util.scoring import prompt_ids, score_targets
+from util.tiny_models import TinyWorld, make_model, make_tokenizer
 
 MODULES = {"llama": "model.layers.{}.mlp.down_proj", "gpt2": "transformer.h.{}.mlp.c_fc"}  # c_fc: upstream's GPT2-XL layer
 

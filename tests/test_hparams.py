@@ -72,8 +72,8 @@ def test_hparams_are_frozen_and_replace_derives():
 
 
 def test_hparams_for_another_architecture_fail_on_check():
-    from tests.tiny import make_model
     from util.architectures import check_hparams_against_model
+    from util.tiny_models import make_model
 
     hp = ROMEHyperParams.from_dict(GOOD)  # GPT-2 module names
     with pytest.raises(HParamsError, match="another architecture"):

@@ -9,13 +9,13 @@ from baselines.kn import KNHyperParams, apply_kn_to_model, execute_kn
 from baselines.kn.attribution import coarse_neurons, prompt_scores, refined_neurons
 from baselines.kn.kn_main import greedy_token
 from editing.resources import EditResources
-from tests.tiny import EIFFEL_PROMPT as PROMPT
-from tests.tiny import EIFFEL_REQUEST as REQUEST
-from tests.tiny import TinyWorld, make_model, make_tokenizer
 from util import nethook
 from util.architectures import ARCHITECTURES, weight_out_in
 from util.globals import load_paths
 from util.scoring import final_hidden, lm_logits, prompt_ids, score_targets
+from util.tiny_models import EIFFEL_PROMPT as PROMPT
+from util.tiny_models import EIFFEL_REQUEST as REQUEST
+from util.tiny_models import TinyWorld, make_model, make_tokenizer
 
 
 def kn_dict(arch: str, **kw) -> dict:

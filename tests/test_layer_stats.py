@@ -11,10 +11,10 @@ import torch
 from editing import corpus as corpus_mod
 from editing.corpus import CorpusNotFoundError, iter_corpus_texts, open_corpus, split_wikitext_articles
 from editing.layer_stats import SecondMoment, layer_stats, length_batches, stats_path
-from tests.tiny import make_model, make_tokenizer
 from util import nethook
 from util.architectures import arch_of
 from util.globals import Paths
+from util.tiny_models import make_model, make_tokenizer
 
 DOCS = [
     "The Eiffel Tower is located in the city of Paris.",

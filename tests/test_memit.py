@@ -10,12 +10,12 @@ from editing.resources import EditResources
 from memit import MEMITHyperParams, apply_memit_to_model, execute_memit
 from memit.compute_ks import template_groups
 from memit.memit_main import add_delta, current_zs
-from tests.tiny import TinyWorld, make_model, make_tokenizer, rank_one_hparams, tiny_records
 from util import nethook
 from util.architectures import update_to_weight_shape
 from util.globals import load_paths
 from util.hparams import HParamsError
 from util.scoring import score_targets
+from util.tiny_models import TinyWorld, make_model, make_tokenizer, rank_one_hparams, tiny_records
 
 # Records whose target_new is a single token of the tiny tokenizer: with fact_token 'last' the
 # delta sits where the first target token is predicted (two of them share one prompt).

@@ -15,11 +15,11 @@ from baselines.mend.functional import EditRunner, RunnerFactory, gradient_factor
 from baselines.mend.mend_hparams import MENDHyperParams
 from baselines.mend.official import map_official_mend_state
 from baselines.mend.trainer import EditorTrainer
-from tests.tiny import EIFFEL_PROMPT as PROMPT
-from tests.tiny import EIFFEL_REQUEST as REQUEST
-from tests.tiny import TinyWorld, make_model, make_tokenizer, tiny_records
 from util import nethook
 from util.scoring import score_targets
+from util.tiny_models import EIFFEL_PROMPT as PROMPT
+from util.tiny_models import EIFFEL_REQUEST as REQUEST
+from util.tiny_models import TinyWorld, make_model, make_tokenizer, tiny_records
 
 HPARAMS_DIR = Path(__file__).resolve().parent.parent / "hparams"
 MLP_WEIGHTS = {

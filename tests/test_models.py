@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.tiny import make_model, make_tokenizer
 from util import models
 from util.architectures import ARCHITECTURES, UnsupportedArchitectureError, arch_of, num_layers
 from util.globals import load_paths
 from util.models import ModelUnavailableError, UnknownModelError, load_model, model_slug, pick_device
 from util.scoring import score_targets
+from util.tiny_models import make_model, make_tokenizer
 
 # ---------------------------------------------------------------------------------------------
 # Names and devices

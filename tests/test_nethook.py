@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from tests.tiny import make_model, make_tokenizer
 from util import nethook
+from util.tiny_models import make_model, make_tokenizer
 
 
 @pytest.fixture(scope="module")

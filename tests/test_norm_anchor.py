@@ -19,10 +19,10 @@ from memit import MEMITHyperParams
 from memit.memit_main import compute_zs
 from rome import ROMEHyperParams, execute_rome
 from tests.test_reliability import many_records
-from tests.tiny import EIFFEL_REQUEST, TinyWorld, make_model, make_tokenizer, rank_one_hparams, tiny_records
 from util import nethook
 from util.globals import REPO_ROOT, load_paths
 from util.hparams import HParamsError
+from util.tiny_models import EIFFEL_REQUEST, TinyWorld, make_model, make_tokenizer, rank_one_hparams, tiny_records
 
 GOLDEN = json.loads((Path(__file__).parent / "fixtures" / "upstream_golden_lifelong.json").read_text())
 
@@ -149,17 +149,22 @@ def test_reference_norm_is_seeded_cached_and_keyed_by_its_settings(tmp_path, mon
     case = GOLDEN["nas_memit"]
     hp = golden_hparams(MEMITHyperParams, case, tmp_path, value_norm_anchor_samples=6, v_num_grad_steps=5)
     model, tok = make_model("gpt2", 4, 0), make_tokenizer()
-    first = FixedTemplates(tmp_path, ["{}"]).norm_reference(model, tok, hp, 2)
+    maker = FixedTemplates(tmp_path, ["{}"])
+    first = maker.norm_reference(model, tok, hp, 2)
     files = list((tmp_path / "stats").rglob("*.json"))
     assert len(files) == 1 and files[0].parent.name == "norm_anchor"
     stored = json.loads(files[0].read_text())
     assert stored["key"]["n_samples"] == 6 and stored["key"]["seed"] == 0 and len(stored["case_ids"]) == 6
+    # the time it took is the run's statistics time (summarize --timing), and is kept with the value
+    assert stored["seconds"] > 0 and maker.stats_seconds == stored["seconds"]
 
     def refuse(*a, **k):
         raise AssertionError("the reference norm must be read from the cache")
 
     monkeypatch.setattr("editing.norm_reference.value_norms", refuse)
-    assert FixedTemplates(tmp_path, ["{}"]).norm_reference(model, tok, hp, 2) == first  # a new run reads the file
+    reader = FixedTemplates(tmp_path, ["{}"])
+    assert reader.norm_reference(model, tok, hp, 2) == first  # a new run reads the file, and spends no time on it
+    assert reader.stats_seconds == 0.0
     monkeypatch.undo()
     other_seed = FixedTemplates(tmp_path, ["{}"]).norm_reference(model, tok, hp.replace(value_norm_anchor_seed=1), 2)
     other_lr = FixedTemplates(tmp_path, ["{}"]).norm_reference(model, tok, hp.replace(v_lr=0.1), 2)

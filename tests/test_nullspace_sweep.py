@@ -10,9 +10,9 @@ from alphaedit import AlphaEditHyperParams, ProjectorCache
 from editing.resources import EditResources
 from experiments.sweeps.nullspace_sweep import layer_row, main
 from tests.test_alphaedit import alphaedit_dict
-from tests.tiny import TinyWorld
 from util.globals import load_paths
 from util.models import load_model
+from util.tiny_models import TinyWorld
 
 
 def test_layer_row_on_a_known_spectrum():

@@ -27,8 +27,8 @@ pytest.importorskip("submitit")
 
 from experiments.sweeps import plan, plan_state  # noqa: E402
 from tests.test_reliability import assert_same_results, many_records  # noqa: E402
-from tests.tiny import TinyWorld, rank_one_hparams  # noqa: E402
 from util.globals import REPO_ROOT  # noqa: E402
+from util.tiny_models import TinyWorld, rank_one_hparams  # noqa: E402
 
 LONG_EDITS, SHORT_EDITS, CAP = 6, 2, 3
 

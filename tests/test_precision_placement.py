@@ -8,12 +8,12 @@ import torch
 
 from editing.resources import EditResources
 from rome import ROMEHyperParams, apply_rome_to_model, execute_rome
-from tests.tiny import EIFFEL_PROMPT as PROMPT
-from tests.tiny import EIFFEL_REQUEST as REQUEST
-from tests.tiny import TinyWorld, make_model, make_tokenizer, rank_one_hparams, tiny_records
 from util import nethook
 from util.globals import load_paths
 from util.scoring import score_targets
+from util.tiny_models import EIFFEL_PROMPT as PROMPT
+from util.tiny_models import EIFFEL_REQUEST as REQUEST
+from util.tiny_models import TinyWorld, make_model, make_tokenizer, rank_one_hparams, tiny_records
 
 
 def rome_hparams(arch: str = "llama", **kw) -> ROMEHyperParams:

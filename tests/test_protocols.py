@@ -22,11 +22,11 @@ from experiments.evaluate import cli, main
 from experiments.store.checkpoints import WeightLedger, load_checkpoint
 from experiments.store.files import strip_timing
 from tests.fixtures.make_rollback_golden import GOLDEN_DIR, run_alg, stripped_results
-from tests.tiny import TinyWorld, make_model, make_tokenizer, rank_one_hparams, tiny_records
 from tests.toy_editor import ToyEditor, register
 from util.globals import REPO_ROOT, load_paths
+from util.tiny_models import TinyWorld, make_model, make_tokenizer, rank_one_hparams, tiny_records
 
-BELOW_EXPERIMENTS = ("editing", "rome", "wilke", "memit", "baselines", "dsets", "util", "ultraedit")
+BELOW_EXPERIMENTS = ("editing", "rome", "wilke", "memit", "alphaedit", "encore", "baselines", "dsets", "util", "ultraedit")
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -44,6 +44,17 @@ def test_no_module_below_experiments_imports_it():
     for package in BELOW_EXPERIMENTS:
         for path in sorted((REPO_ROOT / package).rglob("*.py")):
             bad = sorted(m for m in imported_modules(path) if m == "experiments" or m.startswith("experiments."))
+            if bad:
+                offenders[str(path.relative_to(REPO_ROOT))] = bad
+    assert offenders == {}
+
+
+def test_no_package_imports_the_tests():
+    """The tests sit above everything: the benchmarks' tiny models come from util.tiny_models, not tests/."""
+    offenders = {}
+    for package in (*BELOW_EXPERIMENTS, "experiments"):
+        for path in sorted((REPO_ROOT / package).rglob("*.py")):
+            bad = sorted(m for m in imported_modules(path) if m == "tests" or m.startswith("tests."))
             if bad:
                 offenders[str(path.relative_to(REPO_ROOT))] = bad
     assert offenders == {}

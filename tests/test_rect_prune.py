@@ -18,10 +18,10 @@ from editing.resources import EditResources
 from experiments.store.checkpoints import WeightLedger, load_checkpoint
 from memit import execute_memit
 from memit.editor import MEMITEditor
-from tests.tiny import TinyWorld, make_model, make_tokenizer, rank_one_hparams, tiny_records
 from util import nethook
 from util.architectures import update_to_weight_shape
 from util.globals import load_paths
+from util.tiny_models import TinyWorld, make_model, make_tokenizer, rank_one_hparams, tiny_records
 
 MEMIT_TINY = {"layers": [1, 2], "mom2_update_weight": 100.0, "context_template_length_params": [[10, 5]]}
 

@@ -21,8 +21,8 @@ from experiments.evaluate import cli
 from experiments.store.checkpoints import WeightLedger, checkpoint_index, load_checkpoint, save_checkpoint
 from experiments.store.files import strip_timing
 from rome.editor import ROMEEditor
-from tests.tiny import TinyWorld, make_model, rank_one_hparams, tiny_records
 from util.globals import REPO_ROOT
+from util.tiny_models import TinyWorld, make_model, rank_one_hparams, tiny_records
 
 EDITS = 5
 PREFIXES = ("", "As is well known, ", "In short, ")

@@ -8,12 +8,12 @@ from editing.context_templates import generate_context_templates
 from editing.representations import template_keys
 from editing.resources import EditResources
 from rome import ROMEHyperParams, apply_rome_to_model, execute_rome
-from tests.tiny import EIFFEL_PROMPT as PROMPT
-from tests.tiny import EIFFEL_REQUEST as REQUEST
-from tests.tiny import TinyWorld, make_model, make_tokenizer, rank_one_hparams
 from util import nethook
 from util.globals import load_paths
 from util.scoring import score_targets
+from util.tiny_models import EIFFEL_PROMPT as PROMPT
+from util.tiny_models import EIFFEL_REQUEST as REQUEST
+from util.tiny_models import TinyWorld, make_model, make_tokenizer, rank_one_hparams
 
 ARCHS = ["gpt2", "gptj", "llama"]
 
@@ -172,7 +172,7 @@ def test_a_kept_matrix_is_factorised_only_when_something_solves_with_it():
 def test_layer_sweep_collects_every_layers_statistics_in_one_pass_and_restores_the_model(tmp_path, monkeypatch):
     from editing import resources as resources_module
     from experiments.sweeps import layer_sweep
-    from tests.tiny import tiny_records
+    from util.tiny_models import tiny_records
 
     world = TinyWorld(tmp_path, "gpt2")
     hp = ROMEHyperParams.from_json(world.write_hparams("ROME", rank_one_hparams("gpt2", 4)))

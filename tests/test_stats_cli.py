@@ -10,9 +10,9 @@ from editing.resources import EditResources
 from experiments import collect_stats
 from rome.rome_hparams import ROMEHyperParams
 from tests.test_layer_stats import DOCS
-from tests.tiny import make_model, make_tokenizer
 from util.globals import load_paths
 from util.models import load_model, model_slug
+from util.tiny_models import make_model, make_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -17,7 +17,7 @@ from torch.multiprocessing.spawn import ProcessException
 
 from editing.layer_stats import layer_stats
 from tests.test_layer_stats import DOCS, _modules, _paths
-from tests.tiny import make_model, make_tokenizer
+from util.tiny_models import make_model, make_tokenizer
 
 TEXTS = [f"{t} ({i})" for i, t in enumerate(DOCS * 3)]
 LAYERS = [0, 2, 3]

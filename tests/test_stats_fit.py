@@ -16,7 +16,7 @@ import torch
 
 from editing.layer_stats import StatsOutOfMemoryError, layer_stats
 from tests.test_layer_stats import DOCS, _modules, _paths
-from tests.tiny import make_model, make_tokenizer
+from util.tiny_models import make_model, make_tokenizer
 
 TEXTS = DOCS * 3  # 21 samples, 7+ batches at the budget below
 

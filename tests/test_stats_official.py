@@ -19,7 +19,7 @@ from editing import layer_stats as layer_stats_mod
 from editing.layer_stats import layer_stats
 from editing.resources import EditResources
 from tests.test_layer_stats import _modules, _paths
-from tests.tiny import make_model, make_tokenizer
+from util.tiny_models import make_model, make_tokenizer
 
 N_OFFICIAL = 100000
 

@@ -13,7 +13,7 @@ from editing.corpus import Corpus
 from editing.corpus_sample import draw_sample
 from editing.layer_stats import layer_stats
 from tests.test_layer_stats import _direct_mom2, _modules, _paths
-from tests.tiny import make_model, make_tokenizer
+from util.tiny_models import make_model, make_tokenizer
 
 WORDS = ["Paris", "Rome", "Berlin", "Madrid", "London", "Tokyo", "Spain", "Italy", "France", "Germany", "Japan",
          "English", "French", "Dutch"]

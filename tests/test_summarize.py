@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.tiny import TinyWorld, rank_one_hparams
+from util.tiny_models import TinyWorld, rank_one_hparams
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOK = REPO / "notebooks" / "summarize.ipynb"

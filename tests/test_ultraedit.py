@@ -18,7 +18,6 @@ import ultraedit.update as update_module
 from editing.requests import record_request
 from experiments.store.files import strip_timing
 from tests.test_reliability import many_records
-from tests.tiny import TinyWorld, make_model, make_tokenizer, tiny_records
 from ultraedit import (
     RunningNormaliser,
     UltraEditEditor,
@@ -31,6 +30,7 @@ from ultraedit.normaliser import shape_key
 from util.globals import REPO_ROOT
 from util.hparams import HParamsError
 from util.scoring import score_targets
+from util.tiny_models import TinyWorld, make_model, make_tokenizer, tiny_records
 
 GOLDEN = json.loads((Path(__file__).parent / "fixtures" / "upstream_golden_lifelong.json").read_text())["ultraedit"]
 TINY_LLAMA = [["model.layers.{}.mlp.gate_proj", [1]], ["model.layers.{}.mlp.up_proj", [2]],

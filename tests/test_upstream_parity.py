@@ -34,7 +34,7 @@ try:
     from editing.resources import EditResources
 except ImportError:  # layout before the editing/ package
     from rome.resources import EditResources, FactorisedCovariance
-from tests.tiny import EIFFEL_REQUEST, TINY_RECORDS, make_model, make_tokenizer
+from util.tiny_models import EIFFEL_REQUEST, TINY_RECORDS, make_model, make_tokenizer
 
 # ------------------------------------------------------------------------------------------------
 

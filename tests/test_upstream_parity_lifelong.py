@@ -38,10 +38,10 @@ from baselines.rect import RECTHyperParams, top_relative_change_mask
 from rome import ROMEHyperParams, execute_rome
 from rome.rome_main import apply_update
 from tests.test_upstream_parity import IMPLEMENTATIONS, FixedResources, harness_hparams, rel
-from tests.tiny import make_model, make_tokenizer, tiny_records
 from util import nethook
 from util.architectures import update_to_weight_shape
 from util.globals import load_paths
+from util.tiny_models import make_model, make_tokenizer, tiny_records
 
 # ------------------------------------------------------------------------------------------------
 

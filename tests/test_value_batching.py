@@ -30,8 +30,8 @@ from editing.value_optimisation import (
     token_batches,
 )
 from rome import ROMEHyperParams
-from tests.tiny import make_model, make_tokenizer, rank_one_hparams, tiny_records
 from util.globals import load_paths
+from util.tiny_models import make_model, make_tokenizer, rank_one_hparams, tiny_records
 from wilke import WilKEHyperParams
 from wilke.wilke_main import choose_layer
 

@@ -22,8 +22,8 @@ from experiments.py.wild import (
     wild_scores,
 )
 from tests.table_lm import TableLM, continuation_table
-from tests.tiny import EIFFEL_PROMPT, make_model, make_tokenizer
 from util.generation import STOP_CAP, STOP_EOS, STOP_STRING, answer_text, greedy_generate, stop_rule
+from util.tiny_models import EIFFEL_PROMPT, make_model, make_tokenizer
 
 TOK = make_tokenizer()
 
@@ -268,7 +268,7 @@ def test_zsre_record_with_portability_teacher_forced_and_wild():
 
 def test_bench_counts_what_the_cap_cuts_and_compares_batching():
     from experiments.bench.wild import cut_share, time_wild
-    from tests.tiny import tiny_records
+    from util.tiny_models import tiny_records
 
     lengths = [(3, STOP_EOS), (64, STOP_CAP), (10, STOP_STRING), (64, STOP_STRING)]
     assert [cut_share(lengths, c) for c in (64, 10, 3)] == [0.25, 0.5, 0.75]

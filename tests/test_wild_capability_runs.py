@@ -12,8 +12,8 @@ import torch
 from experiments.evaluate import cli, main
 from experiments.store.files import strip_timing
 from tests.test_protocols import sixteen_records
-from tests.tiny import TinyWorld, rank_one_hparams
 from util.globals import REPO_ROOT
+from util.tiny_models import TinyWorld, rank_one_hparams
 
 SHARED = REPO_ROOT.parent / "shared" / "data"
 needs_shared = pytest.mark.skipif(not (SHARED / "glue_eval" / "sst2.json").is_file()

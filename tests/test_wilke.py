@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from editing.resources import EditResources
-from tests.tiny import TinyWorld, make_model, make_tokenizer, rank_one_hparams
 from util import nethook
 from util.globals import load_paths
+from util.tiny_models import TinyWorld, make_model, make_tokenizer, rank_one_hparams
 from wilke import WilKEHyperParams, apply_wilke_to_model
 from wilke.wilke_main import layer_adaptability, scan_layers
 
@@ -129,7 +129,7 @@ def test_approximate_choice_read_off_an_exact_scan_equals_the_approximate_scan()
     """One exact scan predicts what every (grad_steps, top_k) approximate scan chooses."""
     from editing.requests import normalise_request
     from experiments.bench.agreement import adaptabilities, approximate_choice, norm_by_pass
-    from tests.tiny import tiny_records
+    from util.tiny_models import tiny_records
     from wilke.wilke_main import choose_layer
 
     model, tok = make_model("llama", n_layer=6), make_tokenizer()

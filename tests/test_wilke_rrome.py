@@ -12,10 +12,10 @@ from editing.representations import keys_and_values, template_keys, template_pro
 from editing.requests import normalise_request, swapped_request
 from editing.resources import EditResources
 from rome.rome_main import execute_rome
-from tests.tiny import make_model, make_tokenizer, rank_one_hparams
 from util import nethook
 from util.architectures import weight_out_in
 from util.globals import REPO_ROOT, load_paths
+from util.tiny_models import make_model, make_tokenizer, rank_one_hparams
 from wilke import WilKEHyperParams, apply_wilke_to_model
 from wilke.editor import WilKEEditor
 

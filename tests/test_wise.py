@@ -17,12 +17,12 @@ from dsets.records import DataFormatError
 from editing.resources import EditResources
 from experiments.store.checkpoints import load_editor_state
 from tests.memory_helpers import b64_tensor, fixture, killed_and_resumed, request, write_unrelated
-from tests.tiny import TinyWorld, make_model, make_tokenizer
 from util import nethook
 from util.architectures import ARCHITECTURES, check_hparams_against_model
 from util.globals import REPO_ROOT, load_paths
 from util.hparams import HParamsError
 from util.scoring import prompt_ids, score_targets
+from util.tiny_models import TinyWorld, make_model, make_tokenizer
 
 MODULE = "model.layers.{}.mlp.down_proj"
 
@@ -148,6 +148,12 @@ def test_router_sends_unrelated_prompts_to_the_layer_and_edited_ones_to_the_side
     with editor.for_evaluation():
         assert all(torch.equal(last_logits(model, tok, p), plain[p]) for p in unrelated)
         assert not any(torch.allclose(last_logits(model, tok, p), plain[p]) for p in edited)
+    for ratio, expected in ((None, [1, 1, 0, 0, 0]), (1e6, [0] * 5)):  # the run's act_ratio, then one no score reaches
+        seen: list[int] = []
+        with editor.routed(ratio, observe=lambda choice: seen.extend(choice.tolist())):
+            for p in edited + unrelated:
+                last_logits(model, tok, p)
+        assert seen == expected
     editor.memory.threshold = 1e9  # a side memory without edits answers nothing
     assert choices(editor, edited) == [0, 0]
 

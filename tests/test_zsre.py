@@ -15,8 +15,8 @@ from dsets.zsre import MENDQADataset, load_zsre_file, neighborhood_pairs
 from experiments.py.eval_utils_zsre import compute_rewrite_quality_zsre
 from tests.test_dataset_metrics import LookupLM
 from tests.test_dsets import SHARED_DSETS, UNREACHABLE_URL, make_paths, need_shared
-from tests.tiny import make_tokenizer
 from util.scoring import Continuation, prompt_ids, target_ids
+from util.tiny_models import make_tokenizer
 
 # Two MEND-format entries (the first is record 1 of the shared eval copy, with its portability field).
 ENTRIES = [

@@ -17,7 +17,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 from transformers.activations import ACT2FN
 
-from baselines.wise.router import routing
+from baselines.wise.router import Observer, routing
 from baselines.wise.side_memory import SideMemory
 from baselines.wise.wise_hparams import WISEHyperParams
 from baselines.wise.wise_main import execute_wise, unrelated_texts
@@ -41,9 +41,15 @@ class WISEEditor(Editor):
                                self.templates, self.unrelated, self.act, self.resources)
         return EditOutcome({}, details)
 
+    def for_evaluation(self) -> contextlib.AbstractContextManager[None]:
+        return self.routed()
+
     @contextlib.contextmanager
-    def for_evaluation(self) -> Iterator[None]:
-        with routing(self.model, self.hparams.module_name, self.memory, self.act, self.hparams.act_ratio):
+    def routed(self, act_ratio: Optional[float] = None, observe: Optional[Observer] = None) -> Iterator[None]:
+        """The model with the router on, at ``act_ratio`` (default the hparams'), ``observe`` shown each
+        pass's choices: the evaluation's view, and a diagnostic's at any other ratio without editing again."""
+        ratio = self.hparams.act_ratio if act_ratio is None else act_ratio
+        with routing(self.model, self.hparams.module_name, self.memory, self.act, ratio, observe):
             yield
 
     def state_dict(self) -> dict[str, torch.Tensor]:

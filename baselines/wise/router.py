@@ -25,6 +25,7 @@ from util.architectures import is_transposed
 
 LONG_SEQUENCE = 100  # upstream: beyond this many positions a sequence's score is its largest token score
 Activation = Callable[[torch.Tensor], torch.Tensor]
+Observer = Callable[[torch.Tensor], None]
 
 
 def side_output(module: nn.Module, inputs: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -65,9 +66,12 @@ def choose(memory: SideMemory, module: nn.Module, act: Activation, act_ratio: fl
 
 
 def route(memory: SideMemory, module: nn.Module, act: Activation, act_ratio: float, inputs: torch.Tensor,
-          output: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-    """``output`` with each row replaced by the output of the memory that answers it."""
+          output: torch.Tensor, real: torch.Tensor, observe: Observer | None = None) -> torch.Tensor:
+    """``output`` with each row replaced by the output of the memory that answers it (``observe`` is
+    shown each forward pass's choices: 0 W, 1 W', 2.. the stored shards)."""
     choice, candidates = choose(memory, module, act, act_ratio, inputs, output, real)
+    if observe is not None:
+        observe(choice.detach())
     routed = output.clone()
     for k in range(1, len(candidates)):
         rows = choice == k
@@ -84,8 +88,10 @@ def real_tokens(mask: torch.Tensor | None, output: torch.Tensor) -> torch.Tensor
 
 
 @contextlib.contextmanager
-def routing(model: nn.Module, module_name: str, memory: SideMemory, act: Activation, act_ratio: float) -> Iterator[None]:
-    """The model as WISE delivers it: each sequence answered by the memory its scores choose."""
+def routing(model: nn.Module, module_name: str, memory: SideMemory, act: Activation, act_ratio: float,
+            observe: Observer | None = None) -> Iterator[None]:
+    """The model as WISE delivers it: each sequence answered by the memory its scores choose (``observe``:
+    see ``route``; experiments.py.wise_routing counts the choices with it)."""
     seen: dict[str, torch.Tensor | None] = {"mask": None}
 
     def remember_mask(_module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -94,7 +100,8 @@ def routing(model: nn.Module, module_name: str, memory: SideMemory, act: Activat
     module = nethook.get_module(model, module_name)
     handle = model.base_model.register_forward_pre_hook(remember_mask, with_kwargs=True)
     try:
-        with watch_output(module, lambda x, out: route(memory, module, act, act_ratio, x, out, real_tokens(seen["mask"], out))):
+        with watch_output(module, lambda x, out: route(memory, module, act, act_ratio, x, out, real_tokens(seen["mask"], out),
+                                                           observe)):
             yield
     finally:
         handle.remove()

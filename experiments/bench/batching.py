@@ -56,7 +56,7 @@ class Bench:
 
 
 def _random_hparams(arch: str, n_layer: int) -> tuple[MEMITHyperParams, WilKEHyperParams]:
-    from tests.tiny import rank_one_hparams
+    from util.tiny_models import rank_one_hparams
 
     base = rank_one_hparams(arch, n_layer, fact_token="subject_last", mom2_adjustment=False, v_weight_decay=0.5,
                             clamp_norm_factor=4.0, context_template_length_params=[[5, 5], [10, 5]])
@@ -68,8 +68,8 @@ def _random_hparams(arch: str, n_layer: int) -> tuple[MEMITHyperParams, WilKEHyp
 
 def load_bench(name: str, device: Optional[str], dtype: torch.dtype) -> Bench:
     """The model, its MEMIT and WilKE hparams, records to edit and a fresh-resources factory."""
-    from tests.tiny import make_model, make_tokenizer, tiny_records
     from util.models import load_model, model_slug, pick_device
+    from util.tiny_models import make_model, make_tokenizer, tiny_records
 
     paths = load_paths()
     if name == "tiny" or name.startswith("random:"):
@@ -98,7 +98,7 @@ def _random_spec(name: str) -> tuple[str, int, int]:
 
 def _counterfact() -> list[dict]:
     from dsets.counterfact import CounterFactDataset
-    from tests.tiny import tiny_records
+    from util.tiny_models import tiny_records
 
     try:
         return CounterFactDataset(load_paths(), allow_download=False).records

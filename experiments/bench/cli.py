@@ -63,7 +63,7 @@ def bench_records(n: int, run_dir: Optional[Path] = None) -> list[dict]:
     n records of an evaluate run's edit stream (to measure on the edits that run made)."""
     from dsets.counterfact import CounterFactDataset
     from dsets.records import load_counterfact_file
-    from tests.tiny import tiny_records
+    from util.tiny_models import tiny_records
 
     if run_dir is not None:
         meta = json.loads((Path(run_dir) / "run.json").read_text())

@@ -35,7 +35,7 @@ def random_model(shape: str, dtype: torch.dtype, device: torch.device) -> torch.
     """A randomly initialised model of ``shape``, built directly on ``device`` in ``dtype``."""
     from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
-    from tests.tiny import make_tokenizer
+    from util.tiny_models import make_tokenizer
 
     arch, fields, _, _ = RANDOM_SHAPES[shape]
     tok = make_tokenizer()
@@ -77,7 +77,7 @@ def synthetic_corpus(path: Path, n_texts: int = 400) -> Path:
     """Texts for timing statistics collection: sentences of the tiny test text, shuffled per text."""
     import random
 
-    from tests.tiny import TRAINING_TEXT
+    from util.tiny_models import TRAINING_TEXT
 
     sentences = [s.strip() for s in TRAINING_TEXT.split(".") if s.strip()]
     rng = random.Random(0)
@@ -88,7 +88,7 @@ def synthetic_corpus(path: Path, n_texts: int = 400) -> Path:
 
 def load_random_shape(shape: str, tmp: Path, dtype: torch.dtype, device: torch.device, n_samples: int = 200):
     """(model, tok, hparams_dir, slug, stats_dir) for a random model of ``shape``."""
-    from tests.tiny import make_tokenizer
+    from util.tiny_models import make_tokenizer
 
     if shape not in RANDOM_SHAPES:
         raise ValueError(f"unknown random shape {shape!r}; choose one of {', '.join(RANDOM_SHAPES)}")
@@ -109,7 +109,7 @@ def load_bench_model(name: str, tmp: Path, dtype: torch.dtype = torch.float32, d
     if name.startswith("random:"):
         return load_random_shape(name.split(":", 1)[1], tmp, dtype, pick_device(device))
     if name == "tiny":
-        from tests.tiny import TinyWorld, rank_one_hparams
+        from util.tiny_models import TinyWorld, rank_one_hparams
 
         world = TinyWorld(tmp / "tiny", "llama", n_layer=6)
         base = rank_one_hparams("llama", 6, mom2_n_samples=200)

@@ -21,7 +21,6 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
-import baselines.wise.router as router
 from baselines.wise import WISEHyperParams
 from baselines.wise.editor import WISEEditor
 from editing.resources import EditResources
@@ -50,43 +49,17 @@ def prompt_pairs(records: Sequence[dict], kind: str) -> list[tuple[str, str]]:
     return pairs
 
 
-class _Choices:
-    """Records which memory the router chose for each sequence (0: W, 1: W', 2..: stored shards)."""
-
-    def __init__(self) -> None:
-        self.rows: list[torch.Tensor] = []
-
-    def __enter__(self) -> "_Choices":
-        self._real = router.choose
-
-        def spy(*args, **kwargs):
-            choice, candidates = self._real(*args, **kwargs)
-            self.rows.append(choice.detach().cpu())
-            return choice, candidates
-
-        router.choose = spy
-        return self
-
-    def __exit__(self, *exc) -> None:
-        router.choose = self._real
-
-
 def measure(editor: WISEEditor, pairs: Sequence[tuple[str, str]], act_ratio: Optional[float]) -> dict:
     """{"correct": share answered right, "to_memory": share routed away from W} under ``act_ratio``
     (None: the router off, W alone). One prompt per forward pass, as each sequence is routed alone."""
-    base = editor.hparams
     prompts, targets = [p for p, _ in pairs], [t for _, t in pairs]
-    try:
-        with _Choices() as seen:
-            if act_ratio is None:
-                scores = score_targets(editor.model, editor.tok, prompts, targets, batch_size=1)
-            else:
-                editor.hparams = base.replace(act_ratio=act_ratio)
-                with editor.for_evaluation():
-                    scores = score_targets(editor.model, editor.tok, prompts, targets, batch_size=1)
-    finally:
-        editor.hparams = base
-    routed = torch.cat(seen.rows) if seen.rows else torch.zeros(0)
+    choices: list[torch.Tensor] = []  # per forward pass, which memory answered (0: W, 1: W', 2..: shards)
+    if act_ratio is None:
+        scores = score_targets(editor.model, editor.tok, prompts, targets, batch_size=1)
+    else:
+        with editor.routed(act_ratio, observe=lambda choice: choices.append(choice.cpu())):
+            scores = score_targets(editor.model, editor.tok, prompts, targets, batch_size=1)
+    routed = torch.cat(choices) if choices else torch.zeros(0)
     return {"n": len(pairs), "correct": sum(s.correct for s in scores) / max(1, len(scores)),
             "to_memory": float((routed > 0).float().mean()) if routed.numel() else 0.0}
 

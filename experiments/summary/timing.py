@@ -6,7 +6,7 @@ The question it answers is the one a researcher asks before adding ``--wild`` or
 parts: each step's ``edit.seconds`` (and its roll-back's), ``eval_seconds`` of the files that hold
 evaluations (of which ``wild_seconds`` was WILD's, where the protocol evaluates and generates in one
 pass), ``seconds`` of each roll-back ``wild_of_edit_{n}.json``, the per-probe ``seconds`` of each
-``capability_after_edit_{n}.json`` and run.json's ``statistics_seconds``. A resumed run's files are
+``capability_after_edit_{n}.json`` and run.json's ``statistics_seconds`` (covariances and NAS's reference norms made, not read, by the run). A resumed run's files are
 those of the attempt that wrote them last, so time lost to a kill is not counted; a file written
 before a field existed contributes nothing to it (the table says which parts are missing)."""
 from __future__ import annotations

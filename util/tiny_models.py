@@ -3,6 +3,9 @@
 The tokenizer is a byte-level BPE trained on a fixed text, so it can encode any string (rare
 words fall back to bytes) and is identical on every machine. Models are built from configs of
 the real families (GPT-2 with Conv1D, GPT-J, Llama) so that their code paths are exercised.
+
+The tests build their models here, and so does ``experiments.bench``: its ``random:`` shapes (a model of
+a real size with random weights, for a GPU machine that has no weights) and its tiny CLI runs.
 """
 from __future__ import annotations
 
