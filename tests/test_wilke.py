@@ -7,17 +7,12 @@ import torch
 from editing.resources import EditResources
 from util import nethook
 from util.globals import load_paths
-from util.tiny_models import TinyWorld, make_model, make_tokenizer, rank_one_hparams
+from util.tiny_models import EIFFEL_REQUEST, TinyWorld, make_model, make_tokenizer, rank_one_hparams
 from wilke import WilKEHyperParams, apply_wilke_to_model
 from wilke.wilke_main import layer_adaptability, scan_layers
 
-REQUEST = {
-    "case_id": 7,
-    "prompt": "{} is located in the city of",
-    "subject": "The Eiffel Tower",
-    "target_new": {"str": " Rome"},
-    "target_true": {"str": " Paris"},
-}
+# ROME's running example with a space before each target, as CounterFact spells them
+REQUEST = {**EIFFEL_REQUEST, "case_id": 7, "target_new": {"str": " Rome"}, "target_true": {"str": " Paris"}}
 
 
 def hparams(arch="llama", n_layer=4, **kw):

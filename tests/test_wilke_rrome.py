@@ -15,17 +15,12 @@ from rome.rome_main import execute_rome
 from util import nethook
 from util.architectures import weight_out_in
 from util.globals import REPO_ROOT, load_paths
-from util.tiny_models import make_model, make_tokenizer, rank_one_hparams
+from util.tiny_models import EIFFEL_REQUEST, make_model, make_tokenizer, rank_one_hparams
 from wilke import WilKEHyperParams, apply_wilke_to_model
 from wilke.editor import WilKEEditor
 
-REQUEST = {
-    "case_id": 7,
-    "prompt": "{} is located in the city of",
-    "subject": "The Eiffel Tower",
-    "target_new": {"str": " Rome"},
-    "target_true": {"str": " Paris"},
-}
+# ROME's running example with a space before each target, as CounterFact spells them
+REQUEST = {**EIFFEL_REQUEST, "case_id": 7, "target_new": {"str": " Rome"}, "target_true": {"str": " Paris"}}
 
 
 def hparams(arch: str = "llama", **kw) -> WilKEHyperParams:
