@@ -12,6 +12,7 @@ import datetime
 import io
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -192,6 +193,26 @@ def test_a_preempted_line_is_requeued_and_ends_like_the_uninterrupted_run(world,
     assert_resumed_like_the_reference(world, "preempted")
 
 
+def test_status_shows_the_latest_unfinished_progress_bars_from_the_logs_tail(tmp_path):
+    log = tmp_path / "line.log"
+    bars = ["Loading weights: 100%|##| 3/3 [00:01<00:00, 2.0it/s]",
+            *(f"AlphaEdit sequential:  {n}%|#   | {n}/256 [0{n}:00<54:{n:02d}, 13.6s/step]" for n in (1, 2, 15)),
+            "unedited answers (neighbourhood prompts):  50%|##  | 128/256 [01:00<01:00, 2.1it/s]",
+            "capability:  10%|#   | 1/7 [00:20<02:00, 20s/it]"]
+    log.write_text("x" * plan_state.LOG_TAIL_BYTES + "\r".join(bars) + "\nINFO something logged after\n")
+    assert plan_state.last_progress(log) == "capability 1/7 (~02:00 left)"
+    log.write_text("\r".join(bars[:4]))  # finished bars are left out while one is unfinished
+    assert plan_state.last_progress(log) == "AlphaEdit sequential 15/256 (~54:15 left)"
+    log.write_text("\r".join(bars[:1]))
+    assert plan_state.last_progress(log) == "Loading weights 3/3 (~00:00 left)"
+    log.write_text("no bar here\n")
+    assert plan_state.last_progress(log) is None and plan_state.last_progress(tmp_path / "absent") is None
+    files = plan_state.LineFiles(tmp_path, "k")
+    (tmp_path / "k.log").write_text("\r".join(bars[:4]))
+    assert plan_state.state_row("running", files, "echo a") == "running        k  [AlphaEdit sequential 15/256 (~54:15 left)]  echo a"
+    assert plan_state.state_row("done", files, "echo a") == "done           k  echo a"
+
+
 def test_a_killed_line_shows_killed_and_the_next_submission_finishes_it(world, ran, tmp_path):
     line = evaluate_line(world, "killed")
     path, files = write_plan(tmp_path / "one.txt", [line]), files_of(tmp_path / "state" / "one", line)
@@ -203,6 +224,8 @@ def test_a_killed_line_shows_killed_and_the_next_submission_finishes_it(world, r
     wait_for(lambda: not Path(f"/proc/{job['command_pid']}").exists(), "the killed run to be reaped", 60)
     code, status = run_main(path, "--plans_dir", tmp_path / "state", "--status")
     assert status.split()[0] == "killed"
+    shown = re.search(r"\[ROME rollback (\d+)/6 \(~[\d:?]+ left\)\]", status)  # where it stopped, from its log
+    assert shown and int(shown[1]) < 6, status
     code, out = run_main(path, "--plans_dir", tmp_path / "state")
     assert code == 0 and "1 of 1 lines done" in out
     assert_resumed_like_the_reference(world, "killed")

@@ -11,6 +11,7 @@ import datetime
 import fcntl
 import hashlib
 import logging
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,12 +82,40 @@ def line_state(files: LineFiles) -> str:
     return "killed" if files.path("job").exists() else "waiting"
 
 
+# a tqdm bar as it writes itself: "AlphaEdit sequential:   6%|▌    | 15/256 [03:30<54:46, 13.64s/step]"
+TQDM_BAR = re.compile(r"(?P<desc>[A-Za-z][^\r\n|:]{0,60}): +\d+%\|[^|\r\n]*\| *(?P<done>\d+)/(?P<total>\d+) "
+                      r"\[[\d:]+<(?P<left>[\d:?]+)")
+LOG_TAIL_BYTES = 65536
+SHOWN_BARS = 1  # a bar closed with leave=False never writes its end: more would show finished ones
+
+
+def last_progress(log: Path) -> Optional[str]:
+    """The last state of the log's latest progress bars, e.g. "AlphaEdit sequential 15/256 (~54:46 left)"
+    (None: no log, or no bar yet). Only the log's tail is read, so --status of a days-long plan is instant;
+    the latest unfinished bar is shown (the run's steps, or what it does in between), else the last one."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(0, f.seek(0, 2) - LOG_TAIL_BYTES))
+            tail = f.read().decode("utf-8", "replace")
+    except OSError:
+        return None
+    latest: dict[str, re.Match] = {}
+    for bar in TQDM_BAR.finditer(tail):
+        latest.pop(bar["desc"].strip(), None)
+        latest[bar["desc"].strip()] = bar  # insertion order: the most recently written bar last
+    unfinished = [(d, b) for d, b in latest.items() if b["done"] != b["total"]]
+    shown_bars = (unfinished or list(latest.items()))[-SHOWN_BARS:]
+    return "; ".join(f"{desc} {b['done']}/{b['total']} (~{b['left']} left)" for desc, b in shown_bars) or None
+
+
 def shown(line: str) -> str:
     return line if len(line) <= SHOWN_CHARS else "..." + line[-(SHOWN_CHARS - 3):]  # evaluate lines differ at their end
 
 
 def state_row(state: str, files: LineFiles, line: str) -> str:
-    return f"{state:<14} {files.key}  {shown(line)}"
+    """``state key line``; a line that started and did not finish also shows its last progress bar."""
+    progress = None if state in ("done", "waiting") else last_progress(files.path("log"))
+    return f"{state:<14} {files.key}  " + (f"[{progress}]  " if progress else "") + shown(line)
 
 
 def log_event(state_dir: Path, text: str) -> None:
