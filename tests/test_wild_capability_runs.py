@@ -159,3 +159,45 @@ def test_summary_draws_wild_beside_teacher_forced_and_the_capability_curves(tmp_
                            "--markdown", "--metrics", "ES,ES_wild,sst2_acc,perplexity"]) == 0
     assert (plots / "wild_vs_teacher_forced.png").stat().st_size > 1000
     assert (plots / "capabilities.png").stat().st_size > 1000
+
+
+def test_a_wild_run_resumes_at_another_batch_size_to_identical_files(tmp_path, monkeypatch):
+    """The WILD batch size decides speed, not answers: a run stopped after its first step resumes at
+    another size (recorded in its resume entry) to the files of a run that never stopped, and a
+    finished run counts for ``--continue_from_run auto`` at any size."""
+    from memit.editor import MEMITEditor
+
+    torch.set_num_threads(1)
+    world, hp = memit_world(tmp_path)
+    flags = dict(protocol="sequential", num_edits=2, edit_times=4, num_threads=1, eval_checkpoints="2,4",
+                 checkpoint_every=1, wild=True, wild_max_new_tokens=6)
+    whole = main(world.cli_args("MEMIT", hp, dir_name="whole", wild_batch_size=1, **flags))
+
+    real_edit, calls = MEMITEditor.edit, []
+
+    def edit_then_stop(editor, requests):
+        calls.append(1)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # one signal: the run stops after this step, checkpointed
+        return real_edit(editor, requests)
+
+    monkeypatch.setattr(MEMITEditor, "edit", edit_then_stop)
+    args = world.cli_args("MEMIT", hp, dir_name="stopped", wild_batch_size=16, **flags)
+    assert cli(args) == 128 + signal.SIGTERM
+    run_dir = world.results_dir / "stopped" / "run_000"
+    assert not (run_dir / "evaluation_after_edit_4.json").exists()
+    resumed = [a for a in args if not a.startswith("--wild_batch_size")] + ["--wild_batch_size=3",
+                                                                          "--continue_from_run=auto"]
+    assert cli(resumed) == 0
+    assert run_files(run_dir) == run_files(whole)
+    meta = json.loads((run_dir / "run.json").read_text())
+    assert meta["config"]["wild"]["batch_size"] == 16 and meta["resumes"][-1]["execution"] == {"wild.batch_size": 3}
+    assert cli(world.cli_args("MEMIT", hp, dir_name="stopped", continue_from_run="auto", **flags)) == 0  # default size
+    assert sorted(p.name for p in run_dir.parent.iterdir()) == ["run_000"]  # the finished run counted: nothing new
+
+
+def test_a_wild_batch_size_below_one_stops_before_the_model(tmp_path, caplog):
+    world = TinyWorld(tmp_path, "llama")
+    hp = world.write_hparams("ROME", rank_one_hparams("llama", 4))
+    assert cli(world.cli_args("ROME", hp, wild=True, wild_batch_size=0)) == 2
+    assert "--wild_batch_size" in caplog.text and not world.results_dir.exists()

@@ -62,7 +62,7 @@ class WildSettings:
     max_new_tokens: int = 64  # cuts 2.5% of SmolLM2's answers; 1.8% loop past 256 (docs/evaluation.md)
     template: str = "plain"
     stop_strings: tuple[str, ...] = MIRAGE_STOP_STRINGS
-    batch_size: int = 16
+    batch_size: int = 64  # prompts generated together; the answers are the same at any size (speed: docs/speed.md)
 
     def __post_init__(self) -> None:
         if self.template not in TEMPLATES:

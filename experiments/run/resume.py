@@ -37,10 +37,15 @@ def normalised(obj: Any) -> Any:
 
 
 ABSENT = "<absent>"
+# Settings of the configuration that decide how fast, not what: batched greedy generation gives every
+# prompt the answer it gets alone at any batch size (util/generation.py; tests/test_wild.py), so a run
+# started at one resumes at another, and a finished one counts for the same command at any. run.json
+# keeps the value a run started with; each resume records its own (``resumes[].execution``).
+EXECUTION_ONLY = ("wild.batch_size",)
 
 
 def config_differences(old: Any, new: Any, where: str = "", defaults: Optional[Mapping[str, Any]] = None) -> list[str]:
-    """Human-readable 'field: old -> new' lines for every leaf that differs.
+    """Human-readable 'field: old -> new' lines for every leaf that differs (``EXECUTION_ONLY`` aside).
 
     ``defaults`` ('hparams.field' -> its default): a field the old run.json lacks because it was added
     to the code later does not differ when the new value is its default, which by this project's rule
@@ -49,11 +54,25 @@ def config_differences(old: Any, new: Any, where: str = "", defaults: Optional[M
         out = []
         for key in sorted(set(old) | set(new), key=str):
             path = f"{where}.{key}" if where else str(key)
+            if path in EXECUTION_ONLY:
+                continue
             out += config_differences(old.get(key, ABSENT), new.get(key, ABSENT), path, defaults)
         return out
     if old == ABSENT and defaults and where in defaults and normalised(defaults[where]) == new:
         return []
     return [] if old == new else [f"{where or '<config>'}: {old!r} -> {new!r}"]
+
+
+def execution_settings(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``EXECUTION_ONLY`` settings ``config`` holds, by their dotted path."""
+    out = {}
+    for path in EXECUTION_ONLY:
+        node: Any = config
+        for part in path.split("."):
+            node = node.get(part, ABSENT) if isinstance(node, Mapping) else ABSENT
+        if node != ABSENT:
+            out[path] = node
+    return out
 
 
 def resolve_run_ref(alg_dir: Path, ref: str) -> Path:

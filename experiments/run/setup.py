@@ -265,9 +265,13 @@ def check_command(args: argparse.Namespace) -> CheckedCommand:
         hparams, hparams_path = load_hparams(args, paths, algorithm, slug)
     protocol = check_protocol_flags(args, algorithm)
     parse_device_map(args.device_map)
-    with bad_input("flags --wild_*", "give --wild_max_new_tokens a positive number"):
-        WildSettings(args.wild_max_new_tokens, args.wild_template)
+    with bad_input("flags --wild_*", "give --wild_max_new_tokens and --wild_batch_size positive numbers"):
+        wild_settings(args)
     return CheckedCommand(algorithm, protocol, paths, slug, hparams, hparams_path)
+
+
+def wild_settings(args: argparse.Namespace) -> WildSettings:
+    return WildSettings(args.wild_max_new_tokens, args.wild_template, batch_size=args.wild_batch_size)
 
 
 def prepare(args: argparse.Namespace) -> RunPlan:
@@ -289,7 +293,7 @@ def plan_records(args: argparse.Namespace, command: CheckedCommand) -> RunPlan:
     with protocol_flags():
         protocol.check_dataset(ds)
     plan = RunPlan(args, paths, algorithm, hparams, hparams_path, slug, ds, skipped, generation, protocol)
-    plan.wild = WildSettings(args.wild_max_new_tokens, args.wild_template) if args.wild else None
+    plan.wild = wild_settings(args) if args.wild else None
     plan.capability = make_capability_probe(args, paths)
     if args.stream_order == "file":
         with bad_input("known facts of the preservation set", "build them with python -m dsets.make_known"):

@@ -17,7 +17,7 @@ from typing import Any, Optional
 from editing.resources import EditResources
 from experiments.protocols import Protocol, RunContext
 from experiments.run.loop import RunLoop
-from experiments.run.resume import ResumeError
+from experiments.run.resume import ResumeError, execution_settings
 from experiments.run.setup import RunPlan, bad_input
 from experiments.store.checkpoints import CHECKPOINT_FILE
 from experiments.store.files import (
@@ -117,13 +117,13 @@ def open_resumed_run(plan: RunPlan, model, tok, resources: EditResources, argv) 
             raise ResumeError(f"{run_dir}: the weights checkpoint is after step {start - 1}, but the result files of "
                               f"step {first_missing} are missing (the folder was moved or files were deleted "
                               "while the run was writing it)")
-    note_resume(meta, start, first_missing, argv)
+    note_resume(meta, start, first_missing, argv, execution_settings(plan.config()))
     LOG.info("resuming %s: checkpoint after step %d; replaying steps %d..%d, then new steps from %d",
              run_dir, start - 1, start, first_missing - 1, first_missing)
     return loop, start
 
 
-def note_resume(meta: RunMeta, start: int, first_missing: int, argv: Any) -> None:
+def note_resume(meta: RunMeta, start: int, first_missing: int, argv: Any, execution: dict[str, Any]) -> None:
     failure_path = meta.run_dir / FAILURE_FILE
     previous_failure = read_json(failure_path) if failure_path.is_file() else None
     env = environment_record(argv)
@@ -132,7 +132,7 @@ def note_resume(meta: RunMeta, start: int, first_missing: int, argv: Any) -> Non
                     env["torch_num_threads"], meta.data.get("torch_num_threads"))
     entry = {"checkpoint": start - 1, "first_unfinished_step": first_missing, "argv": env["argv"], "pid": os.getpid(),
              "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "previous_status": meta.data.get("status"),
-             "previous_failure": previous_failure}
+             "previous_failure": previous_failure, "execution": execution}
     meta.update(status="running", pid=os.getpid(), host=socket.gethostname(),
                 resumes=[*meta.data.get("resumes", []), entry])
     failure_path.unlink(missing_ok=True)
