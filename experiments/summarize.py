@@ -28,7 +28,7 @@ from experiments.summary.paired import format_paired_markdown, paired_difference
 from experiments.summary.runs import available_dir_names, load_runs
 from experiments.summary.timing import format_timing
 from util.atomic_files import write_text_atomic
-from util.globals import load_paths
+from util.globals import REPO_ROOT, load_paths
 
 LOG = logging.getLogger("experiments.summarize")
 EXIT_NO_RUNS, EXIT_PLOT_FAILED = 2, 1
@@ -69,6 +69,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--from_summary", default=None,
                    help="print the tables of a summary JSON this command wrote earlier (no run folders read): "
                    "how docs/results/*.json reprint the tables of docs/results.md")
+    p.add_argument("--refresh_tables", default=None, metavar="PAGE",
+                   help="rewrite every table of a Markdown page marked <!-- table: SUMMARY.json --> from its saved "
+                   "summary (after its summarize command has written it again); no run folders read")
     p.add_argument("--timing", action="store_true",
                    help="also print where each run's time went (editing, evaluation, WILD, probes, statistics)")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -201,12 +204,26 @@ def reprint(path: Path, metrics: Optional[Sequence[str]]) -> str:
     return text
 
 
+def _refresh(page: Path) -> int:
+    from experiments.summary.doc_tables import refresh_tables
+
+    try:
+        changed = refresh_tables(page, REPO_ROOT, reprint)
+    except (OSError, ValueError, KeyError) as e:  # a missing page or summary, or one this code cannot read
+        print(f"--refresh_tables: {e}", file=sys.stderr)
+        return EXIT_NO_RUNS
+    print(f"{page}: {len(changed)} table(s) rewritten" + "".join(f"\n  from {c}" for c in changed))
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.from_summary:
         print(reprint(Path(args.from_summary), _csv_list(args.metrics)))
         return 0
+    if args.refresh_tables:
+        return _refresh(Path(args.refresh_tables))
     results_dir = load_paths(results_dir=args.results_dir).results_dir
     dir_names = _csv_list(args.dir_name) or available_dir_names(results_dir)
     if not dir_names:

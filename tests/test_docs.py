@@ -19,6 +19,8 @@ from typing import NamedTuple
 
 import pytest
 
+from experiments.summary import doc_tables
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 README = REPO_ROOT / "README.md"
 DOCS = sorted((REPO_ROOT / "docs").glob("*.md"))
@@ -319,32 +321,14 @@ def test_documented_command_runs_as_printed(command: Command):
 
 # ------------------------------------------------------------------------------------------------
 # Results tables under a marker ``<!-- table: docs/results/<name>.json [--metrics A,B] -->`` are what
-# ``python -m experiments.summarize --from_summary`` prints from that saved summary, to the character;
+# ``python -m experiments.summarize --from_summary`` prints from that saved summary, to the character
+# (``--refresh_tables PAGE`` rewrites them so; experiments/summary/doc_tables.py);
 # the summary itself is what the command above the table wrote with ``--out`` from the run folders.
-
-TABLE_MARKER = re.compile(r"^<!-- table: (\S+)(?: --metrics (\S+))? -->$")
-
 
 def marked_tables(path: Path) -> list[tuple[int, str, str | None, str]]:
     """(line, summary file, metrics, the table that follows the marker) of every marker in ``path``."""
-    lines = path.read_text(encoding="utf-8").splitlines()
-    found = []
-    for i, line in enumerate(lines):
-        m = TABLE_MARKER.match(line.strip())
-        if m:  # the tables that follow, blank lines between them (a summary and its paired differences)
-            blocks: list[list[str]] = []
-            for following in lines[i + 1:]:
-                if following.startswith("|"):
-                    if not blocks or blocks[-1] is None:
-                        blocks.append([])
-                    blocks[-1].append(following)
-                elif following.strip() or not blocks:
-                    if blocks:
-                        break
-                else:
-                    blocks.append(None)
-            found.append((i + 1, m.group(1), m.group(2), "\n\n".join("\n".join(b) for b in blocks if b)))
-    return found
+    return [(m.line, m.summary, ",".join(m.metrics) if m.metrics else None, m.table)
+            for m in doc_tables.marked_tables(path.read_text(encoding="utf-8"))]
 
 
 MARKED = [(page, *t) for page in DOCS for t in marked_tables(page)]

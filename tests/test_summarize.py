@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from experiments.summary import doc_tables
 from util.tiny_models import TinyWorld, rank_one_hparams
 
 REPO = Path(__file__).resolve().parent.parent
@@ -505,3 +506,34 @@ def test_running_mean_is_the_mean_of_each_value_and_the_window_before_it():
     values = np.array([4.0, 2.0, 6.0, 8.0, 0.0])
     assert running_mean(values, 3).tolist() == [4.0, 3.0, 4.0, 16 / 3, 14 / 3]
     assert running_mean(values, 1).tolist() == values.tolist() and running_mean(np.array([]), 4).size == 0
+
+
+def test_refresh_tables_rewrites_each_marked_table_from_its_summary(tmp_path):
+    """A page's marked tables (a stale one, one followed by its paired differences, one not written yet)
+    become what each summary reprints; the prose around them stays; a second refresh changes nothing;
+    a missing summary names the marker's line and leaves the page as it was."""
+    from experiments.summarize import main as summarize_main
+    from experiments.summary.doc_tables import marked_tables
+
+    (tmp_path / "a.json").write_text("{}")
+    (tmp_path / "b.json").write_text("{}")
+    fake = {"a.json": "| x |\n|---|\n| 1 |", "b.json": "| y |\n|---|\n| 2 |\n\n| y - x |\n|---|\n| +1 |"}
+
+    def reprint(path, metrics):
+        return fake[path.name] + ("" if metrics is None else f"\n| {','.join(metrics)} |")
+
+    page = tmp_path / "page.md"
+    page.write_text("# R\n\n<!-- table: a.json -->\n| x |\n|---|\n| 0 |\n\n| old paired |\n|---|\n\ntext after a\n\n"
+                    "<!-- table: b.json --metrics ES,PU -->\n\n| y |\n|---|\n| 9 |\nmore text\n"
+                    "<!-- table: a.json -->\n\nend\n")
+    assert doc_tables.refresh_tables(page, tmp_path, reprint) == ["a.json", "b.json", "a.json"]
+    text = page.read_text()
+    assert [m.table for m in marked_tables(text)] == [fake["a.json"], fake["b.json"] + "\n| ES,PU |", fake["a.json"]]
+    assert "text after a" in text and "more text" in text and text.endswith("end\n") and "old paired" not in text
+    assert doc_tables.refresh_tables(page, tmp_path, reprint) == []
+    page.write_text(text.replace("b.json", "missing.json"))
+    before = page.read_text()
+    with pytest.raises(FileNotFoundError, match=r"page.md:\d+: the marked summary missing.json"):
+        doc_tables.refresh_tables(page, tmp_path, reprint)
+    assert page.read_text() == before
+    assert summarize_main(["--refresh_tables", str(tmp_path / "nowhere.md")]) == 2
