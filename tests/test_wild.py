@@ -267,10 +267,13 @@ def test_zsre_record_with_portability_teacher_forced_and_wild():
 
 
 def test_bench_counts_what_the_cap_cuts_and_compares_batching():
-    from experiments.bench.wild import cut_share, time_wild
+    from experiments.bench.wild import cut_share, time_batch_sizes, time_wild
     from util.tiny_models import tiny_records
 
     lengths = [(3, STOP_EOS), (64, STOP_CAP), (10, STOP_STRING), (64, STOP_STRING)]
     assert [cut_share(lengths, c) for c in (64, 10, 3)] == [0.25, 0.5, 0.75]
     timing = time_wild(chaotic_model("llama"), TOK, tiny_records()[:3], WildSettings(max_new_tokens=8))
     assert timing["prompts"] == 9 and timing["same_answers"] == 9 and timing["speedup"] > 0
+    sizes = time_batch_sizes(chaotic_model("llama"), TOK, tiny_records()[:3], [1, 4, 9], WildSettings(max_new_tokens=8))
+    assert [r["batch_size"] for r in sizes["sizes"]] == [1, 4, 9] and sizes["sizes"][0]["speedup_over_first"] == 1.0
+    assert all(r["prompts"] == 9 and r["same_answers_as_first"] == 9 for r in sizes["sizes"])

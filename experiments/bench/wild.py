@@ -9,6 +9,9 @@ Parts (``--parts``, default all):
   of L tokens is cut by cap c when L > c, or L == c and nothing else stopped it);
 - ``wild``: seconds of ``wild_scores`` per record, batched (the default settings) and one prompt at
   a time, their ratio, and whether both gave the same answers;
+- ``batch_sizes``: seconds of ``wild_scores_many`` over the timing records (their prompts generated
+  together, as a run's checkpoint generates them) at each of ``--batch_sizes``, each size's ratio to
+  the first, and how many answers equal the first size's (the table of docs/speed.md);
 - ``capability``: one full ``CapabilityProbe`` pass (probes + perplexity; the default settings unless
   ``--tasks/--items/--few_shots`` say otherwise), its seconds and scores.
 """
@@ -30,11 +33,11 @@ from transformers import PreTrainedTokenizerBase
 
 from experiments.py.capability import CapabilityProbe, CapabilitySettings, ProbeSetupError, check_capability_settings
 from experiments.py.probe_tasks import DEFAULT_TASKS
-from experiments.py.wild import TEMPLATES, WildSettings, generate_answers, wild_pairs, wild_scores
+from experiments.py.wild import TEMPLATES, WildSettings, generate_answers, wild_pairs, wild_scores, wild_scores_many
 from util.generation import STOP_CAP
 
 LOG = logging.getLogger("experiments.bench.wild")
-PARTS = ("stops", "wild", "capability")
+PARTS = ("stops", "wild", "batch_sizes", "capability")
 CANDIDATE_CAPS = (16, 32, 64, 128)
 
 
@@ -74,6 +77,23 @@ def time_wild(model: nn.Module, tok: PreTrainedTokenizerBase, records: Sequence[
             "records": len(records), "settings": settings.as_dict()}
 
 
+def time_batch_sizes(model: nn.Module, tok: PreTrainedTokenizerBase, records: Sequence[dict],
+                     sizes: Sequence[int], settings: WildSettings = WildSettings()) -> dict:
+    """Seconds of one checkpoint's WILD generation over ``records`` at each batch size, in the order given
+    (repeat a size to see the machine's noise), with the ratio to the first and the answers it shares."""
+    rows, first = [], None
+    for size in sizes:
+        start = time.perf_counter()
+        scored = wild_scores_many(model, tok, records, "counterfact", settings=dataclasses.replace(settings, batch_size=size))
+        seconds = time.perf_counter() - start
+        answers = [a for r in scored for group in r["wild_answers"].values() for a in group]
+        first = first or (seconds, answers)
+        rows.append({"batch_size": size, "seconds": seconds, "speedup_over_first": first[0] / seconds,
+                     "same_answers_as_first": sum(a == b for a, b in zip(answers, first[1])), "prompts": len(answers)})
+        LOG.info("WILD batch %d: %.1f s, %.2fx the first", size, seconds, first[0] / seconds)
+    return {"records": len(records), "sizes": rows}
+
+
 def known_records(model_name: str, n: int) -> list[dict]:
     from dsets.registry import resolve_edit_dataset
     from util.globals import load_paths
@@ -90,6 +110,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--records", type=int, default=50, help="known CounterFact records for the stop statistics")
     p.add_argument("--timing_records", type=int, default=10, help="records timed batched and one at a time")
+    p.add_argument("--batch_sizes", default="16,64,16,64,32",
+                   help="batch_sizes part: WILD batch sizes timed in this order (a size repeated shows the noise)")
     p.add_argument("--probe_cap", type=int, default=128, help="max_new_tokens of the stop statistics")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated from {','.join(PARTS)}")
     p.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="capability probe tasks, comma-separated")
@@ -142,6 +164,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if "wild" in parts:
         results["wild"] = time_wild(model, tok, records[: args.timing_records], WildSettings())
         LOG.info("wild: %s", results["wild"])
+    if "batch_sizes" in parts:
+        sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+        results["batch_sizes"] = time_batch_sizes(model, tok, records[: args.timing_records], sizes)
     if "capability" in parts:
         start = time.perf_counter()
         results["capability"] = CapabilityProbe(probe_settings).run(model, tok)
