@@ -203,6 +203,8 @@ def test_status_shows_the_latest_unfinished_progress_bars_from_the_logs_tail(tmp
     assert plan_state.last_progress(log) == "capability 1/7 (~02:00 left)"
     log.write_text("\r".join(bars[:4]))  # finished bars are left out while one is unfinished
     assert plan_state.last_progress(log) == "AlphaEdit sequential 15/256 (~54:15 left)"
+    log.write_text("\r".join([*bars[:5], bars[4].replace("128/256", "256/256")]))  # a bar's last state counts
+    assert plan_state.last_progress(log) == "AlphaEdit sequential 15/256 (~54:15 left)"
     log.write_text("\r".join(bars[:1]))
     assert plan_state.last_progress(log) == "Loading weights 3/3 (~00:00 left)"
     log.write_text("no bar here\n")

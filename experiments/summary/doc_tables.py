@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from util.atomic_files import write_text_atomic
+
 TABLE_MARKER = re.compile(r"^<!-- table: (\S+)(?: --metrics (\S+))? -->$")
 
 
@@ -78,7 +80,5 @@ def refresh_tables(page: Path, root: Path, reprint: Callable[[Path, Optional[Seq
             changed.append(marked.summary)
     out += lines[at:]
     if changed:
-        from util.atomic_files import write_text_atomic
-
         write_text_atomic(Path(page), "\n".join(out) + ("\n" if text.endswith("\n") else ""))
     return changed

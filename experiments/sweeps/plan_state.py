@@ -86,13 +86,12 @@ def line_state(files: LineFiles) -> str:
 TQDM_BAR = re.compile(r"(?P<desc>[A-Za-z][^\r\n|:]{0,60}): +\d+%\|[^|\r\n]*\| *(?P<done>\d+)/(?P<total>\d+) "
                       r"\[[\d:]+<(?P<left>[\d:?]+)")
 LOG_TAIL_BYTES = 65536
-SHOWN_BARS = 1  # a bar closed with leave=False never writes its end: more would show finished ones
 
 
 def last_progress(log: Path) -> Optional[str]:
-    """The last state of the log's latest progress bars, e.g. "AlphaEdit sequential 15/256 (~54:46 left)"
-    (None: no log, or no bar yet). Only the log's tail is read, so --status of a days-long plan is instant;
-    the latest unfinished bar is shown (the run's steps, or what it does in between), else the last one."""
+    """The latest unfinished progress bar of the log's tail, else its last bar, as "AlphaEdit sequential
+    15/256 (~54:46 left)" (None: no log, or no bar yet). One bar only: a bar closed with leave=False never
+    writes its end, so an earlier one may look unfinished. Only the tail is read: --status stays instant."""
     try:
         with open(log, "rb") as f:
             f.seek(max(0, f.seek(0, 2) - LOG_TAIL_BYTES))
@@ -100,12 +99,13 @@ def last_progress(log: Path) -> Optional[str]:
     except OSError:
         return None
     latest: dict[str, re.Match] = {}
-    for bar in TQDM_BAR.finditer(tail):
+    for bar in TQDM_BAR.finditer(tail):  # each bar's last state, the most recently written bar last
         latest.pop(bar["desc"].strip(), None)
-        latest[bar["desc"].strip()] = bar  # insertion order: the most recently written bar last
-    unfinished = [(d, b) for d, b in latest.items() if b["done"] != b["total"]]
-    shown_bars = (unfinished or list(latest.items()))[-SHOWN_BARS:]
-    return "; ".join(f"{desc} {b['done']}/{b['total']} (~{b['left']} left)" for desc, b in shown_bars) or None
+        latest[bar["desc"].strip()] = bar
+    bars = list(latest.values())
+    unfinished = [b for b in bars if b["done"] != b["total"]]
+    bar = (unfinished or bars or [None])[-1]
+    return None if bar is None else f"{bar['desc'].strip()} {bar['done']}/{bar['total']} (~{bar['left']} left)"
 
 
 def shown(line: str) -> str:
