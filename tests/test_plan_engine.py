@@ -147,6 +147,26 @@ def test_commands_run_single_threaded_and_niced_from_the_repository_root(tmp_pat
     assert code == 0 and f"threads=1 nice={min(os.nice(0) + 7, 19)} cwd={REPO_ROOT} gpus=0,1" in log
 
 
+def test_a_line_shared_by_two_plans_runs_once_and_each_plan_shows_where(tmp_path):
+    shared, own = "echo shared >> " + shlex.quote(str(tmp_path / "ran.txt")), "echo own"
+    first, second = write_plan(tmp_path / "first.txt", [shared]), write_plan(tmp_path / "second.txt", [shared, own])
+    state = tmp_path / "state"
+    twin = files_of(state / "first", shared)
+    twin.state_dir.mkdir(parents=True)
+    with plan_state.line_lock(twin.path("lock")) as held:  # the first plan is running the shared line
+        assert held is not None
+        code, status = run_main(second, "--plans_dir", state, "--status")
+        assert status.split()[:3] == ["running", "in", "first"]
+    assert run_main(first, "--plans_dir", state)[0] == 0
+    code, status = run_main(second, "--plans_dir", state, "--status")
+    rows = status.splitlines()
+    assert rows[0].split()[:4] == ["done", "in", "first", twin.key] and rows[1].split()[0] == "waiting"
+    code, out = run_main(second, "--plans_dir", state)
+    assert code == 0 and "1 of 2 lines done or running (here or under another plan): not submitted" in out
+    assert "2 of 2 lines done" in out
+    assert (tmp_path / "ran.txt").read_text() == "shared\n"  # the shared line ran once, under the first plan
+
+
 # --------------------------------------------------------------------------------------------
 # Interrupted lines end with the files of the uninterrupted run
 

@@ -52,6 +52,8 @@ from experiments.sweeps.plan_state import (
     line_state,
     log_event,
     plan_lines,
+    plan_state_of,
+    settled,
     state_row,
 )
 from experiments.sweeps.plan_task import PlanTask
@@ -213,18 +215,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     lines = plan_lines(args.plan)
     state_dir = (args.plans_dir / args.plan.stem).resolve()
-    states = {line: line_state(LineFiles.of(state_dir, line)) for line in lines}
+    states = {line: plan_state_of(LineFiles.of(state_dir, line)) for line in lines}
     if args.status:
         for line in lines:
-            print(state_row(states[line], LineFiles.of(state_dir, line), line))
+            print(state_row(*states[line], line))
         return 0
     problem = check_executor(args)
     if problem:
         print(f"plan: {problem}", file=sys.stderr)
         return 2
-    todo = [line for line in lines if states[line] not in ("done", "running")]
+    todo = [line for line in lines if not settled(states[line][0])]
     if len(todo) < len(lines):
-        print(f"{len(lines) - len(todo)} of {len(lines)} lines done or running elsewhere: not submitted")
+        print(f"{len(lines) - len(todo)} of {len(lines)} lines done or running (here or under another plan): not submitted")
     if todo:
         state_dir.mkdir(parents=True, exist_ok=True)
         tasks = plan_tasks(args, todo, state_dir)
@@ -246,7 +248,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             finally:
                 signal.signal(signal.SIGTERM, previous)
                 signal.signal(signal.SIGINT, previous_int)
-    done = sum(line_state(LineFiles.of(state_dir, line)) == "done" for line in lines)
+    done = sum(plan_state_of(LineFiles.of(state_dir, line))[0].startswith("done") for line in lines)
     print(f"plan {args.plan}: {done} of {len(lines)} lines done; logs {state_dir}/<key>.log, events {state_dir}/plan.log")
     return 0 if done == len(lines) else 1
 

@@ -3,6 +3,9 @@
 Under ``results/plans/<plan>/``, per line, named by the md5 of the line as scripts/run_plan.sh named
 them: ``<key>.done``, ``<key>.rc`` (last exit code, or ``requeued``), ``<key>.lock`` (flock, held while
 the line runs), ``<key>.job``, ``<key>.log``; ``plan.log`` one line per start, end and requeue.
+Plans may share lines (a plan of the seeds several issues need, beside each issue's own plan): the
+same command is the same key in every plan's folder, so a line done or running under one plan of the
+plans folder is shown as such by the others (``done in <plan>``) and not submitted by them.
 """
 from __future__ import annotations
 
@@ -82,6 +85,34 @@ def line_state(files: LineFiles) -> str:
     return "killed" if files.path("job").exists() else "waiting"
 
 
+def twin_state(files: LineFiles) -> Optional[tuple[str, LineFiles]]:
+    """("done in P" or "running in P", its files) when the same line is done or running under another
+    plan P of the same plans folder; None otherwise."""
+    plans_dir = files.state_dir.parent
+    others = sorted(d for d in plans_dir.iterdir() if d.is_dir() and d != files.state_dir) if plans_dir.is_dir() else []
+    for other in others:
+        twin = LineFiles(other, files.key)
+        if twin.path("done").exists():
+            return f"done in {other.name}", twin
+        if is_locked(twin.path("lock")):
+            return f"running in {other.name}", twin
+    return None
+
+
+def plan_state_of(files: LineFiles) -> tuple[str, LineFiles]:
+    """The line's state in its plan (``line_state``), or, unless it is done or running there, its state
+    under another plan that ran it; with the files that state (and its progress bar) comes from."""
+    state = line_state(files)
+    if state in ("done", "running"):
+        return state, files
+    return twin_state(files) or (state, files)
+
+
+def settled(state: str) -> bool:
+    """Done or running, here or under another plan: nothing to submit."""
+    return state.split()[0] in ("done", "running")
+
+
 # a tqdm bar as it writes itself: "AlphaEdit sequential:   6%|▌    | 15/256 [03:30<54:46, 13.64s/step]"
 TQDM_BAR = re.compile(r"(?P<desc>[A-Za-z][^\r\n|:]{0,60}): +\d+%\|[^|\r\n]*\| *(?P<done>\d+)/(?P<total>\d+) "
                       r"\[[\d:]+<(?P<left>[\d:?]+)")
@@ -114,7 +145,7 @@ def shown(line: str) -> str:
 
 def state_row(state: str, files: LineFiles, line: str) -> str:
     """``state key line``; a line that started and did not finish also shows its last progress bar."""
-    progress = None if state in ("done", "waiting") else last_progress(files.path("log"))
+    progress = None if state.split()[0] in ("done", "waiting") else last_progress(files.path("log"))
     return f"{state:<14} {files.key}  " + (f"[{progress}]  " if progress else "") + shown(line)
 
 
