@@ -41,7 +41,7 @@ from experiments.py.wild import WildSettings
 from experiments.run.faults import EXIT_BAD_INPUT, RunStopped, interrupt_handlers
 from experiments.run.loop import DEFAULT_CHECKPOINT_EVERY
 from experiments.run.setup import BadInputError, RunPlan, load_checked_model, prepare
-from experiments.run.start import open_new_run, open_resumed_run
+from experiments.run.start import held_run_folder, open_new_run, open_resumed_run
 from experiments.store.files import reproducible_torch
 
 LOG = logging.getLogger("experiments.evaluate")
@@ -193,9 +193,10 @@ def execute(plan: RunPlan, argv: list[str]) -> Path:
             return plan.finished_dir
         resources = EditResources(plan.paths, plan.slug)
         opener = open_resumed_run if plan.resume_dir is not None else open_new_run
-        run, start = opener(plan, model, tok, resources, argv)
-        with interrupt_handlers(run.stop):
-            run.execute(start)
+        with held_run_folder(plan) as run_dir:
+            run, start = opener(plan, model, tok, resources, argv, run_dir)
+            with interrupt_handlers(run.stop):
+                run.execute(start)
     return run.run_dir
 
 

@@ -18,6 +18,8 @@ import pytest
 import torch
 
 from experiments.evaluate import cli
+from experiments.run.resume import lock_run_folder
+from experiments.store import files
 from experiments.store.checkpoints import WeightLedger, checkpoint_index, load_checkpoint, save_checkpoint
 from experiments.store.files import strip_timing
 from rome.editor import ROMEEditor
@@ -254,6 +256,36 @@ def test_resume_refuses_a_folder_whose_files_before_the_checkpoint_are_gone(worl
     assert cli(args + ["--continue_from_run=run_000"]) == 2
     assert "the result files of step 1 are missing" in caplog.text and "--continue_from_run" in caplog.text
     assert sorted(p.name for p in run_dir.iterdir()) == before  # nothing written
+
+
+def test_a_run_folder_another_process_writes_is_left_to_it(world, reference, patched_edit, caplog):
+    """Two plans sharing a line, or one command typed twice: whichever way a second process comes to an
+    unfinished run that another is writing, it writes nothing there and starts no run beside it."""
+    args = args_for(world, "locked", checkpoint_every=100)
+    patched_edit(crash_call=7)
+    with pytest.raises(SimulatedKill):
+        cli(args)
+    run_dir = world.results_dir / "locked" / "run_000"
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    patched_edit()
+    writer = lock_run_folder(run_dir)  # what the process writing the folder holds
+    try:
+        for how in ("--continue_from_run=run_000", "--continue_from_run=auto"):
+            caplog.clear()
+            assert cli(args + [how]) == 2
+            assert f"{run_dir} is being written by another process" in caplog.text
+        assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
+        assert [p.name for p in run_dir.parent.iterdir()] == ["run_000"]
+    finally:
+        writer.close()
+    assert cli(args + ["--continue_from_run=auto"]) == 0  # once it is free, resumed to the same files
+    assert_same_results(run_dir, reference[0])
+
+
+def test_a_new_run_takes_the_next_number_when_another_process_took_this_one(tmp_path, monkeypatch):
+    (tmp_path / "run_000").mkdir()  # created by another process after this one listed the folder
+    monkeypatch.setattr(files, "existing_runs", lambda alg_dir: [])
+    assert files.new_run_dir(tmp_path) == tmp_path / "run_001" and (tmp_path / "run_001").is_dir()
 
 
 @pytest.mark.parametrize("n_sigint", [1, 2])

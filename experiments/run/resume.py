@@ -9,15 +9,21 @@ says so and names the flag; it is never reused silently.
 ``--continue_from_run auto`` makes a command idempotent, for plans of many runs that outlive a
 session: it does nothing when a run of the same configuration has finished, resumes the newest
 unfinished one, and starts a new run only when there is none.
+
+A process writing a run folder holds an exclusive lock on its ``.run.lock`` from before its first
+write to its exit, so two processes never write one folder: the second is told so, whichever way it
+got there (``auto`` or a named run, two plans sharing a line, the same command typed twice).
+The pid in run.json gives the same message earlier, before the model loads; the lock is what decides.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import socket
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import IO, Any, Mapping, Optional
 
 from experiments.store.files import RUN_META_FILE, existing_runs, read_json
 
@@ -25,6 +31,7 @@ LOG = logging.getLogger(__name__)
 
 FINISHED = "finished"
 AUTO = "auto"
+RUN_LOCK_FILE = ".run.lock"
 
 
 class ResumeError(ValueError):
@@ -107,6 +114,18 @@ def still_running(meta: dict) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def lock_run_folder(run_dir: Path) -> IO[str]:
+    """The run folder's lock, held by this process until the returned file is closed (or the process
+    ends); a ResumeError when another process holds it."""
+    f = open(run_dir / RUN_LOCK_FILE, "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise ResumeError(f"{run_dir} is being written by another process; let it finish or stop it first") from None
+    return f
 
 
 def check_resumable(run_dir: Path, config: dict, defaults: Optional[Mapping[str, Any]] = None) -> dict:

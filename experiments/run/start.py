@@ -6,18 +6,19 @@ and the editor state of its last checkpoint, and its run.json says what was repl
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import socket
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from editing.resources import EditResources
 from experiments.protocols import Protocol, RunContext
 from experiments.run.loop import RunLoop
-from experiments.run.resume import ResumeError, execution_settings
+from experiments.run.resume import ResumeError, execution_settings, lock_run_folder
 from experiments.run.setup import RunPlan, bad_input
 from experiments.store.checkpoints import CHECKPOINT_FILE
 from experiments.store.files import (
@@ -83,8 +84,18 @@ def context_templates(plan: RunPlan, resources: EditResources, model, tok) -> Op
     return None if spec is None else resources.context_templates(model, tok, spec)
 
 
-def open_new_run(plan: RunPlan, model, tok, resources: EditResources, argv) -> tuple[RunLoop, int]:
-    run_dir = new_run_dir(plan.alg_dir)
+@contextlib.contextmanager
+def held_run_folder(plan: RunPlan) -> Iterator[Path]:
+    """The folder this process writes (the run to resume, or a new one), locked for it while the block
+    runs: two processes never write one run folder."""
+    run_dir = plan.resume_dir or new_run_dir(plan.alg_dir)
+    with bad_input("--continue_from_run", "let the other process finish (or stop it), then run this command again"):
+        lock = lock_run_folder(run_dir)
+    with lock:
+        yield run_dir
+
+
+def open_new_run(plan: RunPlan, model, tok, resources: EditResources, argv, run_dir: Path) -> tuple[RunLoop, int]:
     protocol = build_protocol(plan, model, tok, resources, run_dir)
     meta = RunMeta(run_dir, new_run_meta(plan, model, protocol, context_templates(plan, resources, model, tok), argv))
     meta.update()
@@ -96,8 +107,7 @@ def open_new_run(plan: RunPlan, model, tok, resources: EditResources, argv) -> t
     return RunLoop(protocol, meta, plan.args.checkpoint_every, f"{plan.algorithm.name} {protocol.name}"), 1
 
 
-def open_resumed_run(plan: RunPlan, model, tok, resources: EditResources, argv) -> tuple[RunLoop, int]:
-    run_dir = plan.resume_dir
+def open_resumed_run(plan: RunPlan, model, tok, resources: EditResources, argv, run_dir: Path) -> tuple[RunLoop, int]:
     meta = RunMeta.load(run_dir)
     with bad_input("--continue_from_run", "start a new run (drop --continue_from_run)"):
         if meta.data["edit_stream_case_ids"] != [r["case_id"] for r in plan.split.edit_stream]:

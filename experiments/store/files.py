@@ -57,12 +57,18 @@ def existing_runs(alg_dir: Path) -> list[Path]:
 
 
 def new_run_dir(alg_dir: Path) -> Path:
-    """The next free run_NNN folder, created."""
+    """The next free run_NNN folder, created (by this process alone: when another process creates the
+    same number first, the next one is taken)."""
     runs = existing_runs(alg_dir)
     n = int(RUN_DIR_RE.match(runs[-1].name).group(1)) + 1 if runs else 0
-    path = alg_dir / f"run_{n:03d}"
-    path.mkdir(parents=True, exist_ok=False)
-    return path
+    alg_dir.mkdir(parents=True, exist_ok=True)
+    while True:
+        path = alg_dir / f"run_{n:03d}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            n += 1
 
 
 def git_commit() -> str | None:
