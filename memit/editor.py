@@ -14,6 +14,7 @@ from memit.key_moments import KeyMoments
 from memit.memit_hparams import MEMITHyperParams
 from memit.memit_main import MEMITUpdate, apply_deltas, execute_memit
 from util import nethook
+from util.architectures import check_residual_targets
 from util.placement import module_device
 
 
@@ -23,6 +24,7 @@ class MEMITEditor(LocateEditEditor):
     def __init__(self, model: nn.Module, tok: PreTrainedTokenizerBase, hparams: MEMITHyperParams, resources: Any,
                  cache_template: Optional[str] = None):
         super().__init__(model, tok, hparams, resources)
+        check_residual_targets(hparams, model, type(hparams).__name__)
         # MEMIT's z cache (e.g. "cache/memit_z_{layer}_{clamp_norm_factor}_{case_id}.npz"): only sound when
         # every edit starts from the same model, never in a lifelong run
         self.cache_template = cache_template

@@ -15,7 +15,7 @@ on SmolLM2 15000 absorbed too little (z error 93 -> 78 over six layers) and miss
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import ClassVar, Optional
 
 from editing.context_templates import MEMIT_PROMPTS
 from editing.hparams import LocateEditHyperParams
@@ -27,6 +27,9 @@ class MEMITHyperParams(LocateEditHyperParams):
     # lambda in Delta = R K^T (lambda C + K K^T)^{-1}; gpt2-xl 20000, gpt-j 15000
     mom2_update_weight: float
     context_template_prompts: Optional[tuple[str, ...]] = MEMIT_PROMPTS
+    # z is a residual-stream target spread over the layers through the MLP outputs, which assumes each
+    # MLP's output is added to the residual as it is (util/architectures.py check_residual_targets)
+    writes_residual_targets: ClassVar[bool] = True
 
     def validate(self) -> None:
         super().validate()

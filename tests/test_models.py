@@ -237,3 +237,35 @@ def test_gemma3_loads_as_text_model_with_bos(gemma3):
     _assert_ready(model, tok)
     assert tok("Paris")["input_ids"][0] == tok.bos_token_id  # Gemma prepends BOS by default
     assert score_targets(model, tok, ["The Eiffel Tower is located in the city of"], ["Paris"])[0].correct
+
+
+@pytest.mark.slow
+def test_gemma3_refuses_memits_residual_targets_and_says_why(gemma3):
+    """Gemma 3's MLP output reaches the residual only through post_feedforward_layernorm, and on
+    MEMIT's Gemma layers (2-5) it is under 1% of the residual stream's norm: MEMIT's residual targets
+    cannot be written into down_proj (measured: ENCORE/MEMIT's solve gave updates 11-193x the weights
+    and 0 of 10 rewrites). The MEMIT family is refused at start, ROME is not."""
+    from memit.editor import MEMITEditor
+    from memit.memit_hparams import MEMITHyperParams
+    from rome.rome_hparams import ROMEHyperParams
+    from util import nethook
+    from util.architectures import check_hparams_against_model
+    from util.globals import REPO_ROOT
+    from util.hparams import HParamsError
+
+    model, tok = gemma3
+    names = [f"model.layers.{l}.{m}" for l in range(2, 6) for m in ("mlp.down_proj", "")]
+    with torch.no_grad(), nethook.TraceDict(model, [n.rstrip(".") for n in names]) as traces:
+        model(**tok("The Eiffel Tower is located in the city of", return_tensors="pt"))
+    for layer in range(2, 6):
+        out = traces[f"model.layers.{layer}.mlp.down_proj"].output[0, -1].norm()
+        block = traces[f"model.layers.{layer}"].output
+        residual = (block[0] if isinstance(block, tuple) else block)[0, -1].norm()
+        assert out < 0.01 * residual, (layer, float(out), float(residual))
+    memit = MEMITHyperParams.from_json(REPO_ROOT / "hparams" / "MEMIT" / "smollm2-135m.json").replace(
+        layers=[2, 3, 4, 5], v_loss_layer=17)
+    with pytest.raises(HParamsError, match="post_feedforward_layernorm.*MEMIT, AlphaEdit, ENCORE"):
+        check_hparams_against_model(memit, model, "memit.json")
+    with pytest.raises(HParamsError, match="post_feedforward_layernorm"):
+        MEMITEditor(model, tok, memit, None)
+    check_hparams_against_model(ROMEHyperParams.from_json(REPO_ROOT / "hparams" / "ROME" / "gemma-3-270m.json"), model)

@@ -29,6 +29,9 @@ class ArchSpec:
     embed_module: str
     layers_container: str  # the ModuleList that holds the blocks
     position_embed_module: Optional[str] = None  # learned absolute positions (GPT-2)
+    # a norm between the MLP's output and the residual add (Gemma 2 and 3's post_feedforward_layernorm):
+    # the MLP's output then reaches the residual stream only through a scale-invariant map
+    mlp_output_norm_tmp: Optional[str] = None
 
 
 ARCHITECTURES: dict[str, ArchSpec] = {
@@ -75,8 +78,10 @@ _LLAMA_LIKE = ArchSpec(
     embed_module="model.embed_tokens",
     layers_container="model.layers",
 )
-for _name in ("llama", "qwen2", "mistral", "gemma3_text", "gemma2", "gemma"):
+for _name in ("llama", "qwen2", "mistral", "gemma"):
     ARCHITECTURES[_name] = _LLAMA_LIKE
+for _name in ("gemma3_text", "gemma2"):
+    ARCHITECTURES[_name] = dataclasses.replace(_LLAMA_LIKE, mlp_output_norm_tmp="model.layers.{}.post_feedforward_layernorm")
 
 # hparams fields that hold module templates, and the ArchSpec attribute each must equal.
 TEMPLATE_FIELDS = (
@@ -178,6 +183,7 @@ def check_hparams_against_model(hparams, model: nn.Module, source: str = "hparam
                     f"{source}: field {field!r} has layer {layer}, but the model has layers 0..{n_layers - 1}"
                 )
     _check_watched_module(hparams, model, names, n_layers, source)
+    check_residual_targets(hparams, model, source)
     for field in ("v_loss_layer", "scanning_ceiling"):
         value = getattr(hparams, field, None)
         limit = n_layers + 1 if field == "scanning_ceiling" else n_layers
@@ -185,6 +191,22 @@ def check_hparams_against_model(hparams, model: nn.Module, source: str = "hparam
             raise HParamsError(
                 f"{source}: field {field!r} is {value}, but the model has layers 0..{n_layers - 1}"
             )
+
+
+def check_residual_targets(hparams, model: nn.Module, source: str = "hparams") -> None:
+    """Methods that write residual-stream targets through the MLP's output (hparams saying
+    ``writes_residual_targets``: MEMIT and the methods built on its z's) need that output added to the
+    residual as it is. Behind a norm (Gemma 2 and 3) it is not: the targets, residual deltas hundreds of
+    times the MLP output's norm on Gemma-3-270m, would be written as if it were (docs/fidelity.md)."""
+    spec = ARCHITECTURES.get(getattr(model.config, "model_type", None))
+    if not getattr(hparams, "writes_residual_targets", False) or spec is None or spec.mlp_output_norm_tmp is None:
+        return
+    raise HParamsError(
+        f"{source}: this {model.config.model_type} model passes each MLP's output through "
+        f"{spec.mlp_output_norm_tmp.format('L')!r} before the residual add, so the residual-stream targets of "
+        f"MEMIT, AlphaEdit, ENCORE, RECT and PRUNE cannot be written into {hparams.rewrite_module_tmp.format('L')!r} "
+        f"(docs/fidelity.md, 'Gemma 2 and 3'); ROME, r-ROME, WilKE, UltraEdit, FT, KN, GRACE and WISE edit it"
+    )
 
 
 def _check_watched_module(hparams, model: nn.Module, names: set[str], n_layers: int, source: str) -> None:

@@ -201,7 +201,9 @@ def bench_model(name: str, n_edits: int, n_approx: int, skip_reference: bool, st
     if "rome" in parts:
         out["rome_fast"] = {"seconds_per_edit": mean(run_rome(model, tok, rh, records[:n_edits], fresh_resources()))}
         _progress(out)
-    if "alphaedit" in parts:
+    if "alphaedit" in parts and not (hp_dir / "AlphaEdit" / fname).is_file():
+        LOG.info("%s: no AlphaEdit hparams file (none for Gemma 2/3: util/architectures.py check_residual_targets)", name)
+    elif "alphaedit" in parts:
         out["alphaedit"] = time_alphaedit(model, tok, hp_dir / "AlphaEdit" / fname, records[:ALPHAEDIT_BATCH],
                                           fresh_resources())
         _progress(out)
