@@ -50,6 +50,14 @@ def restore(model: torch.nn.Module, orig: dict[str, torch.Tensor]) -> None:
         params[name].copy_(w)
 
 
+def report(out: Path, payload: dict, table: dict, label: str) -> None:
+    """Write ``payload`` as JSON to ``out`` and print one line per row of ``table`` ("<label> <key>: ...")."""
+    write_json_atomic(out, payload)
+    for key, row in table.items():
+        print(f"{label} {key}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()))
+    print(f"written {out}")
+
+
 def sweep(model, tok, records, hparams: ROMEHyperParams, layers: Sequence[int], resources) -> dict[int, dict]:
     if hparams.mom2_adjustment:  # every swept layer's statistics in one corpus pass, not one pass each
         resources.covariances(model, tok, hparams, [hparams.rewrite_module_tmp.format(layer) for layer in layers])
@@ -102,10 +110,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     records = split_records(ds.records, args.seed, None).edit_stream[: args.n_records]
     table = sweep(model, tok, records, hp, [int(x) for x in args.layers.split(",")], EditResources(paths, slug))
     out = Path(args.out or paths.results_dir / f"layer_sweep_{slug}.json")
-    write_json_atomic(out, {"model": args.model_name, "records": [r["case_id"] for r in records], "layers": table})
-    for layer, row in table.items():
-        print(f"layer {layer}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()))
-    print(f"written {out}")
+    report(out, {"model": args.model_name, "records": [r["case_id"] for r in records], "layers": table}, table, "layer")
     return table
 
 

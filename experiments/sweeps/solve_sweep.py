@@ -27,8 +27,7 @@ from editing.requests import record_request
 from editing.resources import EditResources
 from experiments.algorithms import Algorithm, get_algorithm
 from experiments.py.dataset_metrics import evaluate_records, metrics_for
-from experiments.store.files import write_json_atomic
-from experiments.sweeps.layer_sweep import mean, restore, score
+from experiments.sweeps.layer_sweep import mean, report, restore, score
 from util.globals import load_paths
 
 LOG = logging.getLogger("experiments.sweeps.solve_sweep")
@@ -106,7 +105,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         raise SystemExit(f"--n_records {args.n_records}: expected at least 1")
     paths = load_paths(stats_dir=args.stats_dir, data_dir=args.data_dir)
     slug = model_slug(args.model_name)
-    algorithm = get_algorithm(args.alg_name)
+    try:
+        algorithm = get_algorithm(args.alg_name)
+    except KeyError as err:
+        raise SystemExit(err.args[0]) from None
     hp_path = Path(args.hparams_fname) if args.hparams_fname and Path(args.hparams_fname).is_file() else (
         paths.hparams_dir / args.alg_name / (args.hparams_fname or f"{slug}.json"))
     hp = algorithm.load_hparams_class().from_json(hp_path)
@@ -117,11 +119,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="solve_sweep_z_") as z_dir:
         table = sweep(model, tok, records, algorithm, hp, args.field, values, EditResources(paths, slug), Path(z_dir))
     out = Path(args.out or paths.results_dir / f"solve_sweep_{args.alg_name}_{args.field}_{slug}.json")
-    write_json_atomic(out, {"model": args.model_name, "alg_name": args.alg_name, "hparams": str(hp_path),
-                            "field": args.field, "records": [r["case_id"] for r in records], "values": table})
-    for value, row in table.items():
-        print(f"{args.field} {value}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()))
-    print(f"written {out}")
+    report(out, {"model": args.model_name, "alg_name": args.alg_name, "hparams": str(hp_path), "field": args.field,
+                 "records": [r["case_id"] for r in records], "values": table}, table, args.field)
     return table
 
 
