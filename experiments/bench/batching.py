@@ -79,8 +79,11 @@ def load_bench(name: str, device: Optional[str], dtype: torch.dtype) -> Bench:
                            vocab=vocab, device=str(pick_device(device)), dtype=dtype)
         memit, wilke = _random_hparams(arch, n_layer)
         return Bench(model, make_tokenizer(), memit, wilke, tiny_records(), lambda: EditResources(paths, name, progress=False))
-    model, tok = load_model(name, device=device, dtype=dtype)
     slug = model_slug(name)
+    if not (paths.hparams_dir / "MEMIT" / f"{slug}.json").is_file():
+        raise SystemExit(f"--model {name}: no hparams/MEMIT/{slug}.json to time MEMIT's z's with (none for Gemma 2/3: "
+                         f"util/architectures.py check_residual_targets)")
+    model, tok = load_model(name, device=device, dtype=dtype)
     memit = MEMITHyperParams.from_json(paths.hparams_dir / "MEMIT" / f"{slug}.json")
     wilke = WilKEHyperParams.from_json(paths.hparams_dir / "WilKE" / f"{slug}.json")
     return Bench(model, tok, memit, wilke, _counterfact(), lambda: EditResources(paths, slug, progress=False))
