@@ -245,6 +245,7 @@ def test_gemma3_refuses_memits_residual_targets_and_says_why(gemma3):
     MEMIT's Gemma layers (2-5) it is under 1% of the residual stream's norm: MEMIT's residual targets
     cannot be written into down_proj (measured: ENCORE/MEMIT's solve gave updates 11-193x the weights
     and 0 of 10 rewrites). The MEMIT family is refused at start, ROME is not."""
+    from experiments.run.setup import BadInputError, bad_input
     from memit.editor import MEMITEditor
     from memit.memit_hparams import MEMITHyperParams
     from rome.rome_hparams import ROMEHyperParams
@@ -266,6 +267,9 @@ def test_gemma3_refuses_memits_residual_targets_and_says_why(gemma3):
         layers=[2, 3, 4, 5], v_loss_layer=17)
     with pytest.raises(HParamsError, match="post_feedforward_layernorm.*MEMIT, AlphaEdit, ENCORE"):
         check_hparams_against_model(memit, model, "memit.json")
+    with pytest.raises(BadInputError) as refused, bad_input("hyperparameters for this model", "another file"):
+        check_hparams_against_model(memit, model, "memit.json")
+    assert refused.value.fix.startswith("choose ROME, r-ROME, WilKE, UltraEdit")  # its own fix, not the generic one
     with pytest.raises(HParamsError, match="post_feedforward_layernorm"):
         MEMITEditor(model, tok, memit, None)
     check_hparams_against_model(ROMEHyperParams.from_json(REPO_ROOT / "hparams" / "ROME" / "gemma-3-270m.json"), model)

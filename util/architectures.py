@@ -98,6 +98,13 @@ class UnsupportedArchitectureError(ValueError):
     pass
 
 
+class ResidualTargetsError(HParamsError):
+    """A method that writes residual-stream targets through the MLP's output, on a model whose MLP
+    output passes through a norm first (``check_residual_targets``)."""
+
+    fix = "choose ROME, r-ROME, WilKE, UltraEdit, FT, KN, GRACE or WISE for this model"
+
+
 def arch_of(model: nn.Module) -> ArchSpec:
     model_type = getattr(model.config, "model_type", None)
     if model_type not in ARCHITECTURES:
@@ -201,11 +208,11 @@ def check_residual_targets(hparams, model: nn.Module, source: str = "hparams") -
     spec = ARCHITECTURES.get(getattr(model.config, "model_type", None))
     if not getattr(hparams, "writes_residual_targets", False) or spec is None or spec.mlp_output_norm_tmp is None:
         return
-    raise HParamsError(
+    raise ResidualTargetsError(
         f"{source}: this {model.config.model_type} model passes each MLP's output through "
         f"{spec.mlp_output_norm_tmp.format('L')!r} before the residual add, so the residual-stream targets of "
         f"MEMIT, AlphaEdit, ENCORE, RECT and PRUNE cannot be written into {hparams.rewrite_module_tmp.format('L')!r} "
-        f"(docs/fidelity.md, 'Gemma 2 and 3'); ROME, r-ROME, WilKE, UltraEdit, FT, KN, GRACE and WISE edit it"
+        f"(docs/fidelity.md, 'Gemma 2 and 3'); {ResidualTargetsError.fix}"
     )
 
 

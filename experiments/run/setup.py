@@ -52,8 +52,8 @@ def bad_input(what: str, fix: str) -> Iterator[None]:
         raise
     except KeyError as e:
         raise BadInputError(what, e.args[0] if e.args else str(e), fix) from e
-    except BAD_INPUT_ERRORS as e:
-        raise BadInputError(what, str(e), fix) from e
+    except BAD_INPUT_ERRORS as e:  # an error that knows its own fix (ResidualTargetsError) gives it
+        raise BadInputError(what, str(e), getattr(e, "fix", None) or fix) from e
 
 
 def check_flags(args: argparse.Namespace) -> None:
