@@ -278,12 +278,13 @@ def test_the_nas_hparams_files_switch_it_on_and_prepare_needs_nothing_when_off()
                                   "kl_factor", "mom2_update_weight", "nullspace_threshold")} == {
         "layers": [4, 5, 6, 7, 8], "v_lr": 0.1, "v_num_grad_steps": 25, "clamp_norm_factor": 0.75, "L2": 10,
         "v_weight_decay": 0.5, "kl_factor": 0.0625, "mom2_update_weight": 15000, "nullspace_threshold": 0.02}
-    for alg in ("MEMIT", "AlphaEdit"):  # each _nas file is its model's shipped file plus the switch
-        for model in ("smollm2-135m",):  # no Gemma-3 files: util/architectures.py check_residual_targets
-            base = json.loads((REPO_ROOT / "hparams" / alg / f"{model}.json").read_text())
-            nas = json.loads((REPO_ROOT / "hparams" / alg / f"{model}_nas.json").read_text())
-            assert {k: v for k, v in nas.items() if not k.startswith("value_norm_anchor")} == base
-            assert ALGORITHMS[alg].load_hparams_class().from_json(REPO_ROOT / "hparams" / alg / f"{model}_nas.json").value_norm_anchor
+    # each _nas file is its model's shipped file plus the switch; MEMIT and AlphaEdit have no Gemma-3 files
+    # (util/architectures.py check_residual_targets), ROME does
+    for alg, model in (("MEMIT", "smollm2-135m"), ("AlphaEdit", "smollm2-135m"), ("ROME", "gemma-3-270m")):
+        base = json.loads((REPO_ROOT / "hparams" / alg / f"{model}.json").read_text())
+        nas = json.loads((REPO_ROOT / "hparams" / alg / f"{model}_nas.json").read_text())
+        assert {k: v for k, v in nas.items() if not k.startswith("value_norm_anchor")} == base
+        assert ALGORITHMS[alg].load_hparams_class().from_json(REPO_ROOT / "hparams" / alg / f"{model}_nas.json").value_norm_anchor
     off = MEMITHyperParams.from_json(REPO_ROOT / "hparams" / "MEMIT" / "smollm2-135m.json")
     assert not off.value_norm_anchor and prepare_norm_anchors(None, None, off, None) == {}
 
