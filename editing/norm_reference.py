@@ -43,6 +43,7 @@ from editing.norm_anchor import mlp_output_at_first_prompt
 from editing.requests import normalise_request, record_request
 from editing.value_optimisation import optimise_in_batches
 from editing.value_problems import ValueTask, build_value_problem
+from util.architectures import check_residual_targets
 from util.atomic_files import write_json_atomic
 from util.scoring import model_device
 
@@ -207,6 +208,7 @@ def prepare_norm_anchors(model: nn.Module, tok: PreTrainedTokenizerBase, hparams
     edited model. Nothing when NAS is off."""
     if not hparams.value_norm_anchor:
         return {}
+    check_residual_targets(hparams, model, type(hparams).__name__)  # not on Gemma 2/3 (its docstring)
     for variant in hparams.norm_anchor_variants:
         for layer in hparams.norm_anchor_layers:
             resources.norm_reference(model, tok, variant, layer)

@@ -278,15 +278,45 @@ def test_the_nas_hparams_files_switch_it_on_and_prepare_needs_nothing_when_off()
                                   "kl_factor", "mom2_update_weight", "nullspace_threshold")} == {
         "layers": [4, 5, 6, 7, 8], "v_lr": 0.1, "v_num_grad_steps": 25, "clamp_norm_factor": 0.75, "L2": 10,
         "v_weight_decay": 0.5, "kl_factor": 0.0625, "mom2_update_weight": 15000, "nullspace_threshold": 0.02}
-    # each _nas file is its model's shipped file plus the switch; MEMIT and AlphaEdit have no Gemma-3 files
-    # (util/architectures.py check_residual_targets), ROME does
-    for alg, model in (("MEMIT", "smollm2-135m"), ("AlphaEdit", "smollm2-135m"), ("ROME", "gemma-3-270m")):
+    # each _nas file is its model's shipped file plus the switch; none for Gemma 3, where NAS does not apply
+    # (util/architectures.py check_residual_targets)
+    for alg, model in (("MEMIT", "smollm2-135m"), ("AlphaEdit", "smollm2-135m")):
         base = json.loads((REPO_ROOT / "hparams" / alg / f"{model}.json").read_text())
         nas = json.loads((REPO_ROOT / "hparams" / alg / f"{model}_nas.json").read_text())
         assert {k: v for k, v in nas.items() if not k.startswith("value_norm_anchor")} == base
         assert ALGORITHMS[alg].load_hparams_class().from_json(REPO_ROOT / "hparams" / alg / f"{model}_nas.json").value_norm_anchor
     off = MEMITHyperParams.from_json(REPO_ROOT / "hparams" / "MEMIT" / "smollm2-135m.json")
     assert not off.value_norm_anchor and prepare_norm_anchors(None, None, off, None) == {}
+
+
+def _tiny_gemma3() -> torch.nn.Module:
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    return Gemma3ForCausalLM(config).eval()
+
+
+def test_nas_is_refused_on_gemma3_before_its_reference_norm_is_made():
+    """NAS's r is MEMIT's v* (MLP output plus a residual-stream delta). Gemma 3 puts a norm between the MLP
+    and the residual, so r is not a norm of what ROME writes there (gemma-3-270m: r 178.1 at layer 6, ROME's
+    own v* 12-19; anchored, edit 1's update was 14x ROME's): refused at the hparams check and by
+    prepare_norm_anchors itself, before any rewrite is optimised; ROME without NAS passes."""
+    from experiments.run.setup import BadInputError, bad_input
+    from util.architectures import ResidualTargetsError, check_hparams_against_model
+
+    model = _tiny_gemma3()
+    rome = ROMEHyperParams.from_json(REPO_ROOT / "hparams" / "ROME" / "gemma-3-270m.json").replace(layers=[0], v_loss_layer=1)
+    check_hparams_against_model(rome, model, "rome.json")
+    nas = rome.replace(value_norm_anchor=True)
+    with pytest.raises(ResidualTargetsError, match=r"value_norm_anchor \(NAS\).*post_feedforward_layernorm"):
+        check_hparams_against_model(nas, model, "rome_nas.json")
+    with pytest.raises(BadInputError) as refused, bad_input("hyperparameters for this model", "another file"):
+        check_hparams_against_model(nas, model, "rome_nas.json")
+    assert refused.value.fix.startswith("set value_norm_anchor to false")
+    with pytest.raises(ResidualTargetsError, match="value_norm_anchor"):
+        prepare_norm_anchors(model, None, nas, None)  # no resources: nothing may be computed first
 
 
 def test_wilke_never_chooses_a_layer_whose_edit_nas_refused():

@@ -100,9 +100,14 @@ class UnsupportedArchitectureError(ValueError):
 
 class ResidualTargetsError(HParamsError):
     """A method that writes residual-stream targets through the MLP's output, on a model whose MLP
-    output passes through a norm first (``check_residual_targets``)."""
+    output passes through a norm first (``check_residual_targets``). ``fix`` says what to do instead."""
 
     fix = "choose ROME, r-ROME, WilKE, UltraEdit, FT, KN, GRACE or WISE for this model"
+
+    def __init__(self, message: str, fix: Optional[str] = None):
+        super().__init__(message)
+        if fix is not None:
+            self.fix = fix
 
 
 def arch_of(model: nn.Module) -> ArchSpec:
@@ -201,19 +206,31 @@ def check_hparams_against_model(hparams, model: nn.Module, source: str = "hparam
 
 
 def check_residual_targets(hparams, model: nn.Module, source: str = "hparams") -> None:
-    """Methods that write residual-stream targets through the MLP's output (hparams saying
-    ``writes_residual_targets``: MEMIT and the methods built on its z's) need that output added to the
-    residual as it is. Behind a norm (Gemma 2 and 3) it is not: the targets, residual deltas hundreds of
-    times the MLP output's norm on Gemma-3-270m, would be written as if it were (docs/fidelity.md)."""
+    """Residual-stream targets written through the MLP's output need that output added to the residual
+    as it is. Behind a norm (Gemma 2 and 3) it is not (docs/fidelity.md), so two things are refused there:
+    - methods whose hparams say ``writes_residual_targets`` (MEMIT and the methods built on its z's):
+      their targets, residual deltas hundreds of times the MLP output's norm on Gemma-3-270m, would be
+      written as if the output were added directly;
+    - NAS (``value_norm_anchor``) for any method: its reference norm r is MEMIT's v*, the MLP output plus
+      a delta optimised on the residual stream, so on Gemma-3-270m r is 178 where ROME's own v* are 12-19,
+      and anchoring to it makes each update 14x larger (edit 1: ||Delta|| 67.7 against 4.7)."""
     spec = ARCHITECTURES.get(getattr(model.config, "model_type", None))
-    if not getattr(hparams, "writes_residual_targets", False) or spec is None or spec.mlp_output_norm_tmp is None:
+    if spec is None or spec.mlp_output_norm_tmp is None:
         return
-    raise ResidualTargetsError(
-        f"{source}: this {model.config.model_type} model passes each MLP's output through "
-        f"{spec.mlp_output_norm_tmp.format('L')!r} before the residual add, so the residual-stream targets of "
-        f"MEMIT, AlphaEdit, ENCORE, RECT and PRUNE cannot be written into {hparams.rewrite_module_tmp.format('L')!r} "
-        f"(docs/fidelity.md, 'Gemma 2 and 3'); {ResidualTargetsError.fix}"
-    )
+    norm = f"{spec.mlp_output_norm_tmp.format('L')!r}"
+    if getattr(hparams, "writes_residual_targets", False):
+        raise ResidualTargetsError(
+            f"{source}: this {model.config.model_type} model passes each MLP's output through {norm} before the "
+            f"residual add, so the residual-stream targets of MEMIT, AlphaEdit, ENCORE, RECT and PRUNE cannot be "
+            f"written into {hparams.rewrite_module_tmp.format('L')!r} (docs/fidelity.md, 'Gemma 2 and 3'); "
+            f"{ResidualTargetsError.fix}")
+    if getattr(hparams, "value_norm_anchor", False):
+        fix = "set value_norm_anchor to false (NAS does not apply to this model), or edit another model with NAS"
+        raise ResidualTargetsError(
+            f"{source}: value_norm_anchor (NAS) is on, but this {model.config.model_type} model passes each MLP's "
+            f"output through {norm} before the residual add: NAS's reference norm is MEMIT's v* (the MLP output "
+            f"plus a residual-stream delta), not a norm of the MLP output the method writes "
+            f"(docs/fidelity.md, 'Gemma 2 and 3'); {fix}", fix)
 
 
 def _check_watched_module(hparams, model: nn.Module, names: set[str], n_layers: int, source: str) -> None:
