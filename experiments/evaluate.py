@@ -18,7 +18,8 @@ fix); bad records are skipped and listed in ``skipped_records.json``; weights an
 checkpointed every ``--checkpoint_every`` steps and at every evaluation, so ``--continue_from_run
 run_NNN`` resumes a killed run with the same results; a NaN/inf stops the run (``failure.json``,
 exit code 3); Ctrl-C/SIGTERM stops after the current step (a second one abandons it), leaving a
-resumable run (exit code 130/143). The pieces: run/setup.py (checks and plan), run/start.py
+resumable run (exit code 130/143); one that comes while the run is prepared (the unedited model's
+answers, its probes) lets that finish and be written, then stops before the first edit. The pieces: run/setup.py (checks and plan), run/start.py
 (run folders), run/loop.py (steps and checkpoints), protocols/ (what a step does).
 """
 from __future__ import annotations
@@ -38,7 +39,14 @@ from experiments.py.generation_metrics import DEFAULT_MAX_OUT_LEN, DEFAULT_N_GEN
 from experiments.py.probe_tasks import DEFAULT_TASKS, PROBE_TASKS
 from experiments.py.wild import TEMPLATES as WILD_TEMPLATES
 from experiments.py.wild import WildSettings
-from experiments.run.faults import EXIT_BAD_INPUT, RunStopped, interrupt_handlers
+from experiments.run.faults import (
+    EXIT_BAD_INPUT,
+    RunInterrupted,
+    RunStopped,
+    StopRequest,
+    interrupt_handlers,
+    signal_exit_code,
+)
 from experiments.run.loop import DEFAULT_CHECKPOINT_EVERY
 from experiments.run.setup import BadInputError, RunPlan, load_checked_model, prepare
 from experiments.run.start import held_run_folder, open_new_run, open_resumed_run
@@ -193,10 +201,14 @@ def execute(plan: RunPlan, argv: list[str]) -> Path:
             return plan.finished_dir
         resources = EditResources(plan.paths, plan.slug)
         opener = open_resumed_run if plan.resume_dir is not None else open_new_run
-        with held_run_folder(plan) as run_dir:
-            run, start = opener(plan, model, tok, resources, argv, run_dir)
-            with interrupt_handlers(run.stop):
-                run.execute(start)
+        stop = StopRequest()  # a first signal while the run is prepared waits for its files, then stops it
+        with held_run_folder(plan) as run_dir, interrupt_handlers(stop):
+            try:
+                run, start = opener(plan, model, tok, resources, argv, run_dir, stop)
+            except RunInterrupted as e:
+                raise RunStopped(signal_exit_code(e.signum), f"abandoned while preparing {run_dir} (a second signal); "
+                                 f"the same command with --continue_from_run {run_dir.name} prepares it again") from None
+            run.execute(start)
     return run.run_dir
 
 

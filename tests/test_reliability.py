@@ -225,6 +225,41 @@ def test_sigterm_stops_cleanly_and_resume_matches_the_uninterrupted_run(world, r
     assert not (world.results_dir / "killed" / "run_001").exists()
 
 
+# The CLI with SIGTERM sent to itself as the unedited model's answers start being read (the run's preparation,
+# minutes on a long stream), which then go on to the end.
+SIGTERM_IN_PREPARE = """
+import os, signal, sys
+from experiments.evaluate import cli
+from experiments.protocols.base import UneditedAnswers
+real = UneditedAnswers.load_or_compute
+def signalled(self):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return real(self)
+UneditedAnswers.load_or_compute = signalled
+sys.exit(cli(sys.argv[1:]))
+"""
+
+
+def test_sigterm_while_the_run_is_prepared_keeps_the_preparation_and_stops_before_the_first_edit(world, reference):
+    """A first signal during the preparation (the unedited answers, the probes at 0) used to kill the process
+    and lose it; now the preparation finishes, its files are written, and the run stops before edit 1. The
+    resumed run reads them back and ends equal to the uninterrupted one."""
+    args = args_for(world, "stopped_early")
+    run_dir = world.results_dir / "stopped_early" / "run_000"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.run([sys.executable, "-c", SIGTERM_IN_PREPARE, *args], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-2000:]
+    assert "stopped before step 1" in proc.stderr and "--continue_from_run run_000" in proc.stderr
+    meta = json.loads((run_dir / "run.json").read_text())
+    assert meta["status"] == "interrupted" and meta["stopped_after_step"] == 0
+    assert (run_dir / "unedited_predictions.json").is_file() and not edit_files(run_dir)
+    unedited = (run_dir / "unedited_predictions.json").read_bytes()
+    assert cli(args + ["--continue_from_run=run_000"]) == 0
+    assert (run_dir / "unedited_predictions.json").read_bytes() == unedited  # read back, not made again
+    assert_same_results(run_dir, reference[0])
+
+
 def test_killed_run_resumes_by_replaying_from_the_last_checkpoint(world, reference, patched_edit, caplog):
     args = args_for(world, "crashed", checkpoint_every=100)  # weight checkpoints only at 1, 2, 4
     patched_edit(crash_call=7)  # the edit of step 4

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import traceback
 from pathlib import Path
+from typing import Optional
 
 from tqdm import tqdm
 
@@ -34,12 +35,12 @@ class RunLoop:
     """One run of one protocol in one run folder."""
 
     def __init__(self, protocol: Protocol, meta: RunMeta, checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
-                 label: str = "edits"):
+                 label: str = "edits", stop: Optional[StopRequest] = None):
         self.protocol, self.meta = protocol, meta
         self.ctx = protocol.ctx
         self.checkpoint_every = checkpoint_every
         self.label = label
-        self.stop = StopRequest()
+        self.stop = stop or StopRequest()  # the one the run's signal handlers set (experiments/evaluate.py)
         self.last_checkpoint = 0
         self.current_step = 0
 
@@ -88,6 +89,9 @@ class RunLoop:
     def run(self, start: int = 1) -> None:
         n_steps = self.protocol.n_steps
         marked = self.protocol.checkpoint_steps()
+        if self.stop.requested:  # the signal came while the run was being prepared (its files are written)
+            self.meta.update(status="interrupted", stopped_after_step=start - 1)
+            raise RunStopped(signal_exit_code(self.stop.signum), self.resume_hint(f"stopped before step {start}"))
         for i in tqdm(range(start, n_steps + 1), initial=start - 1, total=n_steps, desc=self.label, unit="step"):
             self.current_step = i
             self.protocol.step(i)

@@ -17,6 +17,7 @@ from typing import Any, Iterator, Optional
 
 from editing.resources import EditResources
 from experiments.protocols import Protocol, RunContext
+from experiments.run.faults import StopRequest
 from experiments.run.loop import RunLoop
 from experiments.run.resume import ResumeError, execution_settings, lock_run_folder
 from experiments.run.setup import RunPlan, bad_input
@@ -95,7 +96,8 @@ def held_run_folder(plan: RunPlan) -> Iterator[Path]:
         yield run_dir
 
 
-def open_new_run(plan: RunPlan, model, tok, resources: EditResources, argv, run_dir: Path) -> tuple[RunLoop, int]:
+def open_new_run(plan: RunPlan, model, tok, resources: EditResources, argv, run_dir: Path,
+                 stop: Optional[StopRequest] = None) -> tuple[RunLoop, int]:
     protocol = build_protocol(plan, model, tok, resources, run_dir)
     meta = RunMeta(run_dir, new_run_meta(plan, model, protocol, context_templates(plan, resources, model, tok), argv))
     meta.update()
@@ -104,10 +106,11 @@ def open_new_run(plan: RunPlan, model, tok, resources: EditResources, argv, run_
     protocol.prepare()
     LOG.info("run folder %s: %s protocol, %d edits of %d known records", run_dir, protocol.name,
              plan.edit_times, plan.split.n_known)
-    return RunLoop(protocol, meta, plan.args.checkpoint_every, f"{plan.algorithm.name} {protocol.name}"), 1
+    return RunLoop(protocol, meta, plan.args.checkpoint_every, f"{plan.algorithm.name} {protocol.name}", stop), 1
 
 
-def open_resumed_run(plan: RunPlan, model, tok, resources: EditResources, argv, run_dir: Path) -> tuple[RunLoop, int]:
+def open_resumed_run(plan: RunPlan, model, tok, resources: EditResources, argv, run_dir: Path,
+                     stop: Optional[StopRequest] = None) -> tuple[RunLoop, int]:
     meta = RunMeta.load(run_dir)
     with bad_input("--continue_from_run", "start a new run (drop --continue_from_run)"):
         if meta.data["edit_stream_case_ids"] != [r["case_id"] for r in plan.split.edit_stream]:
@@ -119,7 +122,7 @@ def open_resumed_run(plan: RunPlan, model, tok, resources: EditResources, argv, 
         LOG.warning("context templates differ from the interrupted run's; replayed edits may differ")
     protocol = build_protocol(plan, model, tok, resources, run_dir)
     protocol.prepare()  # on the fresh model, before the checkpoint's weights are restored
-    loop = RunLoop(protocol, meta, plan.args.checkpoint_every, f"{plan.algorithm.name} {protocol.name}")
+    loop = RunLoop(protocol, meta, plan.args.checkpoint_every, f"{plan.algorithm.name} {protocol.name}", stop)
     start = loop.restore()
     first_missing = protocol.first_unfinished_step()
     with bad_input("--continue_from_run", "start a new run (drop --continue_from_run, or move this folder away)"):
