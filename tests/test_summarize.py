@@ -508,6 +508,16 @@ def test_running_mean_is_the_mean_of_each_value_and_the_window_before_it():
     assert running_mean(values, 1).tolist() == values.tolist() and running_mean(np.array([]), 4).size == 0
 
 
+def test_the_value_trend_averages_sixteen_edits_whatever_the_batch():
+    """One edit a step: 16 steps; batches of 4: 4 steps; batches of 100 (each point already a mean of 100): 1."""
+    from experiments.summary.norm_growth import steps_per_mean
+
+    assert steps_per_mean(np.arange(1, 257, dtype=float)) == 16
+    assert steps_per_mean(np.arange(4, 257, 4, dtype=float)) == 4
+    assert steps_per_mean(np.arange(100, 2001, 100, dtype=float)) == 1
+    assert steps_per_mean(np.array([100.0])) == 1 and steps_per_mean(np.array([])) == 1
+
+
 def test_refresh_tables_rewrites_each_marked_table_from_its_summary(tmp_path):
     """A page's marked tables (a stale one, one followed by its paired differences, one not written yet)
     become what each summary reprints; the prose around them stays; a second refresh changes nothing;

@@ -50,6 +50,17 @@ def running_mean(values: np.ndarray, window: int = 16) -> np.ndarray:
     return (sums[1:] - sums[starts]) / (np.arange(1, values.size + 1) - starts)
 
 
+EDITS_PER_MEAN = 16  # the trend line of ||v*|| averages about this many edits
+
+
+def steps_per_mean(edits_done: np.ndarray) -> int:
+    """How many steps hold about ``EDITS_PER_MEAN`` edits: 16 one edit at a time, 1 in batches of 16 or
+    more (each step's point is already the mean of its batch's requests)."""
+    if edits_done.size < 2:
+        return 1
+    return max(1, round(EDITS_PER_MEAN / float(np.median(np.diff(edits_done)))))
+
+
 def _has_norms(runs: Sequence[Run]) -> bool:
     return any(weight_norm_curve(r)[0].size or value_norm_curve(r)[0].size for r in runs)
 
@@ -69,13 +80,15 @@ def norm_growth_figure(groups: Sequence[tuple[str, Sequence[Run]]], colors: dict
             label = alg if i == 0 else None
             weight_ax.plot(*weight_norm_curve(run), lw=1, color=colors[alg], label=label)
             x, optimised = value_norm_curve(run, "v_star")
-            value_ax.plot(x, optimised, lw=0.6, alpha=0.35, color=colors[alg])  # per step: noisy
-            value_ax.plot(x, running_mean(optimised), lw=1.5, color=colors[alg], label=label)
+            window = steps_per_mean(x)
+            if window > 1:
+                value_ax.plot(x, optimised, lw=0.6, alpha=0.35, color=colors[alg])  # per step: noisy
+            value_ax.plot(x, running_mean(optimised, window), lw=1.5, color=colors[alg], label=label)
             x_w, written = value_norm_curve(run, "written")
             if written.size and not np.allclose(written, optimised, rtol=1e-6):
                 value_ax.plot(x_w, written, "--", lw=1, color=colors[alg])
     weight_ax.set_title("edited weights: ||W||_F after each step", fontsize=10)
-    value_ax.set_title("||v*|| per step (faint), mean of 16 (dashed: written)", fontsize=10)
+    value_ax.set_title(f"mean ||v*|| over {EDITS_PER_MEAN} edits (faint: per step; dashed: written)", fontsize=10)
     for ax in (weight_ax, value_ax):
         ax.set_xlabel("number of edits")
         ax.set_yscale("log")
