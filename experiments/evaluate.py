@@ -15,12 +15,13 @@ locality. Everything needed to reproduce the run is saved in its folder (experim
 
 Reliability: inputs are checked before the model loads (exit code 2 with what, where and how to
 fix); bad records are skipped and listed in ``skipped_records.json``; weights and editor state are
-checkpointed every ``--checkpoint_every`` steps and at every evaluation, so ``--continue_from_run
-run_NNN`` resumes a killed run with the same results; a NaN/inf stops the run (``failure.json``,
-exit code 3); Ctrl-C/SIGTERM stops after the current step (a second one abandons it), leaving a
-resumable run (exit code 130/143); one that comes while the run is prepared (the unedited model's
-answers, its probes) lets that finish and be written, then stops before the first edit. The pieces: run/setup.py (checks and plan), run/start.py
-(run folders), run/loop.py (steps and checkpoints), protocols/ (what a step does).
+checkpointed every ``--checkpoint_every`` steps, every ``--checkpoint_minutes`` and at every
+evaluation, so ``--continue_from_run run_NNN`` resumes a killed run with the same results; a NaN/inf
+stops the run (``failure.json``, exit code 3); Ctrl-C/SIGTERM stops after the current step (a second
+one abandons it), leaving a resumable run (exit code 130/143); one that comes while the run is
+prepared (the unedited model's answers, its probes) lets that finish and be written, then stops
+before the first edit. The pieces: run/setup.py (checks and plan), run/start.py (run folders),
+run/loop.py (steps and checkpoints), protocols/ (what a step does).
 """
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ from experiments.run.faults import (
     interrupt_handlers,
     signal_exit_code,
 )
-from experiments.run.loop import DEFAULT_CHECKPOINT_EVERY
+from experiments.run.loop import DEFAULT_CHECKPOINT_EVERY, DEFAULT_CHECKPOINT_MINUTES
 from experiments.run.setup import BadInputError, RunPlan, load_checked_model, prepare
 from experiments.run.start import held_run_folder, open_new_run, open_resumed_run
 from experiments.store.files import reproducible_torch
@@ -159,6 +160,9 @@ def _common_arguments(p: argparse.ArgumentParser) -> None:
                    "configuration has finished, resume its newest unfinished run, else start one (for plans of many runs)")
     p.add_argument("--checkpoint_every", type=int, default=DEFAULT_CHECKPOINT_EVERY,
                    help="checkpoint the edited weights every K steps (also at every evaluation checkpoint)")
+    p.add_argument("--checkpoint_minutes", type=float, default=DEFAULT_CHECKPOINT_MINUTES,
+                   help="also checkpoint after a step that ends this long after the last checkpoint, so a kill redoes "
+                   "at most about this much (long steps: batches of 100); 0: off")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="shuffle seed of the known records (paper: 9); also seeds torch")
     p.add_argument("--num_threads", type=int, default=None, help="torch CPU threads (default: torch's); results can depend on it")
     p.add_argument("--implementation", choices=("fast", "reference"), default=None, help="override hparams' implementation")

@@ -277,6 +277,32 @@ def test_killed_run_resumes_by_replaying_from_the_last_checkpoint(world, referen
     assert json.loads((run_dir / "run.json").read_text())["replayed_files"] == {edit_3: True, "locality_of_edit_3.json": True}
 
 
+def test_checkpoint_minutes_bounds_the_work_a_kill_redoes(world, reference, patched_edit, caplog):
+    """The same kill at step 4, with a checkpoint due after any step ending past --checkpoint_minutes (here
+    at once): the checkpoint is after step 3, the resume replays nothing, and the files are the same."""
+    args = args_for(world, "timed", checkpoint_every=100, checkpoint_minutes=1e-9)
+    patched_edit(crash_call=7)  # the edit of step 4
+    with pytest.raises(SimulatedKill):
+        cli(args)
+    run_dir = world.results_dir / "timed" / "run_000"
+    assert len(edit_files(run_dir)) == 3 and checkpoint_index(run_dir / "weights_checkpoint.safetensors") == 3
+    assert json.loads((run_dir / "run.json").read_text())["checkpoint_minutes"] == 1e-9
+    caplog.set_level(logging.INFO)
+    patched_edit()
+    assert cli(args + ["--continue_from_run=run_000"]) == 0
+    assert "replayed" not in caplog.text
+    assert_same_results(run_dir, reference[0])
+
+
+@pytest.mark.parametrize("minutes", ["-1", "nan"])
+def test_a_negative_checkpoint_minutes_is_refused_before_the_model_loads(world, monkeypatch, caplog, minutes):
+    no_model_load(monkeypatch)
+    caplog.set_level(logging.ERROR)
+    assert cli(args_for(world, "bad_minutes") + [f"--checkpoint_minutes={minutes}"]) == 2
+    assert "--checkpoint_minutes" in caplog.text and "give 0 (off) or more minutes" in caplog.text
+    assert not (world.results_dir / "bad_minutes").exists()
+
+
 def test_resume_refuses_a_folder_whose_files_before_the_checkpoint_are_gone(world, patched_edit, caplog):
     """A folder moved away while its process still wrote a step leaves a fragment: a checkpoint after
     step k and no files of the steps before it. Resuming would leave that hole; it is refused, saying why."""

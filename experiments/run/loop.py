@@ -1,14 +1,16 @@
 """The loop of a run: a protocol's steps, with checkpoints, clean stops and failure reports.
 
 The loop knows nothing of what a step does (experiments/protocols/). It runs steps start..n, saves
-the edited weights and the editor's state every ``checkpoint_every`` steps and after every step
-the protocol marks (where evaluations are written), and records how the run ended: ``finished``
+the edited weights and the editor's state every ``checkpoint_every`` steps, after a step that ends
+``checkpoint_minutes`` or more after the last checkpoint (a kill then redoes at most that much work, however
+long a step is), and after every step the protocol marks (where evaluations are written), and records how the run ended: ``finished``
 in run.json, ``failure.json`` for a numerical fault (exit code 3), ``interrupted`` after a signal
 (a first SIGINT/SIGTERM stops after the current step, a second abandons it).
 """
 from __future__ import annotations
 
 import logging
+import time
 import traceback
 from pathlib import Path
 from typing import Optional
@@ -29,16 +31,20 @@ from experiments.store.files import FAILURE_FILE, RunMeta, write_json_atomic
 
 LOG = logging.getLogger("experiments.evaluate")
 DEFAULT_CHECKPOINT_EVERY = 5
+DEFAULT_CHECKPOINT_MINUTES = 10.0
 
 
 class RunLoop:
     """One run of one protocol in one run folder."""
 
     def __init__(self, protocol: Protocol, meta: RunMeta, checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
-                 label: str = "edits", stop: Optional[StopRequest] = None):
+                 label: str = "edits", stop: Optional[StopRequest] = None,
+                 checkpoint_minutes: float = DEFAULT_CHECKPOINT_MINUTES):
         self.protocol, self.meta = protocol, meta
         self.ctx = protocol.ctx
         self.checkpoint_every = checkpoint_every
+        self.checkpoint_seconds = 60.0 * checkpoint_minutes  # 0: by step count and marks only
+        self.last_checkpoint_time = time.monotonic()
         self.label = label
         self.stop = stop or StopRequest()  # the one the run's signal handlers set (experiments/evaluate.py)
         self.last_checkpoint = 0
@@ -95,16 +101,19 @@ class RunLoop:
         for i in tqdm(range(start, n_steps + 1), initial=start - 1, total=n_steps, desc=self.label, unit="step"):
             self.current_step = i
             self.protocol.step(i)
-            if i in marked or i % self.checkpoint_every == 0 or self.stop.requested:
+            if i in marked or i % self.checkpoint_every == 0 or self.stop.requested or self.checkpoint_due():
                 self.save_checkpoint(i)
             if self.stop.requested and i < n_steps:
                 self.meta.update(status="interrupted", stopped_after_step=i, replayed_files=self.replay_summary())
                 raise RunStopped(signal_exit_code(self.stop.signum), self.resume_hint(f"stopped after step {i}"))
 
+    def checkpoint_due(self) -> bool:
+        return 0 < self.checkpoint_seconds <= time.monotonic() - self.last_checkpoint_time
+
     def save_checkpoint(self, i: int) -> None:
         if i != self.last_checkpoint:
             save_checkpoint(self.checkpoint_path, self.ctx.model, self.ctx.ledger, i, self.ctx.editor.state_dict())
-            self.last_checkpoint = i
+            self.last_checkpoint, self.last_checkpoint_time = i, time.monotonic()
             self.meta.update(last_checkpoint=i)
 
     def record_failure(self, stage: str, problem: str, details: dict) -> None:

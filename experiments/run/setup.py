@@ -64,6 +64,8 @@ def check_flags(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise BadInputError(f"flag --{name}", f"is {value}", "give a positive integer")
+    if args.checkpoint_minutes < 0 or args.checkpoint_minutes != args.checkpoint_minutes:  # NaN too
+        raise BadInputError("flag --checkpoint_minutes", f"is {args.checkpoint_minutes}", "give 0 (off) or more minutes")
 
 
 def check_protocol_flags(args: argparse.Namespace, algorithm: Algorithm) -> type[Protocol]:

@@ -64,6 +64,7 @@ def new_run_meta(plan: RunPlan, model, protocol: Protocol, templates: Optional[l
         "dtype": plan.args.dtype,
         "device_map": {k: str(v) for k, v in (getattr(model, "hf_device_map", None) or {}).items()} or None,
         "checkpoint_every": plan.args.checkpoint_every,
+        "checkpoint_minutes": plan.args.checkpoint_minutes,
         "checkpoint_file": CHECKPOINT_FILE,
         "generation": plan.generation_settings(full=True),
         **plan.evaluation_settings(),
@@ -106,7 +107,8 @@ def open_new_run(plan: RunPlan, model, tok, resources: EditResources, argv, run_
     protocol.prepare()
     LOG.info("run folder %s: %s protocol, %d edits of %d known records", run_dir, protocol.name,
              plan.edit_times, plan.split.n_known)
-    return RunLoop(protocol, meta, plan.args.checkpoint_every, f"{plan.algorithm.name} {protocol.name}", stop), 1
+    return RunLoop(protocol, meta, plan.args.checkpoint_every, f"{plan.algorithm.name} {protocol.name}", stop,
+                   plan.args.checkpoint_minutes), 1
 
 
 def open_resumed_run(plan: RunPlan, model, tok, resources: EditResources, argv, run_dir: Path,
@@ -122,7 +124,8 @@ def open_resumed_run(plan: RunPlan, model, tok, resources: EditResources, argv, 
         LOG.warning("context templates differ from the interrupted run's; replayed edits may differ")
     protocol = build_protocol(plan, model, tok, resources, run_dir)
     protocol.prepare()  # on the fresh model, before the checkpoint's weights are restored
-    loop = RunLoop(protocol, meta, plan.args.checkpoint_every, f"{plan.algorithm.name} {protocol.name}", stop)
+    loop = RunLoop(protocol, meta, plan.args.checkpoint_every, f"{plan.algorithm.name} {protocol.name}", stop,
+                   plan.args.checkpoint_minutes)
     start = loop.restore()
     first_missing = protocol.first_unfinished_step()
     with bad_input("--continue_from_run", "start a new run (drop --continue_from_run, or move this folder away)"):
