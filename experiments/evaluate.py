@@ -49,7 +49,8 @@ from experiments.run.faults import (
     signal_exit_code,
 )
 from experiments.run.loop import DEFAULT_CHECKPOINT_EVERY, DEFAULT_CHECKPOINT_MINUTES
-from experiments.run.setup import BadInputError, RunPlan, load_checked_model, prepare
+from experiments.run.reuse import check_source, unedited_fields
+from experiments.run.setup import BadInputError, RunPlan, bad_input, load_checked_model, prepare
 from experiments.run.start import held_run_folder, open_new_run, open_resumed_run
 from experiments.store.files import reproducible_torch
 
@@ -160,6 +161,9 @@ def _common_arguments(p: argparse.ArgumentParser) -> None:
                    "configuration has finished, resume its newest unfinished run, else start one (for plans of many runs)")
     p.add_argument("--checkpoint_every", type=int, default=DEFAULT_CHECKPOINT_EVERY,
                    help="checkpoint the edited weights every K steps (also at every evaluation checkpoint)")
+    p.add_argument("--unedited_from", default=None, metavar="RUN_DIR",
+                   help="take the unedited model's answers and probes at 0 edits from this earlier run "
+                   "(results/<dir>/run_NNN) of the same model, stream and evaluation settings, not computing them")
     p.add_argument("--checkpoint_minutes", type=float, default=DEFAULT_CHECKPOINT_MINUTES,
                    help="also checkpoint after a step that ends this long after the last checkpoint, so a kill redoes "
                    "at most about this much (long steps: batches of 100); 0: off")
@@ -204,6 +208,10 @@ def execute(plan: RunPlan, argv: list[str]) -> Path:
         if plan.finished_dir is not None:
             return plan.finished_dir
         resources = EditResources(plan.paths, plan.slug)
+        if plan.args.unedited_from and plan.resume_dir is None:
+            with bad_input("--unedited_from", "give a run of the same model, stream and evaluation settings, or drop it"):
+                check_source(Path(plan.args.unedited_from), unedited_fields(plan, model))
+            plan.unedited_source = Path(plan.args.unedited_from)
         opener = open_resumed_run if plan.resume_dir is not None else open_new_run
         stop = StopRequest()  # a first signal while the run is prepared waits for its files, then stops it
         with held_run_folder(plan) as run_dir, interrupt_handlers(stop):

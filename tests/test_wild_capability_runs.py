@@ -201,3 +201,45 @@ def test_a_wild_batch_size_below_one_stops_before_the_model(tmp_path, caplog):
     hp = world.write_hparams("ROME", rank_one_hparams("llama", 4))
     assert cli(world.cli_args("ROME", hp, wild=True, wild_batch_size=0)) == 2
     assert "--wild_batch_size" in caplog.text and not world.results_dir.exists()
+
+
+@needs_shared
+def test_unedited_from_takes_an_earlier_runs_answers_and_probes_and_changes_no_result(tmp_path, monkeypatch, caplog):
+    """A second method on the same stream reads the first run's unedited answers and probes at 0 edits instead
+    of computing them (the probes run at 2 and 4 only) and writes the files it would have written; a run whose
+    settings differ is refused before its folder is made, naming the field."""
+    import logging
+
+    from experiments.protocols.base import UneditedAnswers
+    from experiments.py.capability import CapabilityProbe
+
+    torch.set_num_threads(1)
+    world, hp = memit_world(tmp_path)
+    flags = dict(protocol="sequential", num_edits=2, edit_times=4, num_threads=1, eval_checkpoints="2,4", wild=True,
+                 wild_max_new_tokens=6, **CHECKS)
+    first = main(world.cli_args("MEMIT", hp, dir_name="first", **flags))
+
+    real_prepare, real_probe, probed = UneditedAnswers.load_or_compute, CapabilityProbe.run, []
+
+    def must_be_there(self):
+        assert self.path.is_file(), "the unedited answers were computed, not taken"
+        return real_prepare(self)
+
+    monkeypatch.setattr(UneditedAnswers, "load_or_compute", must_be_there)
+    monkeypatch.setattr(CapabilityProbe, "run", lambda self, *a, **k: probed.append(1) or real_probe(self, *a, **k))
+    second = main(world.cli_args("MEMIT", hp, dir_name="second", unedited_from=str(first), **flags))
+    assert len(probed) == 2  # after 2 and 4 edits; the check at 0 was copied
+    for name in ("unedited_predictions.json", "capability_after_edit_0.json"):
+        assert (second / name).read_bytes() == (first / name).read_bytes()
+    assert run_files(second) == run_files(first)
+    reused = json.loads((second / "run.json").read_text())["unedited_from"]
+    assert reused["run"] == str(first.resolve()) and set(reused["files"]) == {"unedited_predictions.json",
+                                                                             "capability_after_edit_0.json"}
+
+    caplog.set_level(logging.ERROR)
+    other = {**flags, "wild_max_new_tokens": 5}
+    assert cli(world.cli_args("MEMIT", hp, dir_name="third", unedited_from=str(first), **other)) == 2
+    assert "--unedited_from" in caplog.text and "its wild is" in caplog.text
+    assert cli(world.cli_args("MEMIT", hp, dir_name="third", unedited_from=str(tmp_path), **flags)) == 2
+    assert "no run.json" in caplog.text
+    assert not (world.results_dir / "third").exists()

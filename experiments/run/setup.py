@@ -154,6 +154,7 @@ class RunPlan:
     known: Optional[EditDataset] = None  # --stream_order file: the known facts its watched set comes from
     wild: Optional[WildSettings] = None  # --wild: WILD scores beside the teacher-forced ones
     capability: Optional[CapabilityProbe] = None  # --capability_checks: general abilities at checkpoints
+    unedited_source: Optional[Path] = None  # --unedited_from, once checked (experiments/run/reuse.py)
 
     @property
     def ready_to_split(self) -> bool:

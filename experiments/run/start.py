@@ -20,6 +20,7 @@ from experiments.protocols import Protocol, RunContext
 from experiments.run.faults import StopRequest
 from experiments.run.loop import RunLoop
 from experiments.run.resume import ResumeError, execution_settings, lock_run_folder
+from experiments.run.reuse import copy_unedited
 from experiments.run.setup import RunPlan, bad_input
 from experiments.store.checkpoints import CHECKPOINT_FILE
 from experiments.store.files import (
@@ -104,6 +105,9 @@ def open_new_run(plan: RunPlan, model, tok, resources: EditResources, argv, run_
     meta.update()
     write_json_atomic(run_dir / PARAMS_FILE, plan.hparams.to_dict())
     write_json_atomic(run_dir / SKIPPED_FILE, {"source": str(plan.dataset.source_path), "skipped": plan.skipped})
+    if plan.unedited_source is not None:  # the unedited answers of an earlier run, checked to match
+        meta.update(unedited_from=copy_unedited(plan.unedited_source, run_dir, plan.capability is not None))
+        LOG.info("unedited answers and probes at 0 edits taken from %s", plan.unedited_source)
     protocol.prepare()
     LOG.info("run folder %s: %s protocol, %d edits of %d known records", run_dir, protocol.name,
              plan.edit_times, plan.split.n_known)
