@@ -2,10 +2,11 @@
 
 The loop knows nothing of what a step does (experiments/protocols/). It runs steps start..n, saves
 the edited weights and the editor's state every ``checkpoint_every`` steps, after a step that ends
-``checkpoint_minutes`` or more after the last checkpoint (a kill then redoes at most that much work, however
-long a step is), and after every step the protocol marks (where evaluations are written), and records how the run ended: ``finished``
-in run.json, ``failure.json`` for a numerical fault (exit code 3), ``interrupted`` after a signal
-(a first SIGINT/SIGTERM stops after the current step, a second abandons it).
+``checkpoint_minutes`` or more after the last checkpoint (a kill then redoes at most that much work,
+however long a step is), and after every step the protocol marks (where evaluations are written),
+and records how the run ended: ``finished`` in run.json, ``failure.json`` for a numerical fault
+(exit code 3), ``interrupted`` after a signal (a first SIGINT/SIGTERM stops after the current step,
+a second abandons it).
 """
 from __future__ import annotations
 
