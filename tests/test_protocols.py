@@ -173,7 +173,12 @@ def test_a_run_records_the_norms_nas_plots_and_the_summary_draws_them(tmp_path):
     """Issue 27: each step's edited weights' norm (checked against the weights of the final checkpoint on
     a fresh model) and each request's ||v0||, ||v*|| (= written, NAS off), read back as curves and drawn."""
     from experiments.store.checkpoints import CHECKPOINT_FILE
-    from experiments.summary.norm_growth import norm_growth_figure, value_norm_curve, weight_norm_curve
+    from experiments.summary.norm_growth import (
+        fastest_growing_weight,
+        norm_growth_figure,
+        value_norm_curve,
+        weight_norm_curve,
+    )
     from experiments.summary.runs import load_run
 
     world, hp = memit_world(tmp_path)
@@ -192,6 +197,10 @@ def test_a_run_records_the_norms_nas_plots_and_the_summary_draws_them(tmp_path):
     x, y = value_norm_curve(run)
     assert x.tolist() == [2, 4, 6] and y.tolist() == pytest.approx(
         [sum(n["v_star"] for n in b["value_norms"]) / 2 for b in batches])
+    growth = {name: batches[-1]["weight_norms"][name] / batches[0]["weight_norms"][name] for name in batches[0]["weight_norms"]}
+    name, x, ratio = fastest_growing_weight(run)
+    assert name == max(growth, key=growth.get) and x.tolist() == [2, 4, 6]
+    assert ratio[0] == 1.0 and ratio[-1] == pytest.approx(growth[name])
     assert norm_growth_figure([("MEMIT", [run])], {"MEMIT": (0, 0, 1, 1)}) is not None
 
 

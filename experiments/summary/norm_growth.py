@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import FormatStrFormatter
 
 from experiments.store.run_types import Run
 
@@ -27,6 +28,31 @@ def weight_norm_curve(run: Run) -> tuple[np.ndarray, np.ndarray]:
             xs.append(end)
             ys.append(math.sqrt(sum(float(v) ** 2 for v in norms.values())))
     return np.array(xs, dtype=float), np.array(ys, dtype=float)
+
+
+def per_weight_norm_curves(run: Run) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Each edited weight's own (edits done, ||W||_F) over the steps that recorded it: a joint norm over
+    six layers can hide one layer that grows much faster than the rest."""
+    curves: dict[str, tuple[list[float], list[float]]] = {}
+    for end, step in zip(run.step_ends, run.edits):
+        norms = step.edit.get("weight_norms")
+        for name, value in (norms.items() if isinstance(norms, dict) else ()):
+            xs, ys = curves.setdefault(name, ([], []))
+            xs.append(end)
+            ys.append(float(value))
+    return {name: (np.array(xs, dtype=float), np.array(ys, dtype=float)) for name, (xs, ys) in curves.items()}
+
+
+def fastest_growing_weight(run: Run) -> Optional[tuple[str, np.ndarray, np.ndarray]]:
+    """(name, edits done, ||W||_F / its first recorded value) of the edited weight whose norm grew the most
+    relative to where it started; None when the run recorded no weight norms."""
+    best = None
+    for name, (xs, ys) in per_weight_norm_curves(run).items():
+        if ys.size and ys[0] > 0:
+            ratio = ys / ys[0]
+            if best is None or ratio[-1] > best[2][-1]:
+                best = (name, xs, ratio)
+    return best
 
 
 def value_norm_curve(run: Run, which: str = "v_star") -> tuple[np.ndarray, np.ndarray]:
@@ -66,19 +92,24 @@ def _has_norms(runs: Sequence[Run]) -> bool:
 
 
 def norm_growth_figure(groups: Sequence[tuple[str, Sequence[Run]]], colors: dict[str, tuple]) -> Optional[Figure]:
-    """Two panels against the number of edits, one colour per algorithm (``colors``; one line per run):
-    the edited weights' norm, and the mean ||v*|| per step (solid: as optimised; dashed: as written,
+    """Three panels against the number of edits, one colour per algorithm (``colors``; one line per run):
+    the edited weights' joint norm, the fastest-growing one's norm relative to after the first step, and
+    the mean ||v*|| per step (solid: as optimised; dashed: as written,
     where NAS's anchor changed it). None when no run recorded them (methods without value vectors,
     runs written before the norms were recorded)."""
     groups = [(alg, runs) for alg, runs in groups if _has_norms(runs)]
     if not groups:
         return None
-    fig = Figure(figsize=(11.0, 3.8), layout="constrained")
-    weight_ax, value_ax = fig.subplots(1, 2)
+    fig = Figure(figsize=(16.0, 3.8), layout="constrained")
+    weight_ax, layer_ax, value_ax = fig.subplots(1, 3)
     for alg, runs in groups:
         for i, run in enumerate(runs):
             label = alg if i == 0 else None
             weight_ax.plot(*weight_norm_curve(run), lw=1, color=colors[alg], label=label)
+            fastest = fastest_growing_weight(run)
+            if fastest is not None:
+                name, x, ratio = fastest
+                layer_ax.plot(x, ratio, lw=1, color=colors[alg], label=f"{alg}: {_short_weight_name(name)}" if i == 0 else None)
             x, optimised = value_norm_curve(run, "v_star")
             window = steps_per_mean(x)
             if window > 1:
@@ -88,10 +119,21 @@ def norm_growth_figure(groups: Sequence[tuple[str, Sequence[Run]]], colors: dict
             if written.size and not np.allclose(written, optimised, rtol=1e-6):
                 value_ax.plot(x_w, written, "--", lw=1, color=colors[alg])
     weight_ax.set_title("edited weights: ||W||_F after each step", fontsize=10)
+    layer_ax.set_title("fastest-growing edited weight: ||W||_F / after step 1", fontsize=10)
     value_ax.set_title(f"mean ||v*|| over {EDITS_PER_MEAN} edits (faint: per step; dashed: written)", fontsize=10)
-    for ax in (weight_ax, value_ax):
+    for ax in (weight_ax, layer_ax, value_ax):
         ax.set_xlabel("number of edits")
         ax.set_yscale("log")
+        for axis_formatter in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+            axis_formatter(FormatStrFormatter("%g"))  # 1.4, not 1.4 x 10^0: the ranges are narrow
         ax.grid(alpha=0.3, which="both")
     value_ax.legend(fontsize=8)
+    if layer_ax.lines:
+        layer_ax.legend(fontsize=7)
     return fig
+
+
+def _short_weight_name(name: str) -> str:
+    """"model.layers.8.mlp.down_proj.weight" -> "layers.8.mlp.down_proj": the legend keeps the layer."""
+    parts = [p for p in name.split(".") if p not in ("model", "transformer", "weight")]
+    return ".".join(parts)
