@@ -4,6 +4,7 @@ and the dependency rule (nothing below experiments/ imports it)."""
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 import os
 import signal
@@ -201,6 +202,8 @@ def test_a_run_records_the_norms_nas_plots_and_the_summary_draws_them(tmp_path):
     name, x, ratio = fastest_growing_weight(run)
     assert name == max(growth, key=growth.get) and x.tolist() == [2, 4, 6]
     assert ratio[0] == 1.0 and ratio[-1] == pytest.approx(growth[name])
+    first_without = dataclasses.replace(run.edits[0], edit={k: v for k, v in run.edits[0].edit.items() if k != "weight_norms"})
+    assert fastest_growing_weight(dataclasses.replace(run, edits=(first_without, *run.edits[1:]))) is None  # no step-1 norm
     assert norm_growth_figure([("MEMIT", [run])], {"MEMIT": (0, 0, 1, 1)}) is not None
 
 

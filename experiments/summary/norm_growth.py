@@ -45,10 +45,12 @@ def per_weight_norm_curves(run: Run) -> dict[str, tuple[np.ndarray, np.ndarray]]
 
 def fastest_growing_weight(run: Run) -> Optional[tuple[str, np.ndarray, np.ndarray]]:
     """(name, edits done, ||W||_F / its first recorded value) of the edited weight whose norm grew the most
-    relative to where it started; None when the run recorded no weight norms."""
+    relative to where it started; None when the run recorded no weight norms, or recorded them only from a
+    later step on (files written before the norms were recorded): a ratio to a later step would look slower."""
     best = None
+    first_step = run.step_ends[0] if run.step_ends else None
     for name, (xs, ys) in per_weight_norm_curves(run).items():
-        if ys.size and ys[0] > 0:
+        if ys.size and ys[0] > 0 and xs[0] == first_step:
             ratio = ys / ys[0]
             if best is None or ratio[-1] > best[2][-1]:
                 best = (name, xs, ratio)
@@ -102,6 +104,7 @@ def norm_growth_figure(groups: Sequence[tuple[str, Sequence[Run]]], colors: dict
         return None
     fig = Figure(figsize=(16.0, 3.8), layout="constrained")
     weight_ax, layer_ax, value_ax = fig.subplots(1, 3)
+    ratio_labelled: set[str] = set()  # a run may lack the ratio (norms recorded late): label the first that has it
     for alg, runs in groups:
         for i, run in enumerate(runs):
             label = alg if i == 0 else None
@@ -109,7 +112,9 @@ def norm_growth_figure(groups: Sequence[tuple[str, Sequence[Run]]], colors: dict
             fastest = fastest_growing_weight(run)
             if fastest is not None:
                 name, x, ratio = fastest
-                layer_ax.plot(x, ratio, lw=1, color=colors[alg], label=f"{alg}: {_short_weight_name(name)}" if i == 0 else None)
+                layer_label = f"{alg}: {_short_weight_name(name)}" if alg not in ratio_labelled else None
+                ratio_labelled.add(alg)
+                layer_ax.plot(x, ratio, lw=1, color=colors[alg], label=layer_label)
             x, optimised = value_norm_curve(run, "v_star")
             window = steps_per_mean(x)
             if window > 1:
