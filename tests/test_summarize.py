@@ -547,3 +547,20 @@ def test_refresh_tables_rewrites_each_marked_table_from_its_summary(tmp_path):
         doc_tables.refresh_tables(page, tmp_path, reprint)
     assert page.read_text() == before
     assert summarize_main(["--refresh_tables", str(tmp_path / "nowhere.md")]) == 2
+
+
+def test_perplexity_goes_to_a_log_scale_only_when_a_run_collapses():
+    """MEMIT's 2,000-edit run reads 79,168 against 30-99 for the rest: on a linear axis every other
+    point sits on zero; a spread within a factor of 10 stays linear."""
+    from matplotlib.figure import Figure
+
+    from experiments.summary.plots import _spans_a_decade
+
+    ax = Figure().subplots()
+    ax.plot([100, 500, 1000, 2000], [31.5, 45.2, 95.5, 79168.2])
+    ax.axhline(30.4)
+    assert _spans_a_decade(ax)
+    calm = Figure().subplots()
+    calm.plot([100, 2000], [31.6, 98.9])
+    calm.axhline(30.4)
+    assert not _spans_a_decade(calm) and not _spans_a_decade(Figure().subplots())

@@ -12,7 +12,7 @@ import logging
 import math
 import re
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 from matplotlib import colormaps
@@ -158,11 +158,22 @@ def capability_figure(summary: Summary) -> Optional[Figure]:
             if (x == 0).any() and not np.isnan(y[x == 0][0]):
                 ax.axhline(y[x == 0][0], color=colors[alg], linestyle=":", linewidth=1)
         _log2_x(ax, sorted({r["checkpoint"] for r in rows if r["checkpoint"] > 0}))
-        ax.set_title(f"{metric} (dotted: unedited)", fontsize=10)
+        title = f"{metric} (dotted: unedited)"
+        if metric == "perplexity" and _spans_a_decade(ax):
+            ax.set_yscale("log")  # a collapsed model's 10^4-10^5 would flatten every other run to a line at 0
+            title = f"{metric}, log scale (dotted: unedited)"
+        ax.set_title(title, fontsize=10)
         ax.set_xlabel("number of edits")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     return fig
+
+
+def _spans_a_decade(ax: Any) -> bool:
+    """Whether the positive values drawn on ``ax`` differ by more than a factor of 10."""
+    values = np.concatenate([np.asarray(line.get_ydata(), dtype=float) for line in ax.get_lines()] or [np.array([])])
+    values = values[np.isfinite(values) & (values > 0)]
+    return values.size > 1 and float(values.max()) > 10 * float(values.min())
 
 
 def has_layer_scan(run: Run) -> bool:
