@@ -204,7 +204,11 @@ def test_a_run_records_the_norms_nas_plots_and_the_summary_draws_them(tmp_path):
     assert ratio[0] == 1.0 and ratio[-1] == pytest.approx(growth[name])
     first_without = dataclasses.replace(run.edits[0], edit={k: v for k, v in run.edits[0].edit.items() if k != "weight_norms"})
     assert fastest_growing_weight(dataclasses.replace(run, edits=(first_without, *run.edits[1:]))) is None  # no step-1 norm
-    assert norm_growth_figure([("MEMIT", [run])], {"MEMIT": (0, 0, 1, 1)}) is not None
+    figure = norm_growth_figure([("MEMIT", [run])], {"MEMIT": (0, 0, 1, 1)})
+    v0_line = [line for line in figure.axes[2].get_lines() if line.get_linestyle() == ":"]
+    per_step_v0 = [sum(n["v0"] for n in b["value_norms"]) / 2 for b in batches]
+    running = [sum(per_step_v0[: i + 1]) / (i + 1) for i in range(3)]  # 3 steps of 2 edits: all inside 16 edits
+    assert len(v0_line) == 1 and v0_line[0].get_ydata().tolist() == pytest.approx(running)
 
 
 def test_immediate_reads_each_batch_right_after_its_own_edit(tmp_path):

@@ -96,8 +96,8 @@ def _has_norms(runs: Sequence[Run]) -> bool:
 def norm_growth_figure(groups: Sequence[tuple[str, Sequence[Run]]], colors: dict[str, tuple]) -> Optional[Figure]:
     """Three panels against the number of edits, one colour per algorithm (``colors``; one line per run):
     the edited weights' joint norm, the fastest-growing one's norm relative to after the first step, and
-    the mean ||v*|| per step (solid: as optimised; dashed: as written,
-    where NAS's anchor changed it). None when no run recorded them (methods without value vectors,
+    the mean ||v*|| per step (solid: as optimised; dashed: as written, where NAS's anchor changed it;
+    dotted: ||v0||, the value the edited model wrote before the edit). None when no run recorded them (methods without value vectors,
     runs written before the norms were recorded)."""
     groups = [(alg, runs) for alg, runs in groups if _has_norms(runs)]
     if not groups:
@@ -123,9 +123,13 @@ def norm_growth_figure(groups: Sequence[tuple[str, Sequence[Run]]], colors: dict
             x_w, written = value_norm_curve(run, "written")
             if written.size and not np.allclose(written, optimised, rtol=1e-6):
                 value_ax.plot(x_w, written, "--", lw=1, color=colors[alg])
+            x_0, before = value_norm_curve(run, "v0")
+            if before.size:  # what the edited model already writes: where a runaway v* comes from
+                value_ax.plot(x_0, running_mean(before, steps_per_mean(x_0)), ":", lw=1.2, color=colors[alg])
     weight_ax.set_title("edited weights: ||W||_F after each step", fontsize=10)
     layer_ax.set_title("fastest-growing edited weight: ||W||_F / after step 1", fontsize=10)
-    value_ax.set_title(f"mean ||v*|| over {EDITS_PER_MEAN} edits (faint: per step; dashed: written)", fontsize=10)
+    value_ax.set_title(f"mean ||v*|| over {EDITS_PER_MEAN} edits (faint: per step; dashed: written; dotted: ||v0||)",
+                       fontsize=9)
     for ax in (weight_ax, layer_ax, value_ax):
         ax.set_xlabel("number of edits")
         ax.set_yscale("log")
