@@ -97,8 +97,8 @@ def norm_growth_figure(groups: Sequence[tuple[str, Sequence[Run]]], colors: dict
     """Three panels against the number of edits, one colour per algorithm (``colors``; one line per run):
     the edited weights' joint norm, the fastest-growing one's norm relative to after the first step, and
     the mean ||v*|| per step (solid: as optimised; dashed: as written, where NAS's anchor changed it;
-    dotted: ||v0||, the value the edited model wrote before the edit). None when no run recorded them (methods without value vectors,
-    runs written before the norms were recorded)."""
+    dotted: ||v0||, the value the edited model wrote before the edit). None when no run recorded them
+    (methods without value vectors, runs written before the norms were recorded)."""
     groups = [(alg, runs) for alg, runs in groups if _has_norms(runs)]
     if not groups:
         return None
@@ -143,6 +143,6 @@ def norm_growth_figure(groups: Sequence[tuple[str, Sequence[Run]]], colors: dict
 
 
 def _short_weight_name(name: str) -> str:
-    """"model.layers.8.mlp.down_proj.weight" -> "layers.8.mlp.down_proj": the legend keeps the layer."""
+    """The legend's name of a weight: model.layers.8.mlp.down_proj.weight -> layers.8.mlp.down_proj."""
     parts = [p for p in name.split(".") if p not in ("model", "transformer", "weight")]
     return ".".join(parts)
