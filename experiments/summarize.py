@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from experiments.store.files import write_json_atomic
-from experiments.summary.metrics import DEFAULT_FLASH_FACTOR, METRICS, Summary, summarize
+from experiments.summary.metrics import DEFAULT_FLASH_FACTOR, Summary, summarize
 from experiments.summary.paired import format_paired_markdown, paired_differences, paired_json, paired_rows_from_json
 from experiments.summary.runs import available_dir_names, load_runs
+from experiments.summary.saved import read_summary, summary_from_json, with_saved
 from experiments.summary.timing import format_timing
 from util.atomic_files import write_text_atomic
 from util.globals import REPO_ROOT, load_paths
@@ -68,7 +69,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         "edit stream, mean ± std and sign count over the seeds")
     p.add_argument("--from_summary", default=None,
                    help="print the tables of a summary JSON this command wrote earlier (no run folders read): "
-                   "how docs/results/*.json reprint the tables of docs/results.md")
+                   "how docs/results/*.json reprint the tables of docs/results.md; with --plots, draw its figures")
+    p.add_argument("--with_summary", default=None, metavar="JSON",
+                   help="saved summaries (comma-separated) whose algorithms join the table and the figures, before "
+                   "the runs read now: comparisons whose runs finished on different machines")
     p.add_argument("--refresh_tables", default=None, metavar="PAGE",
                    help="rewrite every table of a Markdown page marked <!-- table: SUMMARY.json --> from its saved "
                    "summary (after its summarize command has written it again); no run folders read")
@@ -110,6 +114,8 @@ def summary_json(summary: Summary, results_dir: Path) -> dict[str, Any]:
         "std": "population standard deviation over runs (ddof=0)",
         "rows": [{k: _plain(row[k]) for k in columns} for row in summary.rows],
         "per_run": [{k: _plain(v) for k, v in row.items()} for row in summary.per_run],
+        # what norm_growth.png draws, so the figure can be drawn again once the run folders are gone
+        "norm_curves": [c.to_json() for a in summary.algorithms for c in summary.norm_curves_of(a) if not c.empty],
         "skipped": [{"path": str(s.path), "reason": s.reason} for s in summary.skipped],
         "notes": summary.notes,
     }
@@ -186,18 +192,10 @@ def _report_paired(summary: Summary, baseline: str, metrics: Optional[Sequence[s
     return paired_json(rows, notes)
 
 
-def summary_from_json(data: dict[str, Any]) -> Summary:
-    """A summary JSON (``summary_json``) back as a ``Summary`` with its rows (no runs): enough to print its tables."""
-    rows = [{k: math.nan if v is None else v for k, v in row.items()} for row in data["rows"]]
-    extras = [m for m in data.get("metrics", []) if m not in METRICS]
-    return Summary(rows, data.get("per_run", []), [], [], list(data.get("notes", [])), data.get("flash_factor", 0.0),
-                   extras)
-
-
 def reprint(path: Path, metrics: Optional[Sequence[str]]) -> str:
     """The Markdown tables of a saved summary: the scores, then the paired differences if it has them."""
     data = json.loads(Path(path).read_text())
-    summary = summary_from_json(data)
+    summary = summary_from_json(data, str(path))
     text = format_markdown(summary, metrics)
     if "paired" in data:
         text += "\n\n" + format_paired_markdown(paired_rows_from_json(data["paired"]), checked_metrics(summary, metrics))
@@ -216,12 +214,39 @@ def _refresh(page: Path) -> int:
     return 0
 
 
+def _draw(summary: Summary, out_dir: Path) -> int:
+    from experiments.summary.plots import save_figures
+
+    saved = save_figures(summary, out_dir)
+    print(f"Plots in {out_dir}: {', '.join(saved.paths) or 'none'}")
+    for name, error in saved.failures.items():
+        print(f"  could not draw {name}: {error}", file=sys.stderr)
+    return EXIT_PLOT_FAILED if saved.failures else 0
+
+
+def _with_saved_summaries(summary: Summary, paths: Sequence[str]) -> Summary:
+    """The saved summaries' algorithms before the runs read now, the first file's first (ValueError naming
+    the file that cannot be read or that repeats an algorithm)."""
+    for path in reversed(paths):
+        summary = with_saved(summary, read_summary(Path(path)), path)
+    return summary
+
+
+def _from_summary(args: argparse.Namespace) -> int:
+    try:
+        summary = read_summary(Path(args.from_summary))  # a missing or foreign file: named, not a traceback
+        print(reprint(Path(args.from_summary), _csv_list(args.metrics)))
+    except ValueError as e:
+        print(e, file=sys.stderr)
+        return EXIT_NO_RUNS
+    return _draw(summary, Path(args.plots)) if args.plots else 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.from_summary:
-        print(reprint(Path(args.from_summary), _csv_list(args.metrics)))
-        return 0
+        return _from_summary(args)
     if args.refresh_tables:
         return _refresh(Path(args.refresh_tables))
     results_dir = load_paths(results_dir=args.results_dir).results_dir
@@ -231,18 +256,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return EXIT_NO_RUNS
     loaded = load_runs(results_dir, dir_names, _csv_list(args.runs), args.include_partial)
     summary = summarize(loaded, args.checkpoints, args.flash_factor)
+    if not summary.runs:
+        _report(summary)
+        print(f"no usable runs of {', '.join(dir_names)} under {results_dir}", file=sys.stderr)
+        return EXIT_NO_RUNS
+    try:
+        summary = _with_saved_summaries(summary, _csv_list(args.with_summary) or [])
+    except ValueError as e:
+        print(f"--with_summary: {e}", file=sys.stderr)
+        return EXIT_NO_RUNS
     _report(summary)
-    if args.timing and summary.runs:
+    if args.timing:
         print("\nWhere the time went (from the runs' files):\n" + format_timing(summary.runs))
-    if args.markdown and summary.runs:
+    if args.markdown:
         try:
             print("\n" + format_markdown(summary, _csv_list(args.metrics)))
         except ValueError as e:
             print(e, file=sys.stderr)
             return EXIT_NO_RUNS
-    if not summary.runs:
-        print(f"no usable runs of {', '.join(dir_names)} under {results_dir}", file=sys.stderr)
-        return EXIT_NO_RUNS
     data = summary_json(summary, results_dir)
     if args.paired_with:
         try:
@@ -254,16 +285,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     write_text_atomic(csv_path, table_csv(summary))
     write_json_atomic(json_path, data)
     print(f"\nTable: {csv_path} and {json_path}")
-    if args.plots:
-        from experiments.summary.plots import save_figures
-
-        saved = save_figures(summary, Path(args.plots))
-        print(f"Plots in {args.plots}: {', '.join(saved.paths) or 'none'}")
-        for name, error in saved.failures.items():
-            print(f"  could not draw {name}: {error}", file=sys.stderr)
-        if saved.failures:
-            return EXIT_PLOT_FAILED
-    return 0
+    return _draw(summary, Path(args.plots)) if args.plots else 0
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from util.globals import REPO_ROOT
 def test_gpu_check_runs_every_step_on_tiny_shapes(tmp_path):
     env = {**os.environ, "SHAPES": "tiny", "OUT": str(tmp_path), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(["bash", str(REPO_ROOT / "scripts" / "gpu_check.sh")], cwd=REPO_ROOT, env=env,
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     environment = json.loads((tmp_path / "environment.json").read_text())
     assert {"torch", "transformers", "cuda", "device"} <= set(environment)

@@ -110,19 +110,21 @@ def test_memit_z_and_reference_norm_match_upstream(tmp_path):
     model, tok = make_model("gpt2", 4, 0), make_tokenizer()
     want = case["reference_batch_1"]
     r = res.norm_reference(model, tok, hp, 2)
-    assert abs(r - want["mean_vstar_norm"]) < 1e-6 * want["mean_vstar_norm"]  # measured 4e-9
+    # 4e-9 relative on the CPU that made the goldens, 1.4e-5 on an AVX-512 one: v_lr 0.5 on the tiny model
+    # amplifies a BLAS kernel's rounding (golden_hparams); a wrong sample, drop or mean moves r by percents
+    assert abs(r - want["mean_vstar_norm"]) < 1e-4 * want["mean_vstar_norm"]
     stored = json.loads(next((tmp_path / "stats").rglob("*.json")).read_text())
-    assert rel(torch.tensor(stored["norms"]), want["norms"]) < 1e-6 and stored["dropped"] == want["outlier_drop_count"]
+    assert rel(torch.tensor(stored["norms"]), want["norms"]) < 1e-3 and stored["dropped"] == want["outlier_drop_count"]  # 6e-5 on AVX-512
     zs, steps, losses, norms = compute_zs(model, tok, [eiffel()], hp, res)
-    assert rel(zs[:, 0], case["z"]) < 1e-5  # measured 2.0e-7
+    assert rel(zs[:, 0], case["z"]) < 1e-4  # measured 2.0e-7 where the goldens were made, 1.2e-5 on AVX-512
     # the norms a run records for NAS's plots are upstream's debug norms (v0, v* optimised, v* written)
     debug = case["debug"]
     assert norms[0] == pytest.approx({"v0": debug["v0_norm"], "v_star": debug["v_star_norm_orig"],
-                                      "written": debug["v_star_norm_real"]}, rel=1e-5)
-    assert steps == [case["passes"]] and abs(losses[0] - case["final_loss"]) < 1e-5
+                                      "written": debug["v_star_norm_real"]}, rel=1e-4)
+    assert steps == [case["passes"]] and abs(losses[0] - case["final_loss"]) < 1e-4
     # the anchored MLP share: z - (h - v0) has the reference norm
     v_star = zs[:, 0] - (torch.tensor(case["target_init"]) - torch.tensor(case["v0_mlp"]))
-    assert abs(float(v_star.norm()) - r) < 1e-5
+    assert abs(float(v_star.norm()) - r) < 1e-4 * r
 
 
 def test_rome_variant_matches_upstream(tmp_path):
@@ -131,7 +133,8 @@ def test_rome_variant_matches_upstream(tmp_path):
     res = FixedTemplates(tmp_path, case["context_templates"])
     model, tok = make_model("gpt2", 4, 0), make_tokenizer()
     update = execute_rome(model, tok, eiffel(), hp, res)
-    assert abs(res.norm_reference(model, tok, hp, 1) - case["reference"]) < 1e-5 * case["reference"]  # 6e-7
+    # 6e-7 relative where the goldens were made, 1.2e-5 on an AVX-512 CPU (the chaotic v_lr, as above)
+    assert abs(res.norm_reference(model, tok, hp, 1) - case["reference"]) < 1e-4 * case["reference"]
     assert rel(update.u, case["u"]) < 1e-6  # measured 0
     assert rel(update.v_star, case["v_star_anchored"]) < 3e-5  # measured 7.5e-6
     assert rel(update.r, case["right_vector"]) < 3e-5  # measured 8.1e-6

@@ -175,6 +175,7 @@ def test_a_run_records_the_norms_nas_plots_and_the_summary_draws_them(tmp_path):
     a fresh model) and each request's ||v0||, ||v*|| (= written, NAS off), read back as curves and drawn."""
     from experiments.store.checkpoints import CHECKPOINT_FILE
     from experiments.summary.norm_growth import (
+        NormCurves,
         fastest_growing_weight,
         norm_growth_figure,
         value_norm_curve,
@@ -204,7 +205,7 @@ def test_a_run_records_the_norms_nas_plots_and_the_summary_draws_them(tmp_path):
     assert ratio[0] == 1.0 and ratio[-1] == pytest.approx(growth[name])
     first_without = dataclasses.replace(run.edits[0], edit={k: v for k, v in run.edits[0].edit.items() if k != "weight_norms"})
     assert fastest_growing_weight(dataclasses.replace(run, edits=(first_without, *run.edits[1:]))) is None  # no step-1 norm
-    figure = norm_growth_figure([("MEMIT", [run])], {"MEMIT": (0, 0, 1, 1)})
+    figure = norm_growth_figure([("MEMIT", [NormCurves.of_run(run)])], {"MEMIT": (0, 0, 1, 1)})
     v0_line = [line for line in figure.axes[2].get_lines() if line.get_linestyle() == ":"]
     per_step_v0 = [sum(n["v0"] for n in b["value_norms"]) / 2 for b in batches]
     running = [sum(per_step_v0[: i + 1]) / (i + 1) for i in range(3)]  # 3 steps of 2 edits: all inside 16 edits

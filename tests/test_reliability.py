@@ -277,6 +277,52 @@ def test_killed_run_resumes_by_replaying_from_the_last_checkpoint(world, referen
     assert json.loads((run_dir / "run.json").read_text())["replayed_files"] == {edit_3: True, "locality_of_edit_3.json": True}
 
 
+def _close(got, want, where: str = "") -> None:
+    """Equal JSON, floats to a relative 1e-5 (a sum's terms added in another order)."""
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and got.keys() == want.keys(), where
+        for k in want:
+            _close(got[k], want[k], f"{where}.{k}")
+    elif isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want), where
+        for i, (g, w) in enumerate(zip(got, want)):
+            _close(g, w, f"{where}[{i}]")
+    elif isinstance(want, float):
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-7), where
+    else:
+        assert got == want, where
+
+
+def test_a_run_started_on_one_thread_resumes_on_two(world, reference, patched_edit, caplog):
+    """The thread count decides speed, not what is computed: a long run that started beside another
+    continues on both cores (recorded in its resume entry, with a warning), to the uninterrupted run's
+    results up to the last bits, and the finished run counts for the command at either count."""
+    args = args_for(world, "threads", checkpoint_every=100)
+    patched_edit(crash_call=7)
+    with pytest.raises(SimulatedKill):
+        cli(args)
+    caplog.set_level(logging.WARNING)
+    patched_edit()
+    two = [a for a in args if not a.startswith("--num_threads")] + ["--num_threads=2", "--continue_from_run=auto"]
+    threads = torch.get_num_threads()
+    try:
+        assert cli(two) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert "torch uses 2 threads, the interrupted run used 1" in caplog.text
+    run_dir = world.results_dir / "threads" / "run_000"
+    meta = json.loads((run_dir / "run.json").read_text())
+    assert meta["status"] == "finished" and meta["config"]["num_threads"] == 1
+    assert meta["resumes"][-1]["execution"]["num_threads"] == 2
+    names = sorted(p.name for p in reference[0].glob("*.json") if p.name.startswith(("edit_", "retention_")))
+    assert sorted(p.name for p in run_dir.glob("*.json") if p.name.startswith(("edit_", "retention_"))) == names
+    for name in names:
+        _close(strip_timing(json.loads((run_dir / name).read_text())),
+               strip_timing(json.loads((reference[0] / name).read_text())), name)
+    assert cli(args + ["--continue_from_run=auto"]) == 0
+    assert sorted(p.name for p in run_dir.parent.iterdir()) == ["run_000"]  # counted as this command's run
+
+
 def test_checkpoint_minutes_bounds_the_work_a_kill_redoes(world, reference, patched_edit, caplog):
     """The same kill at step 4, with a checkpoint due after any step ending past --checkpoint_minutes (here
     at once): the checkpoint is after step 3, the resume replays nothing, and the files are the same."""

@@ -304,6 +304,56 @@ def test_runs_of_other_streams_or_repeated_seeds_are_not_paired(results, tmp_pat
     assert "--paired_with FT: not among the summarised runs (ROME, WilKE)" in capsys.readouterr().err
 
 
+def test_a_saved_summary_joins_newer_runs_in_the_table_and_the_norm_figure(results, cli, tmp_path, capsys):
+    """Runs summarised on one machine (--out) and runs read on another (--with_summary): the merged table
+    holds the same rows as one summary of all the folders, and norm_growth.png draws the saved runs' curves
+    as their folders would; an algorithm in both places, a missing file and pairing against a saved
+    baseline are refused with a message."""
+    from experiments.summarize import main
+    from experiments.summary.metrics import summarize
+    from experiments.summary.norm_growth import NormCurves, running_mean
+    from experiments.summary.plots import figure_builders
+    from experiments.summary.runs import load_runs
+    from experiments.summary.saved import read_summary, with_saved
+
+    _, _, together, _ = cli
+    saved = tmp_path / "rome.json"
+    assert main(["--dir_name", "ROME", "--results_dir", str(results), "--checkpoints", "1,2,4", "--out", str(saved)]) == 0
+    rome_runs = load_runs(results, ["ROME"]).runs
+    stored = json.loads(saved.read_text())["norm_curves"]
+    assert [c["run"] for c in stored] == [r.name for r in rome_runs] and stored[0]["v_star"][0] == [1, 2, 3, 4]
+    for entry, run in zip(stored, rome_runs):  # the JSON keeps the curves the run folder gives
+        back, direct = NormCurves.from_json(entry, "x"), NormCurves.of_run(run)
+        for field in ("weights", "v_star", "written", "v0"):
+            assert all(np.allclose(a, b) for a, b in zip(getattr(back, field), getattr(direct, field)))
+
+    merged = tmp_path / "merged.csv"
+    assert main(["--dir_name", "WilKE", "--results_dir", str(results), "--checkpoints", "1,2,4",
+                 "--with_summary", str(saved), "--out", str(merged), "--plots", str(tmp_path / "plots")]) == 0
+    data = json.loads(merged.with_suffix(".json").read_text())
+    assert data["algorithms"] == ["ROME", "WilKE"] and data["rows"] == together["rows"]
+    assert [(c["algorithm"], c["run"]) for c in data["norm_curves"]] == [(c["algorithm"], c["run"]) for c in together["norm_curves"]]
+    assert (tmp_path / "plots" / "norm_growth.png").stat().st_size > 0
+
+    wilke = load_runs(results, ["WilKE"])
+    summary = with_saved(summarize(wilke, [1, 2, 4]), read_summary(saved), str(saved))
+    figure = figure_builders(summary)["norm_growth.png"]()
+    rome_v_star = [line.get_ydata().tolist() for line in figure.axes[2].get_lines()
+                   if line.get_label() == "ROME"]  # the first ROME run's trend line, drawn from the saved file
+    assert rome_v_star == [running_mean(NormCurves.of_run(rome_runs[0]).v_star[1], 16).tolist()]
+
+    assert main(["--dir_name", "ROME,WilKE", "--results_dir", str(results), "--with_summary", str(saved)]) == 2
+    assert f"--with_summary: {saved}: ROME also among the runs read now" in capsys.readouterr().err
+    assert main(["--dir_name", "WilKE", "--results_dir", str(results), "--with_summary", str(tmp_path / "none.json")]) == 2
+    assert "none.json: cannot read a summary JSON" in capsys.readouterr().err
+    assert main(["--dir_name", "WilKE", "--results_dir", str(results), "--with_summary", str(saved),
+                 "--paired_with", "ROME", "--out", str(tmp_path / "p.csv")]) == 2
+    assert "--paired_with ROME: only in a saved summary here" in capsys.readouterr().err
+
+    assert main(["--from_summary", str(merged.with_suffix(".json")), "--plots", str(tmp_path / "again")]) == 0
+    assert {"scores.png", "norm_growth.png"} <= {p.name for p in (tmp_path / "again").iterdir()}
+
+
 def test_nothing_to_summarise_is_an_error_not_a_crash(tmp_path, capsys):
     from experiments.summarize import main
 

@@ -52,12 +52,19 @@ def rel(a: float, b: float) -> float:
 
 
 def summary_close(t: torch.Tensor, want: dict, tol: float) -> None:
-    assert rel(float(t.norm()), want["norm"]) <= tol and rel(float(t.sum()), want["sum"]) <= max(tol, 1e-5)
+    """Norm and first entries to ``tol`` relative; the sum, whose terms cancel, to ``tol`` of the norm."""
+    assert rel(float(t.norm()), want["norm"]) <= tol
+    assert abs(float(t.sum()) - want["sum"]) <= max(tol * want["norm"], 1e-5 * abs(want["sum"]))
     assert torch.allclose(t.flatten()[:6], torch.tensor(want["head"]), rtol=tol, atol=1e-9)
 
 
 # --------------------------------------------------------------------------------------------
 # Upstream's numbers (XiaojieGu/UltraEdit 0beb222; tests/fixtures/upstream_golden_lifelong.md)
+
+
+# Rounding, not algorithm: a BLAS kernel of another CPU moves a sum's last bits (measured 1.6e-5 on AVX-512);
+# a wrong statistic, sub-batch or learning rate moves these numbers by percents.
+GOLDEN_RTOL = 1e-4
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -77,18 +84,19 @@ def test_three_turns_match_upstream(arch):
         turn = stream[t * case["n_edits"]:(t + 1) * case["n_edits"]]
         update = execute_ultraedit(model, tok, turn, hp, editor.normalisers)
         add_shifts(model, update)
-        for name, shift in update.shifts.items():  # measured: bit-identical
+        # bit-identical on the CPU that made the goldens; 1.6e-5 relative on an AVX-512 one (GOLDEN_RTOL)
+        for name, shift in update.shifts.items():
             w = want["shifts"][name]
-            summary_close(shift, w, 1e-6)
-            assert torch.allclose(shift[:4, :4], torch.tensor(w["corner"]), rtol=1e-6, atol=1e-9)
-            assert torch.allclose(shift.sum(0)[:8], torch.tensor(w["col_sums"]), rtol=1e-6, atol=1e-8)
+            summary_close(shift, w, GOLDEN_RTOL)
+            assert torch.allclose(shift[:4, :4], torch.tensor(w["corner"]), rtol=GOLDEN_RTOL, atol=1e-7)
+            assert torch.allclose(shift.sum(0)[:8], torch.tensor(w["col_sums"]), rtol=GOLDEN_RTOL, atol=1e-6)  # sums cancel
         for key, norm in editor.normalisers.normalisers.items():
             w = want["normalisers"]["(" + key.replace("x", ", ") + ")"]
             assert float(norm.n) == w["n"]
             for field in ("mean", "var", "std"):
-                summary_close(getattr(norm, field), w[field], 1e-6)
+                summary_close(getattr(norm, field), w[field], GOLDEN_RTOL)
     for name, w in case["final_weights"].items():
-        summary_close(model.get_submodule(name).weight.detach(), w, 1e-6)
+        summary_close(model.get_submodule(name).weight.detach(), w, GOLDEN_RTOL)
 
 
 # --------------------------------------------------------------------------------------------

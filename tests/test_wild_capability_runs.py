@@ -191,7 +191,7 @@ def test_a_wild_run_resumes_at_another_batch_size_to_identical_files(tmp_path, m
     assert cli(resumed) == 0
     assert run_files(run_dir) == run_files(whole)
     meta = json.loads((run_dir / "run.json").read_text())
-    assert meta["config"]["wild"]["batch_size"] == 16 and meta["resumes"][-1]["execution"] == {"wild.batch_size": 3}
+    assert meta["config"]["wild"]["batch_size"] == 16 and meta["resumes"][-1]["execution"]["wild.batch_size"] == 3
     assert cli(world.cli_args("MEMIT", hp, dir_name="stopped", continue_from_run="auto", **flags)) == 0  # default size
     assert sorted(p.name for p in run_dir.parent.iterdir()) == ["run_000"]  # the finished run counted: nothing new
 

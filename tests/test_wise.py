@@ -87,16 +87,17 @@ def test_side_memory_thresholds_shards_merge_and_routing_are_easyedits(tmp_path,
         outcome = editor.edit([request(step["prompt"], step["target"])])
         memory = editor.memory
         assert outcome.orig_weights == {} and memory.n_edits == step["n_edits"]
-        assert torch.equal(memory.weight.view(-1), b64_tensor(step["side_weight"]))
+        # bit-identical where the goldens were made; rounding-level on another CPU's kernels (AVX-512)
+        torch.testing.assert_close(memory.weight.view(-1), b64_tensor(step["side_weight"]), rtol=1e-4, atol=1e-7)
         assert memory.threshold == step["threshold"] and memory.memory_thresholds == step["memory_thresholds"]
-        assert [torch.equal(m.view(-1), b64_tensor(g)) for m, g in zip(memory.memories, step["memories"])] == \
-            [True] * len(step["memories"])
+        assert [torch.allclose(m.view(-1), b64_tensor(g), rtol=1e-4, atol=1e-7)
+                for m, g in zip(memory.memories, step["memories"])] == [True] * len(step["memories"])
         assert choices(editor, [p["prompt"] for p in step["probes"]]) == [p["chosen"] for p in step["probes"]]
         with editor.for_evaluation():
             for probe in step["probes"]:
                 logits = last_logits(model, tok, probe["prompt"])
                 if "logits" in probe:
-                    assert torch.equal(logits, b64_tensor(probe["logits"]))
+                    torch.testing.assert_close(logits, b64_tensor(probe["logits"]), rtol=1e-4, atol=1e-5)
                 else:
                     assert int(logits.argmax()) == probe["argmax"]
     assert [len(e["memories"]) for e in gold["edits"]] == [0, 1, 1, 1, 1]  # stored at 2; at 4 stored, then merged

@@ -45,10 +45,13 @@ def normalised(obj: Any) -> Any:
 
 ABSENT = "<absent>"
 # Settings of the configuration that decide how fast, not what: batched greedy generation gives every
-# prompt the answer it gets alone at any batch size (util/generation.py; tests/test_wild.py), so a run
-# started at one resumes at another, and a finished one counts for the same command at any. run.json
-# keeps the value a run started with; each resume records its own (``resumes[].execution``).
-EXECUTION_ONLY = ("wild.batch_size",)
+# prompt the answer it gets alone at any batch size (util/generation.py; tests/test_wild.py), and the
+# torch thread count changes only the order of a sum's terms (the last bits; a run that leaves it unset
+# already gets whatever the machine has), so a run started at one resumes at another, and a finished one
+# counts for the same command at any. This lets a long run that started beside another continue on
+# both cores once it is alone. run.json keeps the value a run started with; each resume records its own
+# (``resumes[].execution``) and warns when the thread count differs.
+EXECUTION_ONLY = ("wild.batch_size", "num_threads")
 
 
 def config_differences(old: Any, new: Any, where: str = "", defaults: Optional[Mapping[str, Any]] = None) -> list[str]:

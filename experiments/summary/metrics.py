@@ -28,6 +28,7 @@ from typing import Any, Iterable, Optional, Sequence
 import numpy as np
 
 from experiments.store.run_types import LoadedRuns, Run, SkippedRun
+from experiments.summary.norm_growth import NormCurves
 
 COMPONENTS = ("ES", "GS", "LS", "ERS", "ORS")
 RETENTION_RATIOS = ("ERS", "ORS")  # the roll-back protocol's: S exists where these do
@@ -153,13 +154,21 @@ class Summary:
     notes: list[str]
     flash_factor: float
     extra_metrics: list[str] = dataclasses.field(default_factory=list)  # general abilities (capability checks)
+    saved_curves: list[NormCurves] = dataclasses.field(default_factory=list)  # of saved summaries' runs (no folders)
 
     @property
     def algorithms(self) -> list[str]:
-        return list(dict.fromkeys(r.algorithm for r in self.runs))
+        """The algorithms of the rows (a saved summary's too, which have no run folders here), then any
+        run's whose rows are missing."""
+        return list(dict.fromkeys([r["algorithm"] for r in self.rows] + [r.algorithm for r in self.runs]))
 
     def runs_of(self, algorithm: str) -> list[Run]:
         return [r for r in self.runs if r.algorithm == algorithm]
+
+    def norm_curves_of(self, algorithm: str) -> list[NormCurves]:
+        """Norm curves of the algorithm's runs: from their folders, or as a saved summary kept them."""
+        return ([NormCurves.of_run(r) for r in self.runs_of(algorithm)]
+                + [c for c in self.saved_curves if c.algorithm == algorithm])
 
     def present_metrics(self) -> list[str]:
         """METRICS without the optional ones (generation, locality, protocol-specific) that no row has."""

@@ -5,11 +5,16 @@ Every edit of a locate-then-edit method records each changed weight's norm after
 (``weight_norms``, editing.editor.update_norms) and, per request, ||v0||, ||v*|| as optimised and
 ||v*|| as written (``value_norms``, editing.norm_anchor.value_norms). This module reads them per step
 and draws them against the number of edits, on a log scale: exponential growth is a straight line.
+
+A run's curves (``NormCurves``) are what the figure draws; a saved summary keeps them
+(``experiments.summary.saved``), so the figure can be drawn again beside newer runs after the run
+folders are gone: a 2,000-edit run takes hours, and its folder does not outlive the machine.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -69,6 +74,61 @@ def value_norm_curve(run: Run, which: str = "v_star") -> tuple[np.ndarray, np.nd
     return np.array(xs, dtype=float), np.array(ys, dtype=float)
 
 
+Curve = tuple[np.ndarray, np.ndarray]  # (edits done, value)
+
+
+@dataclasses.dataclass(frozen=True)
+class NormCurves:
+    """What norm_growth.png draws of one run: the joint weight norm, the fastest-growing weight's ratio
+    (None: see ``fastest_growing_weight``) and the per-step mean ||v*|| as optimised, as written and ||v0||."""
+
+    algorithm: str
+    run: str
+    weights: Curve
+    fastest: Optional[tuple[str, np.ndarray, np.ndarray]]
+    v_star: Curve
+    written: Curve
+    v0: Curve
+
+    @classmethod
+    def of_run(cls, run: Run) -> "NormCurves":
+        return cls(run.algorithm, run.name, weight_norm_curve(run), fastest_growing_weight(run),
+                   value_norm_curve(run, "v_star"), value_norm_curve(run, "written"), value_norm_curve(run, "v0"))
+
+    @property
+    def empty(self) -> bool:
+        return not (self.weights[0].size or self.v_star[0].size)
+
+    def to_json(self) -> dict[str, Any]:
+        curve = {k: [getattr(self, k)[0].tolist(), getattr(self, k)[1].tolist()] for k in CURVE_FIELDS}
+        fastest = None if self.fastest is None else [self.fastest[0], self.fastest[1].tolist(), self.fastest[2].tolist()]
+        return {"algorithm": self.algorithm, "run": self.run, **curve, "fastest": fastest}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any], where: str) -> "NormCurves":
+        """Raises ValueError naming ``where`` (file and entry) and the field that is wrong."""
+        try:
+            curves = {k: _curve(obj[k]) for k in CURVE_FIELDS}
+            fastest = obj["fastest"]
+            if fastest is not None:
+                fastest = (str(fastest[0]), *_curve(fastest[1:]))
+            return cls(str(obj["algorithm"]), str(obj["run"]), fastest=fastest, **curves)
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise ValueError(f"{where}: not a run's norm curves ({type(e).__name__}: {e})") from None
+
+
+CURVE_FIELDS = ("weights", "v_star", "written", "v0")
+
+
+def _curve(pair: Sequence[Sequence[float]]) -> Curve:
+    if len(pair) != 2:
+        raise ValueError("a curve is [edits done, values]")
+    xs, ys = (np.array(v, dtype=float) for v in pair)
+    if xs.ndim != 1 or xs.shape != ys.shape:
+        raise ValueError("a curve is [edits done, values] of equal length")
+    return xs, ys
+
+
 def running_mean(values: np.ndarray, window: int = 16) -> np.ndarray:
     """Mean of each value and up to ``window - 1`` before it: the trend under per-edit noise."""
     if values.size == 0:
@@ -89,41 +149,36 @@ def steps_per_mean(edits_done: np.ndarray) -> int:
     return max(1, round(EDITS_PER_MEAN / float(np.median(np.diff(edits_done)))))
 
 
-def _has_norms(runs: Sequence[Run]) -> bool:
-    return any(weight_norm_curve(r)[0].size or value_norm_curve(r)[0].size for r in runs)
-
-
-def norm_growth_figure(groups: Sequence[tuple[str, Sequence[Run]]], colors: dict[str, tuple]) -> Optional[Figure]:
-    """Three panels against the number of edits, one colour per algorithm (``colors``; one line per run):
+def norm_growth_figure(groups: Sequence[tuple[str, Sequence[NormCurves]]], colors: dict[str, tuple]) -> Optional[Figure]:
+    """Three panels against the number of edits, one colour per algorithm (``colors``; one line per run's ``NormCurves``):
     the edited weights' joint norm, the fastest-growing one's norm relative to after the first step, and
     the mean ||v*|| per step (solid: as optimised; dashed: as written, where NAS's anchor changed it;
     dotted: ||v0||, the value the edited model wrote before the edit). None when no run recorded them
     (methods without value vectors, runs written before the norms were recorded)."""
-    groups = [(alg, runs) for alg, runs in groups if _has_norms(runs)]
+    groups = [(alg, group) for alg, group in groups if any(not c.empty for c in group)]
     if not groups:
         return None
     fig = Figure(figsize=(16.0, 3.8), layout="constrained")
     weight_ax, layer_ax, value_ax = fig.subplots(1, 3)
     ratio_labelled: set[str] = set()  # a run may lack the ratio (norms recorded late): label the first that has it
-    for alg, runs in groups:
-        for i, run in enumerate(runs):
+    for alg, group in groups:
+        for i, curves in enumerate(group):
             label = alg if i == 0 else None
-            weight_ax.plot(*weight_norm_curve(run), lw=1, color=colors[alg], label=label)
-            fastest = fastest_growing_weight(run)
-            if fastest is not None:
-                name, x, ratio = fastest
+            weight_ax.plot(*curves.weights, lw=1, color=colors[alg], label=label)
+            if curves.fastest is not None:
+                name, x, ratio = curves.fastest
                 layer_label = f"{alg}: {_short_weight_name(name)}" if alg not in ratio_labelled else None
                 ratio_labelled.add(alg)
                 layer_ax.plot(x, ratio, lw=1, color=colors[alg], label=layer_label)
-            x, optimised = value_norm_curve(run, "v_star")
+            x, optimised = curves.v_star
             window = steps_per_mean(x)
             if window > 1:
                 value_ax.plot(x, optimised, lw=0.6, alpha=0.35, color=colors[alg])  # per step: noisy
             value_ax.plot(x, running_mean(optimised, window), lw=1.5, color=colors[alg], label=label)
-            x_w, written = value_norm_curve(run, "written")
+            x_w, written = curves.written
             if written.size and not np.allclose(written, optimised, rtol=1e-6):
                 value_ax.plot(x_w, written, "--", lw=1, color=colors[alg])
-            x_0, before = value_norm_curve(run, "v0")
+            x_0, before = curves.v0
             if before.size:  # what the edited model already writes: where a runaway v* comes from
                 value_ax.plot(x_0, running_mean(before, steps_per_mean(x_0)), ":", lw=1.2, color=colors[alg])
     weight_ax.set_title("edited weights: ||W||_F after each step", fontsize=10)

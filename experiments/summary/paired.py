@@ -108,6 +108,8 @@ def paired_differences(summary: Summary, baseline: str) -> tuple[list[PairedRow]
     if baseline not in summary.algorithms:
         raise ValueError(f"--paired_with {baseline}: not among the summarised runs "
                          f"({', '.join(summary.algorithms) or 'none'})")
+    if not summary.runs_of(baseline):
+        raise ValueError(f"--paired_with {baseline}: only in a saved summary here; pairing by seed needs its run folders")
     notes: list[str] = []
     base_runs = _by_seed(summary.runs_of(baseline), notes)
     rows = []

@@ -331,7 +331,7 @@ def figure_builders(summary: Summary) -> dict[str, Callable[[], Optional[Figure]
         "update_norms.png": lambda: update_norm_figure(summary),
         "wild_vs_teacher_forced.png": lambda: wild_figure(summary),
         "capabilities.png": lambda: capability_figure(summary),
-        "norm_growth.png": lambda: norm_growth_figure([(a, summary.runs_of(a)) for a in summary.algorithms],
+        "norm_growth.png": lambda: norm_growth_figure([(a, summary.norm_curves_of(a)) for a in summary.algorithms],
                                                       _colors(summary.algorithms)),
         "memory_growth.png": lambda: memory_growth_figure([(a, summary.runs_of(a)) for a in summary.algorithms],
                                                           _colors(summary.algorithms)),
