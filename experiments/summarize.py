@@ -76,6 +76,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--refresh_tables", default=None, metavar="PAGE",
                    help="rewrite every table of a Markdown page marked <!-- table: SUMMARY.json --> from its saved "
                    "summary (after its summarize command has written it again); no run folders read")
+    p.add_argument("--norms", action="store_true",
+                   help="also print the norm growth at each checkpoint (edited weights, ||v*||, ||v0||; percent "
+                   "per 100 edits): the numbers of norm_growth.png")
     p.add_argument("--timing", action="store_true",
                    help="also print where each run's time went (editing, evaluation, WILD, probes, statistics)")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -202,6 +205,18 @@ def reprint(path: Path, metrics: Optional[Sequence[str]]) -> str:
     return text
 
 
+def norm_report(summary: Summary) -> str:
+    """The norm table of every algorithm whose runs recorded norms, at the checkpoints of its rows."""
+    from experiments.summary.norm_table import format_norm_markdown, summary_norm_rows
+
+    rows = summary_norm_rows(summary)
+    if not rows:
+        return "\nNorms: no run here recorded weight or value norms (methods without value vectors, or older runs)"
+    return ("\nNorm growth (edited weights' joint ||W||_F; the fastest-growing weight's ratio to after step 1; mean "
+            "||v*|| and ||v0|| over about 16 edits; %/100: growth per 100 edits since the checkpoint before):\n"
+            + format_norm_markdown(rows))
+
+
 def _refresh(page: Path) -> int:
     from experiments.summary.doc_tables import refresh_tables
 
@@ -236,6 +251,8 @@ def _from_summary(args: argparse.Namespace) -> int:
     try:
         summary = read_summary(Path(args.from_summary))  # a missing or foreign file: named, not a traceback
         print(reprint(Path(args.from_summary), _csv_list(args.metrics)))
+        if args.norms:
+            print(norm_report(summary))
     except ValueError as e:
         print(e, file=sys.stderr)
         return EXIT_NO_RUNS
@@ -266,6 +283,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"--with_summary: {e}", file=sys.stderr)
         return EXIT_NO_RUNS
     _report(summary)
+    if args.norms:
+        print(norm_report(summary))
     if args.timing:
         print("\nWhere the time went (from the runs' files):\n" + format_timing(summary.runs))
     if args.markdown:

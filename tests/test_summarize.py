@@ -354,6 +354,38 @@ def test_a_saved_summary_joins_newer_runs_in_the_table_and_the_norm_figure(resul
     assert {"scores.png", "norm_growth.png"} <= {p.name for p in (tmp_path / "again").iterdir()}
 
 
+def test_the_norm_table_reads_the_figures_curves_at_the_checkpoints(results, tmp_path, capsys):
+    """--norms: each cell is what norm_growth.png draws at the checkpoint (weights at that step, ||v*|| as
+    the trend line there), averaged over the runs; the growth compounds the ratio since the checkpoint
+    before; checkpoints before the first step or after the runs stopped have no row; a saved summary
+    prints the same table as its run folders."""
+    from experiments.summarize import main
+    from experiments.summary.norm_growth import NormCurves, running_mean
+    from experiments.summary.norm_table import norm_rows
+    from experiments.summary.runs import load_runs
+
+    curves = [NormCurves.of_run(r) for r in load_runs(results, ["ROME"]).runs]
+    assert all(c.v_star[0].tolist() == c.weights[0].tolist() == [1, 2, 3, 4] for c in curves)
+    rows = norm_rows({"ROME": curves, "FT": []}, {"ROME": [0, 1, 2, 4, 8], "FT": [2]})
+    assert [(r["algorithm"], r["checkpoint"], r["n_runs"]) for r in rows] == [("ROME", 1, 2), ("ROME", 2, 2), ("ROME", 4, 2)]
+    v_star = {n: [running_mean(c.v_star[1], 16)[n - 1] for c in curves] for n in (2, 4)}  # 16 edits: all so far
+    assert rows[2]["v_star_mean"] == pytest.approx(np.mean(v_star[4]))
+    assert rows[2]["v_star_std"] == pytest.approx(np.std(v_star[4]))
+    assert rows[2]["W_mean"] == pytest.approx(np.mean([c.weights[1][3] for c in curves]))
+    assert rows[2]["fastest_mean"] == pytest.approx(np.mean([c.fastest[2][3] for c in curves]))
+    growth = [100 * ((a / b) ** (100 / 2) - 1) for a, b in zip(v_star[4], v_star[2])]
+    assert rows[2]["v_star_growth_mean"] == pytest.approx(np.mean(growth))
+    assert math.isnan(rows[0]["v_star_growth_mean"]) and rows[2]["written_mean"] == rows[2]["v_star_mean"]  # no anchor
+
+    saved = tmp_path / "rome.json"
+    assert main(["--dir_name", "ROME", "--results_dir", str(results), "--checkpoints", "1,2,4", "--norms",
+                 "--out", str(saved)]) == 0
+    from_runs = capsys.readouterr().out.split("Norm growth", 1)[1].split("\n\nTable:", 1)[0]
+    assert f"| ROME | 1 | 2 | {rows[0]['W_mean']:.1f} ± {rows[0]['W_std']:.1f} | - |" in from_runs
+    assert main(["--from_summary", str(saved), "--norms"]) == 0
+    assert capsys.readouterr().out.split("Norm growth", 1)[1].strip() == from_runs.strip()
+
+
 def test_nothing_to_summarise_is_an_error_not_a_crash(tmp_path, capsys):
     from experiments.summarize import main
 
@@ -457,6 +489,7 @@ def test_notebook_runs_headless(results, tmp_path):
     paired = "".join(o.get("data", {}).get("text/markdown", "") for o in outputs)
     assert "| WilKE - ROME | 4 | 1,2 |" in paired
     assert "| WilKE/run_001 | 4 |" in paired  # where the time went
+    assert "| ‖W‖ | %/100 |" in paired and "| ROME | 4 | 2 |" in paired  # the norm table
 
 
 # ------------------------------------------------------------------------------------------------

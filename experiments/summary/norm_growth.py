@@ -167,7 +167,7 @@ def norm_growth_figure(groups: Sequence[tuple[str, Sequence[NormCurves]]], color
             weight_ax.plot(*curves.weights, lw=1, color=colors[alg], label=label)
             if curves.fastest is not None:
                 name, x, ratio = curves.fastest
-                layer_label = f"{alg}: {_short_weight_name(name)}" if alg not in ratio_labelled else None
+                layer_label = f"{alg}: {short_weight_name(name)}" if alg not in ratio_labelled else None
                 ratio_labelled.add(alg)
                 layer_ax.plot(x, ratio, lw=1, color=colors[alg], label=layer_label)
             x, optimised = curves.v_star
@@ -197,7 +197,7 @@ def norm_growth_figure(groups: Sequence[tuple[str, Sequence[NormCurves]]], color
     return fig
 
 
-def _short_weight_name(name: str) -> str:
+def short_weight_name(name: str) -> str:
     """The legend's name of a weight: model.layers.8.mlp.down_proj.weight -> layers.8.mlp.down_proj."""
     parts = [p for p in name.split(".") if p not in ("model", "transformer", "weight")]
     return ".".join(parts)
