@@ -195,10 +195,15 @@ def _report_paired(summary: Summary, baseline: str, metrics: Optional[Sequence[s
     return paired_json(rows, notes)
 
 
-def reprint(path: Path, metrics: Optional[Sequence[str]]) -> str:
-    """The Markdown tables of a saved summary: the scores, then the paired differences if it has them."""
+def reprint(path: Path, metrics: Optional[Sequence[str]], norms: bool = False) -> str:
+    """The Markdown tables of a saved summary: the scores, then the paired differences if it has them;
+    with ``norms``, its norm table alone (``<!-- table: X.json --norms -->`` on a results page)."""
+    from experiments.summary.norm_table import format_norm_markdown, summary_norm_rows
+
     data = json.loads(Path(path).read_text())
     summary = summary_from_json(data, str(path))
+    if norms:
+        return format_norm_markdown(summary_norm_rows(summary))
     text = format_markdown(summary, metrics)
     if "paired" in data:
         text += "\n\n" + format_paired_markdown(paired_rows_from_json(data["paired"]), checked_metrics(summary, metrics))

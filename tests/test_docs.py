@@ -241,6 +241,30 @@ def test_relative_links_resolve(page: Path):
     assert not broken, "\n".join(broken)
 
 
+TABLE_SEPARATOR = re.compile(r"^\|(\s*:?-+:?\s*\|)+\s*$")
+
+
+def unended_tables(text: str) -> list[int]:
+    """Lines (1-based) of text that directly follow a Markdown table's last row: GitHub reads such a
+    line as one more row of the table."""
+    lines = text.split("\n")
+    found, in_table = [], False
+    for i, line in enumerate(lines):
+        if in_table and not line.startswith("|"):
+            in_table = False
+            if line.strip():
+                found.append(i + 1)
+        if not in_table and line.startswith("|") and i + 1 < len(lines) and TABLE_SEPARATOR.match(lines[i + 1]):
+            in_table = True
+    return found
+
+
+def test_a_table_ends_at_a_blank_line_not_in_the_text_after_it():
+    assert unended_tables("| a |\n|---|\n| 1 |\ntext\n\n| b |\n|---|\n\n||x|| is a norm\n- item") == [4]
+    late = {rel(p): unended_tables(p.read_text(encoding="utf-8")) for p in PAGES}
+    assert not {page: lines for page, lines in late.items() if lines}, late
+
+
 def test_documented_commands_are_found():
     """The extraction sees the quick start, joined continuations, torchrun and expanded variables."""
     commands = documented_commands()
@@ -325,21 +349,21 @@ def test_documented_command_runs_as_printed(command: Command):
 # (``--refresh_tables PAGE`` rewrites them so; experiments/summary/doc_tables.py);
 # the summary itself is what the command above the table wrote with ``--out`` from the run folders.
 
-def marked_tables(path: Path) -> list[tuple[int, str, str | None, str]]:
-    """(line, summary file, metrics, the table that follows the marker) of every marker in ``path``."""
-    return [(m.line, m.summary, ",".join(m.metrics) if m.metrics else None, m.table)
+def marked_tables(path: Path) -> list[tuple[int, str, str | None, bool, str]]:
+    """(line, summary file, metrics, norms, the table that follows the marker) of every marker in ``path``."""
+    return [(m.line, m.summary, ",".join(m.metrics) if m.metrics else None, m.norms, m.table)
             for m in doc_tables.marked_tables(path.read_text(encoding="utf-8"))]
 
 
 MARKED = [(page, *t) for page in DOCS for t in marked_tables(page)]
 
 
-@pytest.mark.parametrize("page, line, summary, metrics, table", MARKED, ids=[f"{m[0].name}:{m[1]}" for m in MARKED])
-def test_results_table_is_what_its_saved_summary_prints(page, line, summary, metrics, table):
+@pytest.mark.parametrize("page, line, summary, metrics, norms, table", MARKED, ids=[f"{m[0].name}:{m[1]}" for m in MARKED])
+def test_results_table_is_what_its_saved_summary_prints(page, line, summary, metrics, norms, table):
     from experiments.summarize import reprint
 
     path = REPO_ROOT / summary
     assert path.is_file(), f"{page.name}:{line}: {summary} is not in the repository"
-    assert reprint(path, metrics.split(",") if metrics else None) == table, f"{page.name}:{line}"
+    assert table and reprint(path, metrics.split(",") if metrics else None, norms) == table, f"{page.name}:{line}"
     text = page.read_text(encoding="utf-8")
     assert f"--out {Path(summary).with_suffix('')}" in text, f"{page.name}: no summarize command writes {summary}"

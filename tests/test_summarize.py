@@ -384,6 +384,9 @@ def test_the_norm_table_reads_the_figures_curves_at_the_checkpoints(results, tmp
     assert f"| ROME | 1 | 2 | {rows[0]['W_mean']:.1f} ± {rows[0]['W_std']:.1f} | - |" in from_runs
     assert main(["--from_summary", str(saved), "--norms"]) == 0
     assert capsys.readouterr().out.split("Norm growth", 1)[1].strip() == from_runs.strip()
+    from experiments.summarize import reprint
+
+    assert from_runs.strip().endswith(reprint(saved, None, norms=True))  # a results page's --norms marker
 
 
 def test_nothing_to_summarise_is_an_error_not_a_crash(tmp_path, capsys):
@@ -602,8 +605,8 @@ def test_the_value_trend_averages_sixteen_edits_whatever_the_batch():
 
 
 def test_refresh_tables_rewrites_each_marked_table_from_its_summary(tmp_path):
-    """A page's marked tables (a stale one, one followed by its paired differences, one not written yet)
-    become what each summary reprints; the prose around them stays; a second refresh changes nothing;
+    """A page's marked tables (a stale one, one followed by its paired differences, one not written yet,
+    a norm table) become what each summary reprints; the prose around them stays; a second refresh changes nothing;
     a missing summary names the marker's line and leaves the page as it was."""
     from experiments.summarize import main as summarize_main
     from experiments.summary.doc_tables import marked_tables
@@ -612,17 +615,19 @@ def test_refresh_tables_rewrites_each_marked_table_from_its_summary(tmp_path):
     (tmp_path / "b.json").write_text("{}")
     fake = {"a.json": "| x |\n|---|\n| 1 |", "b.json": "| y |\n|---|\n| 2 |\n\n| y - x |\n|---|\n| +1 |"}
 
-    def reprint(path, metrics):
-        return fake[path.name] + ("" if metrics is None else f"\n| {','.join(metrics)} |")
+    def reprint(path, metrics, norms):
+        return "| norms |\n|---|" if norms else fake[path.name] + ("" if metrics is None else f"\n| {','.join(metrics)} |")
 
     page = tmp_path / "page.md"
     page.write_text("# R\n\n<!-- table: a.json -->\n| x |\n|---|\n| 0 |\n\n| old paired |\n|---|\n\ntext after a\n\n"
                     "<!-- table: b.json --metrics ES,PU -->\n\n| y |\n|---|\n| 9 |\nmore text\n"
-                    "<!-- table: a.json -->\n\nend\n")
-    assert doc_tables.refresh_tables(page, tmp_path, reprint) == ["a.json", "b.json", "a.json"]
+                    "<!-- table: a.json -->\n\nend\n<!-- table: a.json --norms -->\n")
+    assert doc_tables.refresh_tables(page, tmp_path, reprint) == ["a.json", "b.json", "a.json", "a.json"]
     text = page.read_text()
-    assert [m.table for m in marked_tables(text)] == [fake["a.json"], fake["b.json"] + "\n| ES,PU |", fake["a.json"]]
-    assert "text after a" in text and "more text" in text and text.endswith("end\n") and "old paired" not in text
+    assert [m.table for m in marked_tables(text)] == [fake["a.json"], fake["b.json"] + "\n| ES,PU |", fake["a.json"],
+                                                      "| norms |\n|---|"]
+    assert [m.norms for m in marked_tables(text)] == [False, False, False, True]
+    assert "text after a" in text and "more text" in text and "| 1 |\n\nend\n<!--" in text and "old paired" not in text
     assert doc_tables.refresh_tables(page, tmp_path, reprint) == []
     page.write_text(text.replace("b.json", "missing.json"))
     before = page.read_text()
