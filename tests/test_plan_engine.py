@@ -231,8 +231,49 @@ def test_status_shows_the_latest_unfinished_progress_bars_from_the_logs_tail(tmp
     assert plan_state.last_progress(log) is None and plan_state.last_progress(tmp_path / "absent") is None
     files = plan_state.LineFiles(tmp_path, "k")
     (tmp_path / "k.log").write_text("\r".join(bars[:4]))
-    assert plan_state.state_row("running", files, "echo a") == "running        k  [AlphaEdit sequential 15/256 (~54:15 left)]  echo a"
-    assert plan_state.state_row("done", files, "echo a") == "done           k  echo a"
+    assert plan_state.state_row("running", files, "echo a") == "running         k  [AlphaEdit sequential 15/256 (~54:15 left)]  echo a"
+    assert plan_state.state_row("done", files, "echo a") == "done            k  echo a"
+
+
+def test_status_reads_the_run_folders_of_lines_run_outside_the_plan(world, ran, tmp_path):
+    """Lines run by hand (here: under another plans folder, so this one holds no marks): --status reads
+    each evaluate line's run folder. A finished run is done (and would not be submitted again); a run
+    another process is writing, started with more threads, is running; once that process is gone it is
+    stopped, with its checkpoint; a line with other arguments, or that wrote no run folder, waits."""
+    import shutil
+    import socket
+
+    from experiments.sweeps.run_folders import evaluate_argv
+
+    code, status = run_main(ran.path, "--plans_dir", tmp_path / "elsewhere", "--status")
+    rows = status.splitlines()
+    assert [" ".join(r.split()[:2]) for r in rows] == ["done outside", "done outside", f"waiting {rows[2].split()[1]}",
+                                                      "done outside"]
+    assert "[reference/run_000 finished]" in rows[0]
+    assert plan_state.settled("done outside") and plan_state.settled("running outside")
+    assert not plan_state.settled("stopped outside")  # submitting the plan resumes it
+
+    line = evaluate_line(world, "by_hand")
+    shutil.copytree(world.results_dir / "reference" / "run_000", world.results_dir / "by_hand" / "run_000")
+    meta_path = world.results_dir / "by_hand" / "run_000" / "run.json"
+    argv = [{"--dir_name=reference": "--dir_name=by_hand", "--num_threads=1": "--num_threads=2"}.get(a, a)
+            for a in evaluate_argv(evaluate_line(world, "reference"))]
+    assert "--dir_name=by_hand" in argv and "--num_threads=2" in argv
+    writer = subprocess.Popen(["sleep", "60"])
+    meta = {**json.loads(meta_path.read_text()), "status": "running", "pid": writer.pid, "host": socket.gethostname(),
+            "last_checkpoint": 3, "argv": argv}
+    meta_path.write_text(json.dumps(meta))
+    plan_path = write_plan(tmp_path / "by_hand.txt", [line, evaluate_line(world, "by_hand", SHORT_EDITS)])
+    try:
+        code, status = run_main(plan_path, "--plans_dir", tmp_path / "elsewhere", "--status")
+    finally:
+        writer.kill()
+        writer.wait()
+    rows = status.splitlines()
+    assert rows[0].startswith("running outside ") and "[by_hand/run_000: checkpoint after step 3 of 6]" in rows[0]
+    assert rows[1].startswith("waiting ")  # 2 edits: not the run's arguments
+    code, status = run_main(plan_path, "--plans_dir", tmp_path / "elsewhere", "--status")
+    assert status.startswith("stopped outside ") and "checkpoint after step 3 of 6" in status
 
 
 def test_a_killed_line_shows_killed_and_the_next_submission_finishes_it(world, ran, tmp_path):

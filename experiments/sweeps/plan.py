@@ -15,7 +15,8 @@ State, under ``results/plans/<plan>/`` (``--plans_dir``), per line, named by the
 scripts/run_plan.sh named them (its marks carry over): ``<key>.done`` once it exited 0, ``<key>.rc``
 its last exit code (or ``requeued``), ``<key>.lock`` held (flock) while it runs, ``<key>.job`` where
 and when it last started, ``<key>.log`` a link to its submitit log (stdout and stderr, kept under
-``submitit/``); ``plan.log`` holds one line per start, end and requeue.
+``submitit/``); ``plan.log`` holds one line per start, end and requeue. An evaluate line run outside
+the plan (by hand) is found in its run folder (``experiments.sweeps.run_folders``).
 
 Time limits and preemption: the task is checkpointable. On the signal submitit relays (SLURM sends it
 ``--signal_delay_s`` before the time limit, or on preemption) it sends its command SIGTERM (evaluate
@@ -215,7 +216,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     lines = plan_lines(args.plan)
     state_dir = (args.plans_dir / args.plan.stem).resolve()
-    states = {line: plan_state_of(LineFiles.of(state_dir, line)) for line in lines}
+    states = {line: plan_state_of(LineFiles.of(state_dir, line), line) for line in lines}
     if args.status:
         for line in lines:
             print(state_row(*states[line], line))

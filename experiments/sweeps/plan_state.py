@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Iterator, Optional
 
+from experiments.sweeps.run_folders import run_folder_state
 from util.globals import REPO_ROOT
 
 LOG = logging.getLogger("experiments.sweeps.plan")
@@ -32,6 +33,7 @@ LOCK_TRIES = 20  # a --status probe holds a line's lock for microseconds; a star
 KILL_WAIT_S = 10.0
 SHOWN_CHARS = 110
 REQUEUED = "requeued"
+OUTSIDE = "outside"  # the state's second word for a line whose run folder says more than the plan knows
 
 
 
@@ -99,13 +101,22 @@ def twin_state(files: LineFiles) -> Optional[tuple[str, LineFiles]]:
     return None
 
 
-def plan_state_of(files: LineFiles) -> tuple[str, LineFiles]:
+def plan_state_of(files: LineFiles, line: Optional[str] = None) -> tuple[str, LineFiles]:
     """The line's state in its plan (``line_state``), or, unless it is done or running there, its state
-    under another plan that ran it; with the files that state (and its progress bar) comes from."""
+    under another plan that ran it; with the files that state (and its progress bar) comes from. Given
+    the ``line``, an evaluate line no plan finished or is running is looked up in its run folder
+    (experiments/sweeps/run_folders.py): ``done outside``, ``running outside``, ``stopped outside`` (a
+    line the plan started and that was killed stays ``killed``, unless it was finished or restarted by hand)."""
     state = line_state(files)
     if state in ("done", "running"):
         return state, files
-    return twin_state(files) or (state, files)
+    twin = twin_state(files)
+    if twin is not None or line is None:
+        return twin or (state, files)
+    folder = run_folder_state(line)
+    if folder is None or (folder.state == "stopped" and state == "killed"):
+        return state, files
+    return f"{folder.state} {OUTSIDE}", files
 
 
 def settled(state: str) -> bool:
@@ -144,9 +155,14 @@ def shown(line: str) -> str:
 
 
 def state_row(state: str, files: LineFiles, line: str) -> str:
-    """``state key line``; a line that started and did not finish also shows its last progress bar."""
-    progress = None if state.split()[0] in ("done", "waiting") else last_progress(files.path("log"))
-    return f"{state:<14} {files.key}  " + (f"[{progress}]  " if progress else "") + shown(line)
+    """``state key line``; a line that started and did not finish also shows its last progress bar, and
+    a line run outside the plan where its run folder stands."""
+    if state.endswith(OUTSIDE):
+        folder = run_folder_state(line)
+        progress = folder.progress if folder else None
+    else:
+        progress = None if state.split()[0] in ("done", "waiting") else last_progress(files.path("log"))
+    return f"{state:<15} {files.key}  " + (f"[{progress}]  " if progress else "") + shown(line)
 
 
 def log_event(state_dir: Path, text: str) -> None:
