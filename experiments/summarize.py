@@ -217,8 +217,9 @@ def norm_report(summary: Summary) -> str:
     rows = summary_norm_rows(summary)
     if not rows:
         return "\nNorms: no run here recorded weight or value norms (methods without value vectors, or older runs)"
-    return ("\nNorm growth (edited weights' joint ||W||_F; the fastest-growing weight's ratio to after step 1; mean "
-            "||v*|| and ||v0|| over about 16 edits; %/100: growth per 100 edits since the checkpoint before):\n"
+    return ("\nNorm growth (edited weights' joint ||W||_F; the fastest-growing weight's ratio to after step 1; the "
+            "update's ||Delta||_F, mean ||v*|| and ||v0|| over about 16 edits; %/100: growth per 100 edits since the "
+            "checkpoint before):\n"
             + format_norm_markdown(rows))
 
 

@@ -324,8 +324,10 @@ def test_a_saved_summary_joins_newer_runs_in_the_table_and_the_norm_figure(resul
     assert [c["run"] for c in stored] == [r.name for r in rome_runs] and stored[0]["v_star"][0] == [1, 2, 3, 4]
     for entry, run in zip(stored, rome_runs):  # the JSON keeps the curves the run folder gives
         back, direct = NormCurves.from_json(entry, "x"), NormCurves.of_run(run)
-        for field in ("weights", "v_star", "written", "v0"):
+        for field in ("weights", "v_star", "written", "v0", "update"):
             assert all(np.allclose(a, b) for a, b in zip(getattr(back, field), getattr(direct, field)))
+    older = {k: v for k, v in stored[0].items() if k != "update"}  # a summary saved before update norms were kept
+    assert NormCurves.from_json(older, "x").update[0].size == 0
 
     merged = tmp_path / "merged.csv"
     assert main(["--dir_name", "WilKE", "--results_dir", str(results), "--checkpoints", "1,2,4",
@@ -373,6 +375,8 @@ def test_the_norm_table_reads_the_figures_curves_at_the_checkpoints(results, tmp
     assert rows[2]["v_star_std"] == pytest.approx(np.std(v_star[4]))
     assert rows[2]["W_mean"] == pytest.approx(np.mean([c.weights[1][3] for c in curves]))
     assert rows[2]["fastest_mean"] == pytest.approx(np.mean([c.fastest[2][3] for c in curves]))
+    updates = [running_mean(c.update[1], 16)[3] for c in curves]
+    assert rows[2]["update_mean"] == pytest.approx(np.mean(updates)) and all(u > 0 for u in updates)
     growth = [100 * ((a / b) ** (100 / 2) - 1) for a, b in zip(v_star[4], v_star[2])]
     assert rows[2]["v_star_growth_mean"] == pytest.approx(np.mean(growth))
     assert math.isnan(rows[0]["v_star_growth_mean"]) and rows[2]["written_mean"] == rows[2]["v_star_mean"]  # no anchor

@@ -74,13 +74,27 @@ def value_norm_curve(run: Run, which: str = "v_star") -> tuple[np.ndarray, np.nd
     return np.array(xs, dtype=float), np.array(ys, dtype=float)
 
 
+def update_norm_curve(run: Run) -> tuple[np.ndarray, np.ndarray]:
+    """(edits done, ||Delta||_F of the step's update, all its weights together) for every step that
+    recorded it: the link between the values and the weights (ENCORE's Frobenius term bounds it)."""
+    xs, ys = [], []
+    for end, step in zip(run.step_ends, run.edits):
+        value = step.edit.get("update_norm")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            xs.append(end)
+            ys.append(float(value))
+    return np.array(xs, dtype=float), np.array(ys, dtype=float)
+
+
 Curve = tuple[np.ndarray, np.ndarray]  # (edits done, value)
+NO_CURVE: Curve = (np.array([], dtype=float), np.array([], dtype=float))
 
 
 @dataclasses.dataclass(frozen=True)
 class NormCurves:
     """What norm_growth.png draws of one run: the joint weight norm, the fastest-growing weight's ratio
-    (None: see ``fastest_growing_weight``) and the per-step mean ||v*|| as optimised, as written and ||v0||."""
+    (None: see ``fastest_growing_weight``) and the per-step mean ||v*|| as optimised, as written and ||v0||;
+    with the update norm per step, which the norm table reads (summaries saved before it have none)."""
 
     algorithm: str
     run: str
@@ -89,18 +103,20 @@ class NormCurves:
     v_star: Curve
     written: Curve
     v0: Curve
+    update: Curve = NO_CURVE
 
     @classmethod
     def of_run(cls, run: Run) -> "NormCurves":
         return cls(run.algorithm, run.name, weight_norm_curve(run), fastest_growing_weight(run),
-                   value_norm_curve(run, "v_star"), value_norm_curve(run, "written"), value_norm_curve(run, "v0"))
+                   value_norm_curve(run, "v_star"), value_norm_curve(run, "written"), value_norm_curve(run, "v0"),
+                   update_norm_curve(run))
 
     @property
     def empty(self) -> bool:
         return not (self.weights[0].size or self.v_star[0].size)
 
     def to_json(self) -> dict[str, Any]:
-        curve = {k: [getattr(self, k)[0].tolist(), getattr(self, k)[1].tolist()] for k in CURVE_FIELDS}
+        curve = {k: [getattr(self, k)[0].tolist(), getattr(self, k)[1].tolist()] for k in (*CURVE_FIELDS, "update")}
         fastest = None if self.fastest is None else [self.fastest[0], self.fastest[1].tolist(), self.fastest[2].tolist()]
         return {"algorithm": self.algorithm, "run": self.run, **curve, "fastest": fastest}
 
@@ -109,6 +125,7 @@ class NormCurves:
         """Raises ValueError naming ``where`` (file and entry) and the field that is wrong."""
         try:
             curves = {k: _curve(obj[k]) for k in CURVE_FIELDS}
+            curves["update"] = _curve(obj["update"]) if "update" in obj else NO_CURVE  # older summaries lack it
             fastest = obj["fastest"]
             if fastest is not None:
                 fastest = (str(fastest[0]), *_curve(fastest[1:]))

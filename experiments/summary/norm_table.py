@@ -3,15 +3,16 @@
 NAS (Liu et al. 2026, arXiv 2602.02543) explains the collapse of long edit sequences by a feedback loop:
 the edited model writes larger values v0, so the solved v* grow, so the edits grow. The figure shows
 whether a curve bends; a results page and a reviewer need the numbers behind it: at each checkpoint the
-edited weights' joint ||W||_F, the fastest-growing weight's ratio to after the first step, the mean
+edited weights' joint ||W||_F, the fastest-growing weight's ratio to after the first step, the norm
+of a step's update ||Delta||_F (all its weights together; what links the values to the weights), the mean
 ||v*|| as optimised and as written (they differ where NAS's anchor rescaled it) and ||v0||, each with its
-growth since the checkpoint before, in percent per 100 edits. A constant rate is exponential growth; a
-rate that climbs from one checkpoint to the next is the runaway.
+growth since the checkpoint before (the weights and values), in percent per 100 edits. A constant rate
+is exponential growth; a rate that climbs from one checkpoint to the next is the runaway.
 
 The values are those the figure draws (``NormCurves``, so a saved summary gives the same table as its
 run folders): the weights at the last step ending at or before the checkpoint, the value norms as the
-figure's trend line there (the mean over about 16 edits). A run that stopped before a checkpoint has no
-value there.
+figure's trend line there (the mean over about 16 edits), the update norm averaged the same way. A run
+that stopped before a checkpoint has no value there.
 """
 from __future__ import annotations
 
@@ -23,9 +24,10 @@ import numpy as np
 from experiments.summary.metrics import Summary
 from experiments.summary.norm_growth import Curve, NormCurves, running_mean, short_weight_name, steps_per_mean
 
-QUANTITIES = ("W", "fastest", "v_star", "written", "v0")  # fastest: ratio to after step 1, no growth rate
+QUANTITIES = ("W", "fastest", "update", "v_star", "written", "v0")  # fastest: ratio to after step 1
 GROWING = ("W", "v_star", "v0")  # the quantities whose growth per 100 edits the table gives
-HEADERS = {"W": "‖W‖", "fastest": "fastest weight ×", "v_star": "‖v*‖", "written": "‖v*‖ written", "v0": "‖v0‖"}
+HEADERS = {"W": "‖W‖", "fastest": "fastest weight ×", "update": "‖Δ‖ of a step", "v_star": "‖v*‖",
+           "written": "‖v*‖ written", "v0": "‖v0‖"}
 
 
 def value_at(curve: Curve, n: int, smooth: bool) -> float:
@@ -45,7 +47,7 @@ def run_values(curves: NormCurves, n: int) -> dict[str, float]:
     if curves.fastest is not None:
         fastest = value_at(curves.fastest[1:], n, smooth=False)
     return {"W": value_at(curves.weights, n, smooth=False), "fastest": fastest,
-            "v_star": value_at(curves.v_star, n, smooth=True), "written": value_at(curves.written, n, smooth=True),
+            "update": value_at(curves.update, n, smooth=True), "v_star": value_at(curves.v_star, n, smooth=True), "written": value_at(curves.written, n, smooth=True),
             "v0": value_at(curves.v0, n, smooth=True)}
 
 
@@ -120,7 +122,7 @@ def _cell(mean: float, std: float, n_runs: int, digits: int, suffix: str = "") -
 
 def format_norm_markdown(rows: Sequence[dict[str, Any]]) -> str:
     """The rows as Markdown; 'written' shows '=' where it equals ||v*|| as optimised (no anchor)."""
-    header = ["algorithm", "after n edits", "runs", HEADERS["W"], "%/100", HEADERS["fastest"],
+    header = ["algorithm", "after n edits", "runs", HEADERS["W"], "%/100", HEADERS["fastest"], HEADERS["update"],
               HEADERS["v_star"], "%/100", HEADERS["written"], HEADERS["v0"], "%/100"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
@@ -138,6 +140,6 @@ def format_norm_markdown(rows: Sequence[dict[str, Any]]) -> str:
         same = math.isclose(row["written_mean"], row["v_star_mean"], rel_tol=1e-6)
         written = "=" if same else cell("written")
         lines.append("| " + " | ".join([row["algorithm"], str(row["checkpoint"]), str(k), cell("W"), rate("W"), fastest,
-                                        cell("v_star"), rate("v_star"), written, cell("v0"), rate("v0")]) + " |")
+                                        cell("update"), cell("v_star"), rate("v_star"), written, cell("v0"), rate("v0")]) + " |")
     return "\n".join(lines)
 
