@@ -72,3 +72,23 @@ def test_plan_commands_pass_the_checks_made_before_a_model_loads(plan):
                 continue
             assert module == "experiments.evaluate", f"{plan.name}: unexpected command {command}"
             check_without_model(evaluate.parse_args(argv))  # a known subset still to be built stops it early
+
+
+def test_status_finds_each_evaluate_lines_arguments_and_run_folder():
+    """``plan --status`` looks up lines run by hand in their run folders (experiments/sweeps/run_folders.py):
+    the evaluate command of a chained line is its last one, ``--flag=value`` is ``--flag value``, and the
+    flags a resume may change do not count; every evaluate line of the shipped plans names a folder."""
+    from experiments.sweeps.run_folders import evaluate_argv, flag_value, normalised
+
+    line = "python -m dsets.make_known --model_name m && python -m experiments.evaluate --alg_name=ROME --seed 9 ; echo x"
+    assert evaluate_argv(line) == ["--alg_name=ROME", "--seed", "9"]
+    assert evaluate_argv("python -m experiments.collect_stats --model_name m") is None
+    assert evaluate_argv("python -m experiments.evaluate --x 'unclosed") is None
+    assert normalised(["--alg_name=ROME", "--num_threads=2", "--wild", "--continue_from_run", "auto", "--seed", "9"]) == \
+        ["--alg_name", "ROME", "--wild", "--seed", "9"]
+    assert flag_value(["--dir_name=A", "--alg_name", "B"], "--alg_name") == "B"
+    for plan in PLANS:
+        for command in plan_commands(plan):
+            argv = evaluate_argv(command)
+            if argv is not None:
+                assert flag_value(argv, "--dir_name") or flag_value(argv, "--alg_name"), f"{plan.name}: {command}"
