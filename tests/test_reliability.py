@@ -295,25 +295,32 @@ def _close(got, want, where: str = "") -> None:
 
 def test_a_run_started_on_one_thread_resumes_on_two(world, reference, patched_edit, caplog):
     """The thread count decides speed, not what is computed: a long run that started beside another
-    continues on both cores (recorded in its resume entry, with a warning), to the uninterrupted run's
-    results up to the last bits, and the finished run counts for the command at either count."""
+    continues on both cores (recorded in its resume entry, with a warning), and, killed again, on one
+    (the warning compares with the latest attempt's count, not the first start's), to the uninterrupted
+    run's results up to the last bits; the finished run counts for the command at either count."""
     args = args_for(world, "threads", checkpoint_every=100)
     patched_edit(crash_call=7)
     with pytest.raises(SimulatedKill):
         cli(args)
     caplog.set_level(logging.WARNING)
-    patched_edit()
+    patched_edit(crash_call=3)
     two = [a for a in args if not a.startswith("--num_threads")] + ["--num_threads=2", "--continue_from_run=auto"]
     threads = torch.get_num_threads()
     try:
-        assert cli(two) == 0
+        with pytest.raises(SimulatedKill):
+            cli(two)
     finally:
         torch.set_num_threads(threads)
     assert "torch uses 2 threads, the interrupted run used 1" in caplog.text
+    caplog.clear()
+    patched_edit()
+    assert cli(args + ["--continue_from_run=auto"]) == 0
+    assert "torch uses 1 threads, the interrupted run used 2" in caplog.text
     run_dir = world.results_dir / "threads" / "run_000"
     meta = json.loads((run_dir / "run.json").read_text())
     assert meta["status"] == "finished" and meta["config"]["num_threads"] == 1
-    assert meta["resumes"][-1]["execution"]["num_threads"] == 2
+    assert [r["execution"]["num_threads"] for r in meta["resumes"]] == [2, 1]
+    assert [r["torch_num_threads"] for r in meta["resumes"]] == [2, 1]
     names = sorted(p.name for p in reference[0].glob("*.json") if p.name.startswith(("edit_", "retention_")))
     assert sorted(p.name for p in run_dir.glob("*.json") if p.name.startswith(("edit_", "retention_"))) == names
     for name in names:

@@ -143,16 +143,29 @@ def open_resumed_run(plan: RunPlan, model, tok, resources: EditResources, argv, 
     return loop, start
 
 
+def threads_of_last_attempt(meta: dict[str, Any]) -> Any:
+    """The torch thread count of the run's latest attempt: its last resume's (recorded since 2026-12-06;
+    before, its ``--num_threads``), else the first start's."""
+    for entry in reversed(meta.get("resumes") or []):
+        if "torch_num_threads" in entry:
+            return entry["torch_num_threads"]
+        if isinstance((entry.get("execution") or {}).get("num_threads"), int):
+            return entry["execution"]["num_threads"]
+    return meta.get("torch_num_threads")
+
+
 def note_resume(meta: RunMeta, start: int, first_missing: int, argv: Any, execution: dict[str, Any]) -> None:
     failure_path = meta.run_dir / FAILURE_FILE
     previous_failure = read_json(failure_path) if failure_path.is_file() else None
     env = environment_record(argv)
-    if env["torch_num_threads"] != meta.data.get("torch_num_threads"):
+    before = threads_of_last_attempt(meta.data)
+    if env["torch_num_threads"] != before:
         LOG.warning("torch uses %s threads, the interrupted run used %s: replayed edits may differ in the last bits",
-                    env["torch_num_threads"], meta.data.get("torch_num_threads"))
+                    env["torch_num_threads"], before)
     entry = {"checkpoint": start - 1, "first_unfinished_step": first_missing, "argv": env["argv"], "pid": os.getpid(),
              "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "previous_status": meta.data.get("status"),
-             "previous_failure": previous_failure, "execution": execution}
+             "previous_failure": previous_failure, "execution": execution,
+             "torch_num_threads": env["torch_num_threads"]}
     meta.update(status="running", pid=os.getpid(), host=socket.gethostname(),
                 resumes=[*meta.data.get("resumes", []), entry])
     failure_path.unlink(missing_ok=True)
