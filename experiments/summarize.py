@@ -8,7 +8,8 @@ and std over runs of every score (definitions in ``experiments.summary.metrics``
 as CSV and JSON (``--out``; default ``<results_dir>/summary_<dir names>.csv`` and ``.json``) and,
 with ``--plots``, the figures of ``experiments.summary.plots`` as PNG. Run folders that are incomplete or
 damaged are reported and left out; they never stop the summary. ``--paired_with B`` adds every other
-algorithm's difference from B seed by seed on the same edit stream (``experiments.summary.paired``).
+algorithm's difference from B seed by seed on the same edit stream (``experiments.summary.paired``);
+``--norms`` the edited weights' and value vectors' norms at each checkpoint (``experiments.summary.norm_table``).
 """
 from __future__ import annotations
 
