@@ -78,7 +78,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="rewrite every table of a Markdown page marked <!-- table: SUMMARY.json --> from its saved "
                    "summary (after its summarize command has written it again); no run folders read")
     p.add_argument("--norms", action="store_true",
-                   help="also print the norm growth at each checkpoint (edited weights, ||v*||, ||v0||; percent "
+                   help="also print the norm growth at each checkpoint (edited weights, update, ||v*||, ||v0||; percent "
                    "per 100 edits): the numbers of norm_growth.png")
     p.add_argument("--timing", action="store_true",
                    help="also print where each run's time went (editing, evaluation, WILD, probes, statistics)")

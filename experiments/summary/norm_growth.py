@@ -76,7 +76,7 @@ def value_norm_curve(run: Run, which: str = "v_star") -> tuple[np.ndarray, np.nd
 
 def update_norm_curve(run: Run) -> tuple[np.ndarray, np.ndarray]:
     """(edits done, ||Delta||_F of the step's update, all its weights together) for every step that
-    recorded it: the link between the values and the weights (ENCORE's Frobenius term bounds it)."""
+    recorded it: the link between the values and the weights."""
     xs, ys = [], []
     for end, step in zip(run.step_ends, run.edits):
         value = step.edit.get("update_norm")
