@@ -25,6 +25,7 @@ from typing import Any, Optional, Sequence
 
 from experiments.store.files import write_json_atomic
 from experiments.summary.metrics import DEFAULT_FLASH_FACTOR, Summary, summarize
+from experiments.summary.norm_table import format_norm_markdown, summary_norm_rows
 from experiments.summary.paired import format_paired_markdown, paired_differences, paired_json, paired_rows_from_json
 from experiments.summary.runs import available_dir_names, load_runs
 from experiments.summary.saved import read_summary, summary_from_json, with_saved
@@ -199,8 +200,6 @@ def _report_paired(summary: Summary, baseline: str, metrics: Optional[Sequence[s
 def reprint(path: Path, metrics: Optional[Sequence[str]], norms: bool = False) -> str:
     """The Markdown tables of a saved summary: the scores, then the paired differences if it has them;
     with ``norms``, its norm table alone (``<!-- table: X.json --norms -->`` on a results page)."""
-    from experiments.summary.norm_table import format_norm_markdown, summary_norm_rows
-
     data = json.loads(Path(path).read_text())
     summary = summary_from_json(data, str(path))
     if norms:
@@ -213,8 +212,6 @@ def reprint(path: Path, metrics: Optional[Sequence[str]], norms: bool = False) -
 
 def norm_report(summary: Summary) -> str:
     """The norm table of every algorithm whose runs recorded norms, at the checkpoints of its rows."""
-    from experiments.summary.norm_table import format_norm_markdown, summary_norm_rows
-
     rows = summary_norm_rows(summary)
     if not rows:
         return "\nNorms: no run here recorded weight or value norms (methods without value vectors, or older runs)"

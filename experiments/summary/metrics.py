@@ -28,7 +28,7 @@ from typing import Any, Iterable, Optional, Sequence
 import numpy as np
 
 from experiments.store.run_types import LoadedRuns, Run, SkippedRun
-from experiments.summary.norm_growth import NormCurves
+from experiments.summary.norm_growth import NormCurves, update_norms
 
 COMPONENTS = ("ES", "GS", "LS", "ERS", "ORS")
 RETENTION_RATIOS = ("ERS", "ORS")  # the roll-back protocol's: S exists where these do
@@ -103,15 +103,6 @@ def toxicity_flashes(norms: Sequence[float], factor: float = DEFAULT_FLASH_FACTO
         if not math.isnan(norm):
             history.append(norm)
     return flags
-
-
-def update_norms(run: Run, key: str = "update_norm") -> list[float]:
-    """``edit[key]`` of every edit in order (NaN where the edit file lacks it)."""
-    out = []
-    for e in run.edits:
-        value = e.edit.get(key)
-        out.append(float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan)
-    return out
 
 
 def _column_means(rows: Sequence[dict[str, float]]) -> dict[str, float]:

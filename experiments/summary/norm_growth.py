@@ -74,16 +74,22 @@ def value_norm_curve(run: Run, which: str = "v_star") -> tuple[np.ndarray, np.nd
     return np.array(xs, dtype=float), np.array(ys, dtype=float)
 
 
+def update_norms(run: Run, key: str = "update_norm") -> list[float]:
+    """``edit[key]`` of every step in order (NaN where the step's file lacks it)."""
+    out = []
+    for e in run.edits:
+        value = e.edit.get(key)
+        out.append(float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan)
+    return out
+
+
 def update_norm_curve(run: Run) -> tuple[np.ndarray, np.ndarray]:
     """(edits done, ||Delta||_F of the step's update, all its weights together) for every step that
     recorded it: the link between the values and the weights."""
-    xs, ys = [], []
-    for end, step in zip(run.step_ends, run.edits):
-        value = step.edit.get("update_norm")
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            xs.append(end)
-            ys.append(float(value))
-    return np.array(xs, dtype=float), np.array(ys, dtype=float)
+    ys = np.array(update_norms(run), dtype=float)
+    xs = np.array(run.step_ends[: ys.size], dtype=float)
+    ys, kept = ys[: xs.size], np.isfinite(ys[: xs.size])
+    return xs[kept], ys[kept]
 
 
 Curve = tuple[np.ndarray, np.ndarray]  # (edits done, value)
