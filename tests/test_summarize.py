@@ -253,6 +253,12 @@ def test_runs_and_checkpoints_select_the_rows(results, tmp_path):
     assert row["S_mean"] == pytest.approx(direct["S"]) and row["ERS_mean"] == pytest.approx(direct["ERS"])
     assert (tmp_path / "one.csv").is_file()
 
+    assert main(["--dir_name", "WilKE", "--checkpoints", "2,3", "--results_dir", str(results),
+                 "--out", str(tmp_path / "three.json")]) == 0
+    three = json.loads((tmp_path / "three.json").read_text())
+    assert [(r["checkpoint"], r["n_runs"]) for r in three["rows"]] == [(2, 2)]  # no run has checkpoint 3: no row
+    assert sum("no checkpoint 3" in note for note in three["notes"]) == 2
+
 
 def _seed_of(run_dir: Path) -> int:
     return json.loads((run_dir / "run.json").read_text())["seed"]

@@ -138,8 +138,8 @@ def open_resumed_run(plan: RunPlan, model, tok, resources: EditResources, argv, 
                               f"step {first_missing} are missing (the folder was moved or files were deleted "
                               "while the run was writing it)")
     note_resume(meta, start, first_missing, argv, execution_settings(plan.config()))
-    LOG.info("resuming %s: checkpoint after step %d; replaying steps %d..%d, then new steps from %d",
-             run_dir, start - 1, start, first_missing - 1, first_missing)
+    replay = f"replaying steps {start}..{first_missing - 1}, then " if first_missing > start else ""
+    LOG.info("resuming %s: checkpoint after step %d; %snew steps from %d", run_dir, start - 1, replay, first_missing)
     return loop, start
 
 

@@ -192,7 +192,7 @@ def summarize(loaded: LoadedRuns, checkpoints: Optional[Sequence[int]] = None,
 
     Default checkpoints: per algorithm, every checkpoint any of its runs has. A run without
     checkpoint n (fewer edits, or n not one of its checkpoints) is left out of that row, and a note
-    says so."""
+    says so; a checkpoint no run of the algorithm has gets no row at all."""
     notes: list[str] = []
     rows, per_run = [], []
     extras = list(dict.fromkeys(k for r in loaded.runs for c in r.checkpoints.values() for k in c.ratios
@@ -211,5 +211,6 @@ def summarize(loaded: LoadedRuns, checkpoints: Optional[Sequence[int]] = None,
                 run_rows.append({"algorithm": algorithm, "run": run.name, "checkpoint": n,
                                  "evaluated": len(run.checkpoints[n].posts), **scores})
             per_run += run_rows
-            rows.append(_aggregate(algorithm, n, run_rows, [*METRICS, *extras]))
+            if run_rows:  # a checkpoint none of the algorithm's runs has gets no row (the notes say why)
+                rows.append(_aggregate(algorithm, n, run_rows, [*METRICS, *extras]))
     return Summary(rows, per_run, list(loaded.runs), list(loaded.skipped), notes, flash_factor, extras)
