@@ -216,7 +216,8 @@ def norm_report(summary: Summary) -> str:
     if not rows:
         return "\nNorms: no run here recorded weight or value norms (methods without value vectors, or older runs)"
     return ("\nNorm growth (edited weights' joint ||W||_F; the fastest-growing weight's ratio to after step 1; the "
-            "update's ||Delta||_F, mean ||v*|| and ||v0|| over about 16 edits; %/100: growth per 100 edits since the "
+            "update's ||Delta||_F, mean ||v*|| and ||v0||, each over the last steps holding about 16 edits, one step in "
+            "batches of 16 or more; %/100: growth per 100 edits since the "
             "checkpoint before):\n"
             + format_norm_markdown(rows))
 

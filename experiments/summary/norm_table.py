@@ -11,7 +11,8 @@ is exponential growth; a rate that climbs from one checkpoint to the next is the
 
 The values are those the figure draws (``NormCurves``, so a saved summary gives the same table as its
 run folders): the weights at the last step ending at or before the checkpoint, the value norms as the
-figure's trend line there (the mean over about 16 edits), the update norm averaged the same way. A run
+figure's trend line there (the mean over the last steps holding about 16 edits: 16 steps one edit at a
+time, one step in batches of 16 or more), the update norm averaged the same way. A run
 that stopped before a checkpoint has no value there.
 """
 from __future__ import annotations
