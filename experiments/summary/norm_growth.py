@@ -206,8 +206,8 @@ def norm_growth_figure(groups: Sequence[tuple[str, Sequence[NormCurves]]], color
                 value_ax.plot(x_0, running_mean(before, steps_per_mean(x_0)), ":", lw=1.2, color=colors[alg])
     weight_ax.set_title("edited weights: ||W||_F after each step", fontsize=10)
     layer_ax.set_title("fastest-growing edited weight: ||W||_F / after step 1", fontsize=10)
-    value_ax.set_title(f"mean ||v*|| over {EDITS_PER_MEAN} edits or a batch\n(faint: per step; dashed: written; dotted: ||v0||)",
-                       fontsize=9)
+    value_ax.set_title(f"mean ||v*|| over {EDITS_PER_MEAN} edits or a batch\n"
+                       "(faint: per step; dashed: written; dotted: ||v0||)", fontsize=9)
     for ax in (weight_ax, layer_ax, value_ax):
         ax.set_xlabel("number of edits")
         ax.set_yscale("log")

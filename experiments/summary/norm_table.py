@@ -48,8 +48,8 @@ def run_values(curves: NormCurves, n: int) -> dict[str, float]:
     if curves.fastest is not None:
         fastest = value_at(curves.fastest[1:], n, smooth=False)
     return {"W": value_at(curves.weights, n, smooth=False), "fastest": fastest,
-            "update": value_at(curves.update, n, smooth=True), "v_star": value_at(curves.v_star, n, smooth=True), "written": value_at(curves.written, n, smooth=True),
-            "v0": value_at(curves.v0, n, smooth=True)}
+            "update": value_at(curves.update, n, smooth=True), "v_star": value_at(curves.v_star, n, smooth=True),
+            "written": value_at(curves.written, n, smooth=True), "v0": value_at(curves.v0, n, smooth=True)}
 
 
 def growth_per_100(now: float, before: float, n: int, previous: int) -> float:
